@@ -194,6 +194,15 @@ def config_hash(cfg) -> str:
 # Model configs
 # ----------------------------------------------------------------------------------------------
 
+def _freeze(v):
+    """A hashable stand-in for a config value (dicts and lists become sorted tuples)."""
+    if isinstance(v, dict):
+        return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    return v
+
+
 _HF_ACT_ALIASES = {"gelu_new": "gelu_pytorch_tanh", "gelu_fast": "gelu_pytorch_tanh"}
 
 
@@ -232,6 +241,9 @@ class DecoderConfig:
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"decoder: num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads} (GQA groups)")
+
+    def __hash__(self):  # the dict field would make the generated hash fail (jit/nnx hash graphdefs)
+        return hash(tuple((f.name, _freeze(getattr(self, f.name))) for f in dataclasses.fields(self)))
 
     @property
     def resolved_head_dim(self) -> int:
