@@ -103,12 +103,19 @@ def _axis_size(mesh: Mesh, entry) -> int:
     return math.prod(mesh.shape[a] for a in entry)
 
 
-def check_divisible(path: str, shape: Sequence[int], spec: P, mesh: Mesh) -> None:
+def check_divisible(path: str, shape: Sequence[int], spec: P, mesh: Mesh,
+                    units: Sequence[int] | None = None) -> None:
+    """Each sharded dim must split evenly; a fused dim of ``size = n * unit`` (``units``, e.g.
+    ``heads * head_dim``) must split between whole units (``n`` divisible)."""
+    units = tuple(units or ()) + (1,) * len(shape)
     for dim, (size, entry) in enumerate(zip(shape, tuple(spec) + (None,) * len(shape))):
         k = _axis_size(mesh, entry)
-        if size % k:
+        unit = units[dim]
+        n = size // unit if unit and size % unit == 0 else size
+        if size % k or n % k:
+            what = f"has size {size}" if unit == 1 else f"holds {n} units of {unit} (e.g. heads of head_dim)"
             raise ShardingError(
-                f"{path}: dimension {dim} of shape {tuple(shape)} has size {size}, which mesh axis "
+                f"{path}: dimension {dim} of shape {tuple(shape)} {what}, which mesh axis "
                 f"{entry!r} of size {k} does not divide (mesh {dict(mesh.shape)}). Change the model "
                 "dimension, the mesh shape, or the logical-axis rule.")
 
@@ -124,13 +131,14 @@ def _path_str(path) -> str:
 def state_shardings(state, mesh: Mesh, rules: Rules = DEFAULT_RULES):
     """``NamedSharding`` for every variable in an (abstract) ``nnx.State``, divisibility checked."""
     def one(path, var):
-        names = var.get_metadata().get("out_sharding") if isinstance(var, nnx.Variable) else None
+        meta = var.get_metadata() if isinstance(var, nnx.Variable) else {}
+        names = meta.get("out_sharding")
         value = var.get_value() if isinstance(var, nnx.Variable) else var
         shape = getattr(value, "shape", ())
         spec = logical_to_spec(names, rules) if names else P()
         if len(spec) > len(shape):
             raise ShardingError(f"{_path_str(path)}: {len(spec)} logical names for shape {tuple(shape)}")
-        check_divisible(_path_str(path), shape, spec, mesh)
+        check_divisible(_path_str(path), shape, spec, mesh, meta.get("shard_units"))
         s = NamedSharding(mesh, spec)
         return var.replace(s) if isinstance(var, nnx.Variable) else s
     return jax.tree.map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

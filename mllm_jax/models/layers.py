@@ -26,13 +26,18 @@ DType = Any
 _NEG_INF = -1e30  # large finite: avoids inf - inf = NaN in fully masked rows
 
 
-def make_param(init, axes: tuple, key, shape: tuple, cls=nnx.Param) -> nnx.Param:
+def make_param(init, axes: tuple, key, shape: tuple, cls=nnx.Param,
+               units: Optional[tuple[int, ...]] = None) -> nnx.Param:
     """A float32 parameter annotated with logical ``axes`` and not sharded eagerly.
 
     Placement happens later, in one place (``sharding.create_sharded_model``/``shard_model``).
+    ``units`` (one int per dim, optional) marks fused dimensions: a dim of size ``n * unit`` may
+    only be split between whole units (e.g. ``heads * head_dim`` splits between heads), which
+    ``sharding.state_shardings`` checks.
     """
+    meta = {"shard_units": tuple(units)} if units is not None else {}
     return cls(nnx.with_partitioning(init, tuple(axes))(key, tuple(shape), jnp.float32),
-               eager_sharding=False)
+               eager_sharding=False, **meta)
 
 
 def torch_linear_init():
@@ -78,13 +83,14 @@ class Dense(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str],
                  use_bias: bool = True, dtype: DType = jnp.float32,
-                 kernel_init=None, rngs: nnx.Rngs):
+                 kernel_init=None, units: Optional[tuple[int, int]] = None, rngs: nnx.Rngs):
         self.in_features, self.out_features = in_features, out_features
         self.axes = axes
         self.dtype = dtype
         init = kernel_init or torch_linear_init()
-        self.kernel = make_param(init, axes, rngs.params(), (in_features, out_features))
-        self.bias = (make_param(nnx.initializers.zeros_init(), (axes[1],), rngs.params(), (out_features,))
+        self.kernel = make_param(init, axes, rngs.params(), (in_features, out_features), units=units)
+        self.bias = (make_param(nnx.initializers.zeros_init(), (axes[1],), rngs.params(), (out_features,),
+                                units=units and units[1:])
                      if use_bias else None)
         self.lora = nnx.data(None)  # a LoRA module once apply_lora attaches one
 
@@ -265,11 +271,14 @@ class Attention(nnx.Module):
         if num_heads % num_kv_heads:
             raise ValueError(f"attention: num_kv_heads={num_kv_heads} does not divide num_heads={num_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        # fused head dims may only be sharded between whole heads (units), see make_param
         kw = dict(dtype=dtype, rngs=rngs)
-        self.q_proj = Dense(dim, num_heads * head_dim, axes=("embed", "heads"), use_bias=qkv_bias, **kw)
-        self.k_proj = Dense(dim, num_kv_heads * head_dim, axes=("embed", "kv_heads"), use_bias=qkv_bias, **kw)
-        self.v_proj = Dense(dim, num_kv_heads * head_dim, axes=("embed", "kv_heads"), use_bias=qkv_bias, **kw)
-        self.o_proj = Dense(num_heads * head_dim, dim, axes=("heads", "embed"), use_bias=out_bias, **kw)
+        qkv = dict(use_bias=qkv_bias, units=(1, head_dim), **kw)
+        self.q_proj = Dense(dim, num_heads * head_dim, axes=("embed", "heads"), **qkv)
+        self.k_proj = Dense(dim, num_kv_heads * head_dim, axes=("embed", "kv_heads"), **qkv)
+        self.v_proj = Dense(dim, num_kv_heads * head_dim, axes=("embed", "kv_heads"), **qkv)
+        self.o_proj = Dense(num_heads * head_dim, dim, axes=("heads", "embed"), use_bias=out_bias,
+                            units=(head_dim, 1), **kw)
         self.inv_freq = (None if rope_theta is None
                          else tuple(float(f) for f in rope_inv_freq(head_dim, rope_theta, rope_scaling)))
 
