@@ -1,0 +1,184 @@
+"""Decoder vs transformers (torch, float32) on tiny random Llama / Qwen2 models; HF conversion both
+ways; config round trip; checkpoint mismatch errors."""
+import dataclasses
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from mllm_jax.config import DecoderConfig
+from mllm_jax.convert.hf import (CheckpointMismatchError, flat_params, load_pretrained,
+                                 read_safetensors_dir, save_pretrained, write_safetensors)
+
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
+
+CASES = {
+    "llama_gqa": ("llama", dict()),
+    "llama_tied": ("llama", dict(tie_word_embeddings=True)),
+    "llama_bias": ("llama", dict(attention_bias=True, mlp_bias=True, num_key_value_heads=4)),
+    "llama3_rope": ("llama", dict(rope_parameters=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16, rope_theta=500.0))),
+    "linear_rope": ("llama", dict(rope_parameters=dict(rope_type="linear", factor=3.0, rope_theta=100.0))),
+    "qwen2": ("qwen2", dict(num_key_value_heads=1)),
+}
+
+
+def make_hf(family: str, seed: int = 0, **overrides):
+    """A tiny random HF causal LM; norms and biases randomised too, so the mapping of every
+    tensor matters."""
+    cls_cfg, cls = ((transformers.LlamaConfig, transformers.LlamaForCausalLM) if family == "llama"
+                    else (transformers.Qwen2Config, transformers.Qwen2ForCausalLM))
+    torch.manual_seed(seed)
+    model = cls(cls_cfg(**{**TINY, **overrides})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif "embed" in name:
+                p.copy_(torch.randn_like(p))  # std 1: hidden states of order 1
+            else:  # linears: unit-variance outputs; sharp attention so positions (RoPE) matter
+                gain = 3.0 if ("q_proj" in name or "k_proj" in name) else 1.0
+                p.copy_(gain * torch.randn_like(p) / p.shape[1] ** 0.5)
+    return model
+
+
+def padded_batch(vocab: int, seed: int = 0):
+    """int ids [3, 24] and a mask with a left-padded row, a right-padded row and a full row."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (3, 24)).astype(np.int32)
+    mask = np.ones((3, 24), np.int32)
+    mask[0, :5] = 0
+    mask[1, 17:] = 0
+    return ids, mask
+
+
+def hf_forward(model, ids, mask):
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(pos, dtype=torch.long), output_hidden_states=True)
+    return out.logits.numpy(), [h.numpy() for h in out.hidden_states]
+
+
+def assert_close_valid(ours, ref, mask, tol, what):
+    """Compare at real (unpadded) tokens only: padded queries attend to nothing, any value is fine."""
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
+    err = np.abs(ours - ref)[mask.astype(bool)].max()
+    assert err < tol, f"{what}: max abs error {err:.3g} >= {tol}"
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request, tmp_path_factory):
+    family, kw = CASES[request.param]
+    hf = make_hf(family, **kw)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    return request.param, hf, path
+
+
+def test_forward_parity_logits_and_hidden_states(case):
+    name, hf, path = case
+    model = load_pretrained(path)
+    assert model.hf_family == hf.config.model_type
+    assert (model.lm_head is None) == bool(hf.config.tie_word_embeddings)
+    ids, mask = padded_batch(hf.config.vocab_size)
+    ref_logits, ref_hidden = hf_forward(hf, ids, mask)
+    out = model(jnp.asarray(ids), attention_mask=jnp.asarray(mask), output_hidden_states=True)
+    assert len(out.hidden_states) == hf.config.num_hidden_layers + 1
+    assert_close_valid(out.logits, ref_logits, mask, 1e-4, f"{name} logits")
+    for i, (h, r) in enumerate(zip(out.hidden_states, ref_hidden)):
+        assert_close_valid(h, r, mask, 1e-4, f"{name} hidden_states[{i}]")
+    np.testing.assert_array_equal(out.last_hidden_state, out.hidden_states[-1])
+
+
+def test_save_load_bit_identical_and_transformers_loads_it(case, tmp_path):
+    name, hf, path = case
+    model = load_pretrained(path)
+    save_pretrained(model, tmp_path / "ours")
+    again = load_pretrained(tmp_path / "ours")
+    a, b = flat_params(model), flat_params(again)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(np.asarray(a[k]), np.asarray(b[k])), k
+    cls = type(hf)
+    reloaded = cls.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    ids, mask = padded_batch(hf.config.vocab_size, seed=1)
+    ref, _ = hf_forward(hf, ids, mask)
+    got, _ = hf_forward(reloaded, ids, mask)
+    assert_close_valid(got, ref, mask, 1e-6, f"{name} transformers on our export")
+    # every tensor transformers has came from our file: the state dicts agree exactly
+    for k, v in hf.state_dict().items():
+        assert torch.equal(v, reloaded.state_dict()[k]), k
+
+
+def test_config_round_trip():
+    for family, kw in CASES.values():
+        cfg_cls = transformers.LlamaConfig if family == "llama" else transformers.Qwen2Config
+        hf_cfg = cfg_cls(**{**TINY, **kw})
+        ours = DecoderConfig.from_hf(hf_cfg.to_dict())
+        again = DecoderConfig.from_hf(ours.to_hf())
+        assert again.to_hf() == ours.to_hf()
+        assert again == dataclasses.replace(ours, head_dim=ours.resolved_head_dim)
+        back = cfg_cls(**ours.to_hf())
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
+                    "tie_word_embeddings", "rope_parameters", "max_position_embeddings"):
+            assert getattr(back, key) == getattr(hf_cfg, key), (family, kw, key)
+        if family == "llama":  # Qwen2Config has no head_dim / bias fields
+            assert back.head_dim == hf_cfg.head_dim
+            assert (back.attention_bias, back.mlp_bias) == (hf_cfg.attention_bias, hf_cfg.mlp_bias)
+
+
+@pytest.fixture()
+def llama_dir(tmp_path):
+    make_hf("llama").save_pretrained(tmp_path / "src")
+    return tmp_path / "src"
+
+
+def _rewrite(src, dst, edit):
+    tensors = read_safetensors_dir(src)
+    edit(tensors)
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    write_safetensors(tensors, dst / "model.safetensors")
+    return dst
+
+
+def test_missing_tensor_is_named(llama_dir, tmp_path):
+    bad = _rewrite(llama_dir, tmp_path / "bad", lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
+    with pytest.raises(CheckpointMismatchError, match=r"missing: +model\.layers\.1\.self_attn\.k_proj\.weight"):
+        load_pretrained(bad)
+
+
+def test_misshaped_tensor_is_named(llama_dir, tmp_path):
+    def edit(t):
+        t["model.layers.0.mlp.up_proj.weight"] = t["model.layers.0.mlp.up_proj.weight"][:-1]
+    bad = _rewrite(llama_dir, tmp_path / "bad", edit)
+    with pytest.raises(CheckpointMismatchError, match=r"mis-shaped: +model\.layers\.0\.mlp\.up_proj\.weight"):
+        load_pretrained(bad)
+
+
+def test_unexpected_tensor_is_named(llama_dir, tmp_path):
+    def edit(t):
+        t["model.layers.0.self_attn.q_norm.weight"] = np.ones(8, np.float32)
+    bad = _rewrite(llama_dir, tmp_path / "bad", edit)
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected: +model\.layers\.0\.self_attn\.q_norm\.weight"):
+        load_pretrained(bad)
+
+
+def test_sliding_window_qwen2_is_refused(tmp_path):
+    hf = make_hf("qwen2")
+    hf.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["use_sliding_window"] = True
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="use_sliding_window"):
+        load_pretrained(tmp_path)
