@@ -12,52 +12,7 @@ import transformers
 from mllm_jax.config import DecoderConfig
 from mllm_jax.convert.hf import (CheckpointMismatchError, flat_params, load_pretrained,
                                  read_safetensors_dir, save_pretrained, write_safetensors)
-
-TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
-
-CASES = {
-    "llama_gqa": ("llama", dict()),
-    "llama_tied": ("llama", dict(tie_word_embeddings=True)),
-    "llama_bias": ("llama", dict(attention_bias=True, mlp_bias=True, num_key_value_heads=4)),
-    "llama3_rope": ("llama", dict(rope_parameters=dict(
-        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=16, rope_theta=500.0))),
-    "linear_rope": ("llama", dict(rope_parameters=dict(rope_type="linear", factor=3.0, rope_theta=100.0))),
-    "qwen2": ("qwen2", dict(num_key_value_heads=1)),
-}
-
-
-def make_hf(family: str, seed: int = 0, **overrides):
-    """A tiny random HF causal LM; norms and biases randomised too, so the mapping of every
-    tensor matters."""
-    cls_cfg, cls = ((transformers.LlamaConfig, transformers.LlamaForCausalLM) if family == "llama"
-                    else (transformers.Qwen2Config, transformers.Qwen2ForCausalLM))
-    torch.manual_seed(seed)
-    model = cls(cls_cfg(**{**TINY, **overrides})).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-            elif "embed" in name:
-                p.copy_(torch.randn_like(p))  # std 1: hidden states of order 1
-            else:  # linears: unit-variance outputs; sharp attention so positions (RoPE) matter
-                gain = 3.0 if ("q_proj" in name or "k_proj" in name) else 1.0
-                p.copy_(gain * torch.randn_like(p) / p.shape[1] ** 0.5)
-    return model
-
-
-def padded_batch(vocab: int, seed: int = 0):
-    """int ids [3, 24] and a mask with a left-padded row, a right-padded row and a full row."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab, (3, 24)).astype(np.int32)
-    mask = np.ones((3, 24), np.int32)
-    mask[0, :5] = 0
-    mask[1, 17:] = 0
-    return ids, mask
-
+from tests.tiny_hf import CASES, TINY, make_hf, padded_batch
 
 def hf_forward(model, ids, mask):
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0)

@@ -1,0 +1,195 @@
+"""Batched decoding with a KV cache: greedy, or sampling with temperature / top-k / top-p.
+
+    out = generate(model, input_ids, attention_mask=mask, max_new_tokens=32,
+                   stop_tokens={eos_id})                     # greedy
+    out = generate(model, input_ids, attention_mask=mask, max_new_tokens=32, do_sample=True,
+                   temperature=0.7, top_p=0.9, key=jax.random.key(0))
+    out.tokens   # int32[B, max_new_tokens]; after a row's stop token (included) it holds pad
+    out.lengths  # int32[B]: generated tokens per row, the stop token included
+
+The prompt is ``input_ids`` or ``inputs_embeds`` (e.g. the MLLM's merged image + text
+embeddings), left- or right-padded as ``attention_mask`` says. Prefill and the whole decode loop
+are one jitted function (a ``lax.while_loop`` that stops early once every row has finished),
+over the model's ``nnx.split`` state: the cache never leaves the device and nothing runs in
+Python per token. A new compile happens only when the shapes or the static settings change.
+
+Sampling follows transformers' order and semantics: temperature, then top-k
+(``TopKLogitsWarper``), then top-p (``TopPLogitsWarper``), then a categorical draw; step ``i``
+uses ``fold_in(key, i)``, so a key gives the same tokens every time.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Iterable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+
+
+class GenerateOutput(NamedTuple):
+    tokens: Array    # int32[B, max_new_tokens]
+    lengths: Array   # int32[B]
+
+
+# ---- logits filters (transformers' warpers) ---------------------------------------------------
+
+def top_k_filter(logits: Array, k: int) -> Array:
+    """Keeps the ``k`` largest logits per row (ties with the k-th kept), the rest -> -inf.
+
+    ``logits: float[B, V]``; ``k <= 0`` or ``k >= V`` keeps everything.
+    """
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def top_p_filter(logits: Array, p: float | Array) -> Array:
+    """Nucleus filtering: drops the least likely tokens whose total probability is ``<= 1 - p``
+    (at least the most likely token stays). ``logits: float[B, V]``; removed -> -inf."""
+    order = jnp.argsort(logits, axis=-1)                               # ascending
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    remove_sorted = (cum <= 1 - p).at[..., -1].set(False)
+    inverse = jnp.argsort(order, axis=-1)
+    remove = jnp.take_along_axis(remove_sorted, inverse, axis=-1)
+    return jnp.where(remove, -jnp.inf, logits)
+
+
+def _select(logits: Array, step: Array, key: Array, *, do_sample: bool, temperature: Array,
+            top_k: int, top_p: Array, use_top_p: bool) -> Array:
+    """Next tokens ``int32[B]`` from ``logits: float32[B, V]``."""
+    if not do_sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    logits = top_k_filter(logits, top_k)
+    if use_top_p:
+        logits = top_p_filter(logits, top_p)
+    return jax.random.categorical(jax.random.fold_in(key, step), logits, axis=-1).astype(jnp.int32)
+
+
+# ---- the jitted loop ----------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=(
+    "graphdef", "max_new_tokens", "do_sample", "top_k", "use_top_p", "stop_tokens", "pad_id",
+    "cache_dtype"))
+def _generate(graphdef, state, input_ids, inputs_embeds, attention_mask, positions, key,
+              temperature, top_p, *, max_new_tokens: int, do_sample: bool, top_k: int,
+              use_top_p: bool, stop_tokens: tuple[int, ...], pad_id: int, cache_dtype):
+    model = nnx.merge(graphdef, state)
+    prompt = input_ids if input_ids is not None else inputs_embeds
+    b, t = prompt.shape[:2]
+    n = max_new_tokens
+    s_max = t + n - 1                      # the last token is chosen, never fed back
+    cache = model.init_cache(b, s_max, cache_dtype)
+    mask = jnp.concatenate([attention_mask.astype(jnp.int32), jnp.zeros((b, n - 1), jnp.int32)], axis=1)
+    if positions is None:
+        positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+    out = model(input_ids, inputs_embeds=inputs_embeds, attention_mask=mask,
+                positions=positions.astype(jnp.int32), cache=cache, cache_index=0, return_logits=False)
+    # the last real token of each row (left or right padding): its hidden state, its position
+    slot = jnp.arange(t)
+    last = jnp.max(jnp.where(attention_mask.astype(bool), slot, 0), axis=1)
+    h_last = jnp.take_along_axis(out.last_hidden_state, last[:, None, None], axis=1)[:, 0]
+    next_pos = jnp.take_along_axis(positions.astype(jnp.int32), last[:, None], axis=1)[:, 0] + 1
+    select = functools.partial(_select, key=key, do_sample=do_sample, temperature=temperature,
+                               top_k=top_k, top_p=top_p, use_top_p=use_top_p)
+    stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
+
+    def emit(i, logits, tokens, done, lengths):
+        tok = select(logits, i)
+        tok = jnp.where(done, pad_id, tok)
+        tokens = tokens.at[:, i].set(tok)
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.isin(tok, stops)
+        return tok, tokens, done, lengths
+
+    tokens = jnp.full((b, n), pad_id, jnp.int32)
+    done = jnp.zeros((b,), bool)
+    lengths = jnp.zeros((b,), jnp.int32)
+    tok, tokens, done, lengths = emit(0, model.lm_logits(h_last), tokens, done, lengths)
+
+    def cond(carry):
+        i, _, _, _, _, done, _, _ = carry
+        return (i < n) & ~jnp.all(done)
+
+    def body(carry):
+        i, tok, cache, mask, pos, done, tokens, lengths = carry
+        model = nnx.merge(graphdef, state)
+        slot_i = t + i - 1                 # where the previous token's key/value goes
+        mask = jax.lax.dynamic_update_slice(mask, jnp.ones((b, 1), jnp.int32), (0, slot_i))
+        out = model(tok[:, None], attention_mask=mask, positions=pos[:, None], cache=cache,
+                    cache_index=slot_i)
+        tok, tokens, done, lengths = emit(i, out.logits[:, -1], tokens, done, lengths)
+        return i + 1, tok, out.cache, mask, pos + 1, done, tokens, lengths
+
+    carry = (jnp.ones((), jnp.int32), tok, out.cache, mask, next_pos, done, tokens, lengths)
+    carry = jax.lax.while_loop(cond, body, carry)
+    return GenerateOutput(carry[6], carry[7])
+
+
+def generate(model: nnx.Module, input_ids=None, *, inputs_embeds=None, attention_mask=None,
+             positions=None, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, key: Optional[Array] = None,
+             stop_tokens: Optional[Iterable[int]] = None, pad_token_id: Optional[int] = None,
+             cache_dtype=None) -> GenerateOutput:
+    """Decodes ``max_new_tokens`` tokens for every row of a (padded) prompt batch.
+
+    ``model``: a ``Decoder`` (anything with its ``__call__``/``init_cache``/``lm_logits``).
+    ``input_ids: int32[B, T]`` or ``inputs_embeds: float[B, T, D]``; ``attention_mask: [B, T]``
+    (default all ones) marks the real prompt tokens; ``positions: int32[B, T]`` (default
+    ``cumsum(mask) - 1``); generated tokens continue from each row's last prompt position.
+    ``stop_tokens`` (default: the config's ``eos_token_id``) end a row; finished rows emit
+    ``pad_token_id`` (default: config pad, else eos, else 0). Sampling needs ``key``.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("generate: pass exactly one of input_ids or inputs_embeds")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if do_sample:
+        if key is None:
+            raise ValueError("generate: do_sample=True needs a PRNG key (key=jax.random.key(seed))")
+        if not temperature > 0:
+            raise ValueError(f"generate: temperature must be > 0 when sampling, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
+    cfg = model.config
+    if stop_tokens is None:
+        stop_tokens = () if cfg.eos_token_id is None else (cfg.eos_token_id,)
+    elif isinstance(stop_tokens, int):
+        stop_tokens = (stop_tokens,)
+    if pad_token_id is None:
+        pad_token_id = next((x for x in (cfg.pad_token_id, cfg.eos_token_id) if x is not None), 0)
+    prompt = input_ids if input_ids is not None else inputs_embeds
+    if input_ids is not None:
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        if input_ids.ndim != 2:
+            raise ValueError(f"generate: input_ids must be [B, T], got shape {input_ids.shape}")
+    else:
+        inputs_embeds = jnp.asarray(inputs_embeds)
+        if inputs_embeds.ndim != 3:
+            raise ValueError(f"generate: inputs_embeds must be [B, T, D], got shape {inputs_embeds.shape}")
+    b, t = prompt.shape[:2]
+    if attention_mask is None:
+        attention_mask = jnp.ones((b, t), jnp.int32)
+    attention_mask = jnp.asarray(attention_mask, jnp.int32)
+    if attention_mask.shape != (b, t):
+        raise ValueError(f"generate: attention_mask has shape {attention_mask.shape}, expected {(b, t)}")
+    if isinstance(attention_mask, np.ndarray) and not attention_mask.any(axis=1).all():
+        raise ValueError("generate: some prompt rows have no real token (attention_mask all zero)")
+    graphdef, state = nnx.split(model)
+    return _generate(
+        graphdef, state, input_ids, inputs_embeds, attention_mask,
+        None if positions is None else jnp.asarray(positions, jnp.int32),
+        jax.random.key(0) if key is None else key,
+        jnp.float32(temperature), jnp.float32(top_p),
+        max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample), top_k=int(top_k),
+        use_top_p=bool(do_sample and top_p < 1.0), stop_tokens=tuple(sorted(int(s) for s in stop_tokens)),
+        pad_id=int(pad_token_id), cache_dtype=cache_dtype)
+
+
+__all__ = ["generate", "GenerateOutput", "top_k_filter", "top_p_filter"]

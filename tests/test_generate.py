@@ -1,0 +1,145 @@
+"""KV-cache decoding vs recomputing the whole sequence and vs transformers' generate()."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from mllm_jax.convert.hf import load_pretrained
+from mllm_jax.generate import generate, top_k_filter, top_p_filter
+from tests.tiny_hf import make_hf
+
+N_NEW = 8
+PAD = 0
+
+
+def prompts(vocab, seed=0):
+    """Three prompts of lengths 6, 3 and 5, as (left-padded, right-padded) (ids, mask) pairs."""
+    rng = np.random.default_rng(seed)
+    lens = [6, 3, 5]
+    rows = [rng.integers(1, vocab, n) for n in lens]
+    t = max(lens)
+    left_ids, right_ids = np.full((3, t), PAD, np.int32), np.full((3, t), PAD, np.int32)
+    left_mask, right_mask = np.zeros((3, t), np.int32), np.zeros((3, t), np.int32)
+    for i, r in enumerate(rows):
+        left_ids[i, t - len(r):], left_mask[i, t - len(r):] = r, 1
+        right_ids[i, :len(r)], right_mask[i, :len(r)] = r, 1
+    return (left_ids, left_mask), (right_ids, right_mask)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def models(request, tmp_path_factory):
+    hf = make_hf(request.param, seed=3)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    return hf, load_pretrained(path)
+
+
+def greedy_without_cache(model, ids, mask, n):
+    """Reference: re-run the whole (left-padded) sequence for every new token (no cache).
+
+    The sequence lives in a fixed [B, T + n] buffer whose future slots are masked out, so the
+    forward compiles once."""
+    b, t = ids.shape
+    seq = jnp.concatenate([jnp.asarray(ids), jnp.zeros((b, n), jnp.int32)], 1)
+    valid = jnp.concatenate([jnp.asarray(mask), jnp.zeros((b, n), jnp.int32)], 1)
+    forward = nnx.jit(lambda m, s, v: m(s, attention_mask=v).logits)
+    out = []
+    for i in range(n):
+        tok = jnp.argmax(forward(model, seq, valid)[:, t + i - 1], -1).astype(jnp.int32)
+        out.append(tok)
+        seq, valid = seq.at[:, t + i].set(tok), valid.at[:, t + i].set(1)
+    return np.stack(out, 1)
+
+
+def hf_greedy(hf, ids, mask, n, eos=None):
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                          max_new_tokens=n, do_sample=False, pad_token_id=PAD, eos_token_id=eos)
+    new = out[:, ids.shape[1]:].numpy()
+    return np.pad(new, ((0, 0), (0, n - new.shape[1])), constant_values=PAD)
+
+
+def test_greedy_cache_equals_no_cache_equals_transformers(models):
+    hf, model = models
+    (ids, mask), (rids, rmask) = prompts(hf.config.vocab_size)
+    ours = generate(model, ids, attention_mask=mask, max_new_tokens=N_NEW, stop_tokens=())
+    np.testing.assert_array_equal(ours.lengths, N_NEW)
+    np.testing.assert_array_equal(ours.tokens, greedy_without_cache(model, ids, mask, N_NEW))
+    np.testing.assert_array_equal(ours.tokens, hf_greedy(hf, ids, mask, N_NEW))
+    assert len(np.unique(ours.tokens)) > 3  # a non-degenerate test
+    right = generate(model, rids, attention_mask=rmask, max_new_tokens=N_NEW, stop_tokens=())
+    np.testing.assert_array_equal(right.tokens, ours.tokens)
+    embeds = generate(model, inputs_embeds=model.embed(jnp.asarray(rids)), attention_mask=rmask,
+                      max_new_tokens=N_NEW, stop_tokens=())
+    np.testing.assert_array_equal(embeds.tokens, ours.tokens)
+
+
+def test_stop_tokens_end_rows_like_transformers(models):
+    hf, model = models
+    (ids, mask), (rids, rmask) = prompts(hf.config.vocab_size)
+    free = np.asarray(generate(model, ids, attention_mask=mask, max_new_tokens=N_NEW, stop_tokens=()).tokens)
+    stop = int(free[0, 3])           # row 0 stops at step 3 at the latest
+    out = generate(model, rids, attention_mask=rmask, max_new_tokens=N_NEW, stop_tokens={stop, 10_000},
+                   pad_token_id=PAD)
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    for row in range(3):
+        hits = np.flatnonzero(free[row] == stop)
+        n = hits[0] + 1 if hits.size else N_NEW
+        assert lengths[row] == n
+        np.testing.assert_array_equal(tokens[row, :n], free[row, :n])
+        assert (tokens[row, n:] == PAD).all()
+    assert lengths[0] <= 4
+    np.testing.assert_array_equal(tokens, hf_greedy(hf, ids, mask, N_NEW, eos=stop))
+
+
+def test_top_k_1_sampling_is_greedy(models):
+    hf, model = models
+    (ids, mask), _ = prompts(hf.config.vocab_size, seed=1)
+    greedy = generate(model, ids, attention_mask=mask, max_new_tokens=N_NEW, stop_tokens=())
+    sampled = generate(model, ids, attention_mask=mask, max_new_tokens=N_NEW, stop_tokens=(),
+                       do_sample=True, top_k=1, temperature=0.7, key=jax.random.key(5))
+    np.testing.assert_array_equal(sampled.tokens, greedy.tokens)
+
+
+def test_sampling_is_reproducible_from_the_key(models):
+    hf, model = models
+    (ids, mask), _ = prompts(hf.config.vocab_size, seed=2)
+    kw = dict(attention_mask=mask, max_new_tokens=N_NEW, stop_tokens=(), do_sample=True, top_p=0.95)
+    a = generate(model, ids, key=jax.random.key(1), **kw).tokens
+    b = generate(model, ids, key=jax.random.key(1), **kw).tokens
+    c = generate(model, ids, key=jax.random.key(2), **kw).tokens
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_top_k_filter_matches_transformers(k):
+    logits = np.random.default_rng(k).normal(size=(4, 50)).astype(np.float32)
+    ref = transformers.TopKLogitsWarper(top_k=k)(None, torch.tensor(logits)).numpy()
+    np.testing.assert_array_equal(np.asarray(top_k_filter(jnp.asarray(logits), k)), ref)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.999])
+def test_top_p_filter_matches_transformers(p):
+    logits = 2 * np.random.default_rng(int(p * 1000)).normal(size=(4, 50)).astype(np.float32)
+    ref = transformers.TopPLogitsWarper(top_p=p)(None, torch.tensor(logits)).numpy()
+    np.testing.assert_array_equal(np.asarray(top_p_filter(jnp.asarray(logits), p)), ref)
+
+
+def test_sampling_frequencies_follow_the_filtered_distribution():
+    """Draws of the decoder's sampler match softmax(HF-warped logits / temperature)."""
+    from mllm_jax.generate import _select
+    logits = np.random.default_rng(0).normal(size=(1, 12)).astype(np.float32)
+    t, k, p = 0.8, 6, 0.9
+    warped = torch.tensor(logits) / t
+    warped = transformers.TopPLogitsWarper(top_p=p)(None, transformers.TopKLogitsWarper(top_k=k)(None, warped))
+    probs = torch.softmax(warped, -1)[0].numpy()
+    draw = jax.jit(jax.vmap(lambda key: _select(jnp.asarray(logits), 0, key, do_sample=True,
+                                                 temperature=t, top_k=k, top_p=p, use_top_p=True)))
+    toks = np.asarray(draw(jax.random.split(jax.random.key(0), 20000)))[:, 0]
+    freq = np.bincount(toks, minlength=12) / toks.size
+    assert (freq[probs == 0] == 0).all()
+    np.testing.assert_allclose(freq, probs, atol=0.015)
