@@ -104,9 +104,9 @@ class Decoder(nnx.Module):
         return self.lm_head(hidden).astype(jnp.float32)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> list[KVCache]:
-        """Zeroed caches, one per layer: ``k, v: float[batch, max_len, KVH, head_dim]``."""
+        """Zeroed caches, one per layer: ``k, v: float[batch, KVH, max_len, head_dim]``."""
         cfg = self.config
-        shape = (batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.resolved_head_dim)
         dt = self.dtype if dtype is None else dtype
         return [KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(cfg.num_layers)]
 
@@ -131,7 +131,7 @@ class Decoder(nnx.Module):
                 raise ValueError("Decoder: a cache needs cache_index (the first slot to write)")
             if len(cache) != len(self.layers):
                 raise ValueError(f"Decoder: cache has {len(cache)} layers, the model {len(self.layers)}")
-            s, offset = cache[0].k.shape[1], jnp.asarray(cache_index, jnp.int32)
+            s, offset = cache[0].k.shape[2], jnp.asarray(cache_index, jnp.int32)
         if attention_mask is None:
             attention_mask = jnp.broadcast_to(jnp.arange(s) < offset + t, (b, s))
         elif attention_mask.shape != (b, s):

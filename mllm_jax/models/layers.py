@@ -228,27 +228,32 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
 # ---- attention ---------------------------------------------------------------------------------
 
 class KVCache(NamedTuple):
-    """Per-layer cache. ``k, v: float[B, S_max, KVH, D]``. Slots are written at a shared index."""
+    """Per-layer cache. ``k, v: float[B, KVH, S_max, D]`` (heads before slots, so the attention
+    dots read the cache in place instead of transposing all of it every decode step). Slots are
+    written at a shared index."""
     k: Array
     v: Array
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array:
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array], *,
+                          kv_heads_first: bool = False) -> Array:
     """Grouped-query attention.
 
-    ``q: float[B, T, H, D]``, ``k, v: float[B, S, KVH, D]`` (KVH divides H),
+    ``q: float[B, T, H, D]``, ``k, v: float[B, S, KVH, D]`` (KVH divides H), or
+    ``float[B, KVH, S, D]`` with ``kv_heads_first`` (the KV-cache layout);
     ``mask: bool[B, T, S]`` (True = may attend) or None -> ``float[B, T, H, D]``.
     """
     b, t, h, d = q.shape
-    kvh = k.shape[2]
+    kvh = k.shape[1 if kv_heads_first else 2]
     g = h // kvh
+    kv = "bksd" if kv_heads_first else "bskd"
     qg = q.reshape(b, t, kvh, g, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum(f"btkgd,{kv}->bkgts", qg, k, preferred_element_type=jnp.float32)
     logits = logits * (1.0 / math.sqrt(d))
     if mask is not None:
         logits = jnp.where(mask[:, None, None, :, :], logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, v)
     return out.reshape(b, t, h, d)
 
 
@@ -303,11 +308,14 @@ class Attention(nnx.Module):
         if cache is not None:
             idx = jnp.asarray(cache_index, jnp.int32)
             zero = jnp.zeros((), jnp.int32)
-            ck = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (zero, idx, zero, zero))
-            cv = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (zero, idx, zero, zero))
+            ck = jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype),
+                                              (zero, zero, idx, zero))
+            cv = jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype),
+                                              (zero, zero, idx, zero))
             new_cache = KVCache(ck, cv)
-            k, v = ck.astype(q.dtype), cv.astype(q.dtype)
-        out = dot_product_attention(q, k, v, mask)
+            out = dot_product_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask, kv_heads_first=True)
+        else:
+            out = dot_product_attention(q, k, v, mask)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_cache
 
 
