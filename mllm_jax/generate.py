@@ -175,12 +175,14 @@ def generate(model: nnx.Module, input_ids=None, *, inputs_embeds=None, attention
             raise ValueError(f"generate: inputs_embeds must be [B, T, D], got shape {inputs_embeds.shape}")
     b, t = prompt.shape[:2]
     if attention_mask is None:
-        attention_mask = jnp.ones((b, t), jnp.int32)
-    attention_mask = jnp.asarray(attention_mask, jnp.int32)
-    if attention_mask.shape != (b, t):
+        attention_mask = np.ones((b, t), np.int32)
+    if tuple(attention_mask.shape) != (b, t):
         raise ValueError(f"generate: attention_mask has shape {attention_mask.shape}, expected {(b, t)}")
-    if isinstance(attention_mask, np.ndarray) and not attention_mask.any(axis=1).all():
-        raise ValueError("generate: some prompt rows have no real token (attention_mask all zero)")
+    if not isinstance(attention_mask, jax.core.Tracer):
+        empty = np.flatnonzero(~np.asarray(attention_mask).astype(bool).any(axis=1))
+        if empty.size:
+            raise ValueError(f"generate: prompt rows {empty.tolist()} have no real token (attention_mask all 0)")
+    attention_mask = jnp.asarray(attention_mask, jnp.int32)
     graphdef, state = nnx.split(model)
     return _generate(
         graphdef, state, input_ids, inputs_embeds, attention_mask,

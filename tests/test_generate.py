@@ -73,8 +73,17 @@ def test_greedy_cache_equals_no_cache_equals_transformers(models):
     right = generate(model, rids, attention_mask=rmask, max_new_tokens=N_NEW, stop_tokens=())
     np.testing.assert_array_equal(right.tokens, ours.tokens)
     embeds = generate(model, inputs_embeds=model.embed(jnp.asarray(rids)), attention_mask=rmask,
-                      max_new_tokens=N_NEW, stop_tokens=())
+                      positions=np.maximum(np.cumsum(rmask, 1) - 1, 0), max_new_tokens=N_NEW, stop_tokens=())
     np.testing.assert_array_equal(embeds.tokens, ours.tokens)
+
+
+def test_prompt_errors(models):
+    _, model = models
+    with pytest.raises(ValueError, match=r"prompt rows \[1\] have no real token"):
+        generate(model, np.ones((2, 3), np.int32), attention_mask=np.array([[1, 1, 1], [0, 0, 0]]),
+                 max_new_tokens=2)
+    with pytest.raises(ValueError, match="needs a PRNG key"):
+        generate(model, np.ones((2, 3), np.int32), max_new_tokens=2, do_sample=True)
 
 
 def test_stop_tokens_end_rows_like_transformers(models):

@@ -31,15 +31,22 @@ def batch():
     return ids, mask
 
 
+_FORWARD = {}
+
+
 def forward(model, ids, mask, mesh=None):
-    @nnx.jit
-    def f(m, ids, mask):
-        with sharding.activation_sharding(mesh):
-            out = m(ids, attention_mask=mask, output_hidden_states=True)
-        return out.logits, out.hidden_states
+    """Jitted forward (one compiled function per mesh), activations constrained on ``mesh``."""
+    key = None if mesh is None else tuple(mesh.shape.items())
+    if key not in _FORWARD:
+        @nnx.jit
+        def f(m, ids, mask):
+            with sharding.activation_sharding(mesh):
+                out = m(ids, attention_mask=mask, output_hidden_states=True)
+            return out.logits, out.hidden_states
+        _FORWARD[key] = f
     if mesh is not None:
         ids, mask = sharding.shard_batch((ids, mask), mesh)
-    return f(model, ids, mask)
+    return _FORWARD[key](model, ids, mask)
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 2), (1, 4, 2)])
