@@ -254,6 +254,9 @@ class DecoderConfig:
                 raise ConfigError(f"decoder config: rope_type {rtype!r} is not supported (default, linear, llama3)")
             scaling = {k: v for k, v in rope.items() if k != "type"}
             scaling["rope_type"] = rtype
+        head_dim = hf.get("head_dim")
+        if head_dim is not None and head_dim * hf["num_attention_heads"] == hf["hidden_size"]:
+            head_dim = None  # the default; keep configs canonical
         eos = hf.get("eos_token_id")
         if isinstance(eos, list):
             eos = eos[0] if eos else None
@@ -265,7 +268,7 @@ class DecoderConfig:
             num_layers=hf["num_hidden_layers"],
             num_heads=hf["num_attention_heads"],
             num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            head_dim=hf.get("head_dim"),
+            head_dim=head_dim,
             hidden_act=hf.get("hidden_act", "silu"),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
