@@ -467,6 +467,7 @@ class MLLMConfig:
     vision_feature_layer: int = -2         # LLaVA: which ViT hidden state feeds the projector
     vision_feature_select: str = "default" # default (drop CLS when present) | full
     num_soft_prompts: int = 0              # learned soft-prompt vectors (VladVA)
+    soft_prompt_token_id: int = 4          # placeholder id; the j-th such token takes soft prompt j % num
 
     @property
     def tokens_per_image(self) -> int:
