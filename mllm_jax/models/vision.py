@@ -197,7 +197,10 @@ class VisionTower(nnx.Module):
             pooled = self.post_layernorm(x[:, 0])
         else:
             last = self.post_layernorm(x)
-            pooled = self.head(last) if self.head is not None else jnp.mean(last.astype(jnp.float32), axis=1).astype(last.dtype)
+            if self.head is not None:
+                pooled = self.head(last)
+            else:  # HF returns None here; the patch mean (big_vision's "gap") keeps pooled [B, D]
+                pooled = jnp.mean(last.astype(jnp.float32), axis=1).astype(last.dtype)
         return VisionOutput(last, pooled, tuple(hidden) if output_hidden_states else None)
 
 

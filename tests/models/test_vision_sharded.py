@@ -77,7 +77,8 @@ def test_text_encoder_sharded_matches_one_device(mesh):
 def test_heads_not_dividing_tensor_axis(mesh, tmp_path):
     # 3 heads of 16: every dimension is even, yet tensor=2 would cut a head in half
     cfg = VisionConfig(variant="clip", **{**VIT, "hidden_size": 48, "num_heads": 3})
-    with pytest.raises(S.ShardingError, match=r"self_attn\.[kqvo]_proj\.\w+: dimension \d .* packs 3 heads.*'tensor' of size 2"):
+    msg = r"self_attn\.[kqvo]_proj\.\w+: dimension \d .* packs 3 heads.*'tensor' of size 2"
+    with pytest.raises(S.ShardingError, match=msg):
         S.create_sharded_model(lambda: VisionTower(cfg, rngs=nnx.Rngs(0)), mesh)
     transformers = pytest.importorskip("transformers")
     hf = transformers.CLIPVisionConfig(image_size=16, patch_size=4, hidden_size=48, intermediate_size=64,
