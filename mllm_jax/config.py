@@ -353,21 +353,40 @@ class VisionConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, **kw) -> "VisionConfig":
+        """From a ``clip_vision_model`` / ``siglip_vision_model`` config dict.
+
+        Keys absent from the dict take transformers' defaults for that model type (nested
+        ``vision_config`` dicts, e.g. inside a LLaVA config, only list non-default values).
+        """
         mt = hf.get("model_type", "clip_vision_model")
         if mt not in ("clip_vision_model", "siglip_vision_model"):
-            raise ConfigError(f"vision config: model_type {mt!r} is not supported")
+            raise ConfigError(f"vision config: model_type {mt!r} is not supported "
+                              "(clip_vision_model, siglip_vision_model)")
         variant = "clip" if mt.startswith("clip") else "siglip"
+        # transformers 5.x CLIPVisionConfig / SiglipVisionConfig defaults
+        dflt = dict(image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
         extra = {}
         if variant == "siglip":
+            dflt = dict(image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
             extra = dict(use_head=bool(hf.get("vision_use_head", True)),
                          image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
-        act = hf.get("hidden_act", "quick_gelu")
+
+        def square(key):
+            v = hf.get(key, dflt[key])
+            if isinstance(v, (list, tuple)):
+                if len(set(v)) != 1:
+                    raise ConfigError(f"vision config: {key}={v} is not square; only square sizes are supported")
+                v = v[0]
+            return int(v)
+
+        act = hf.get("hidden_act", dflt["hidden_act"])
         return cls(
-            variant=variant, image_size=hf["image_size"], patch_size=hf["patch_size"],
-            num_channels=hf.get("num_channels", 3), hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"], hidden_act=_HF_ACT_ALIASES.get(act, act),
-            layer_norm_eps=hf.get("layer_norm_eps", 1e-5), **{**extra, **kw})
+            variant=variant, image_size=square("image_size"), patch_size=square("patch_size"),
+            num_channels=hf.get("num_channels", 3), hidden_size=hf.get("hidden_size", 768),
+            intermediate_size=hf.get("intermediate_size", 3072),
+            num_layers=hf.get("num_hidden_layers", 12), num_heads=hf.get("num_attention_heads", 12),
+            hidden_act=_HF_ACT_ALIASES.get(act, act),
+            layer_norm_eps=float(hf.get("layer_norm_eps") or dflt["layer_norm_eps"]), **{**extra, **kw})
 
     def to_hf(self) -> dict:
         d = {
@@ -406,16 +425,25 @@ class TextEncoderConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, **kw) -> "TextEncoderConfig":
+        """From a ``bert`` config dict; absent keys take transformers' BertConfig defaults."""
         if hf.get("model_type", "bert") != "bert":
             raise ConfigError(f"text encoder config: model_type {hf.get('model_type')!r} is not supported (bert)")
+        if hf.get("is_decoder") or hf.get("add_cross_attention"):
+            raise ConfigError("text encoder config: a decoder / cross-attention BERT is not supported "
+                              "(is_decoder and add_cross_attention must be false)")
+        pos = hf.get("position_embedding_type", "absolute")
+        if pos != "absolute":
+            raise ConfigError(f"text encoder config: position_embedding_type {pos!r} is not supported (absolute)")
         act = hf.get("hidden_act", "gelu")
+        pad = hf.get("pad_token_id", 0)
         return cls(
-            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"], hidden_act=_HF_ACT_ALIASES.get(act, act),
+            vocab_size=hf.get("vocab_size", 30522), hidden_size=hf.get("hidden_size", 768),
+            intermediate_size=hf.get("intermediate_size", 3072),
+            num_layers=hf.get("num_hidden_layers", 12), num_heads=hf.get("num_attention_heads", 12),
+            hidden_act=_HF_ACT_ALIASES.get(act, act),
             max_position_embeddings=hf.get("max_position_embeddings", 512),
             type_vocab_size=hf.get("type_vocab_size", 2),
-            layer_norm_eps=hf.get("layer_norm_eps", 1e-12), pad_token_id=hf.get("pad_token_id") or 0,
+            layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)), pad_token_id=0 if pad is None else pad,
             **kw)
 
     def to_hf(self) -> dict:
