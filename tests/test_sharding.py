@@ -59,9 +59,12 @@ def test_indivisible_dimension_names_the_param():
     with pytest.raises(S.ShardingError, match=r"out\.(kernel|bias): dimension \d of shape \((64, )?20,?\) has size 20.*'tensor' of size 8"):
         class Bad(_Block):
             def __init__(self, rngs):
-                super().__init__(4, 2, rngs)
+                super().__init__(8, 8, rngs)
                 self.out = Dense(64, 20, axes=("embed", "vocab"), rngs=rngs)
         S.create_sharded_model(lambda: Bad(nnx.Rngs(0)), mesh)
+    # 2 kv heads of head_dim 8 (= 16 columns) would divide 8 ways, but a head must not be split
+    with pytest.raises(S.ShardingError, match=r"attn\.k_proj\.kernel: .* packs 2 heads.*'tensor' of size 8"):
+        S.create_sharded_model(lambda: _Block(8, 2, nnx.Rngs(0)), mesh)
     with pytest.raises(S.ShardingError, match=r"batch\.x: dimension 0 of shape \(3, 5\)"):
         S.shard_batch({"x": np.zeros((3, 5))}, S.make_mesh(data=2, fsdp=2, tensor=2))
 
