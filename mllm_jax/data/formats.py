@@ -49,6 +49,14 @@ def pair_task(sid: str, source: str, image, caption: str, task: str, meta: Optio
     raise ValueError(f"pair task {task!r}: expected one of {PAIR_TASKS}")
 
 
+class _PairTaskMixin:
+    task: str
+
+    @property
+    def views(self) -> Optional[tuple[str, ...]]:
+        return ("image", "text") if self.task == "vladva" else None
+
+
 def _resolve(path: str, root: Path) -> Path:
     p = Path(path)
     return p if p.is_absolute() else root / p
@@ -92,6 +100,8 @@ class _Lines:
 
 
 class LlavaSource:
+    views = None
+
     def __init__(self, path: str | Path, image_root: Optional[str | Path] = None):
         self.path = Path(path)
         if not self.path.exists():
@@ -142,6 +152,8 @@ class LlavaSource:
 
 
 class InterleavedSource:
+    views = None
+
     def __init__(self, path: str | Path, image_root: Optional[str | Path] = None):
         self.path = Path(path)
         self.lines = _Lines(self.path)
@@ -180,7 +192,7 @@ class InterleavedSource:
         return Sample(f"interleaved:{obj.get('id', i)}", tuple(segs), "interleaved", meta={"record": rec})
 
 
-class PairsSource:
+class PairsSource(_PairTaskMixin):
     def __init__(self, path: str | Path, image_root: Optional[str | Path] = None, task: str = "pair"):
         if task not in PAIR_TASKS:
             raise ValueError(f"pairs task {task!r}: expected one of {PAIR_TASKS}")
@@ -239,7 +251,7 @@ def read_idx(path: Path) -> np.ndarray:
     return body.reshape(dims)
 
 
-class FashionMNISTSource:
+class FashionMNISTSource(_PairTaskMixin):
     """Fashion-MNIST ``train`` (60k) or ``test`` (10k) images (``uint8[28, 28, 1]``) with
     captions from ``FASHION_TEMPLATES`` (template ``i % 4`` for record ``i``)."""
 

@@ -360,6 +360,19 @@ class DataIterator:
         self._it = None
 
 
+def _views_of(source) -> Optional[tuple[str, ...]]:
+    """View names when the source yields dicts of samples (e.g. the vladva task), else None."""
+    if hasattr(source, "views"):
+        return source.views
+    for i in range(min(len(source), 8)):
+        try:
+            item = source[i]
+        except DataError:
+            continue
+        return tuple(item) if isinstance(item, dict) else None
+    return None
+
+
 def make_iterator(cfg: DataConfig, model: MLLMConfig, *, source=None, tokenizer: Optional[TextTokenizer] = None,
                   teachers: Optional[Sequence] = None, shard: Optional[tuple[int, int]] = None,
                   for_generation: bool = False) -> DataIterator:
@@ -387,9 +400,7 @@ def make_iterator(cfg: DataConfig, model: MLLMConfig, *, source=None, tokenizer:
     spec = ImageSpec.from_vision(model.vision)
     transform = EncodeTransform(source, tokenizer, model.tokens_per_image, spec, limits, teachers=teachers,
                                 bad_input=cfg.bad_input, doc_loss=cfg.doc_loss, for_generation=for_generation)
-    views = None
-    if len(source) and isinstance(source[0], dict):
-        views = tuple(source[0].keys())
+    views = _views_of(source)
     collate_fn = _Collate(cfg.batch_size, limits, (spec.size, spec.size, spec.channels), tokenizer.pad_id,
                           {t.name: t.dim for t in teachers}, views)
 

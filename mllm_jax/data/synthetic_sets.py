@@ -185,6 +185,10 @@ class SceneSource:
     def __len__(self) -> int:
         return self.size
 
+    @property
+    def views(self) -> Optional[tuple[str, ...]]:
+        return ("image", "text") if "vladva" in self.tasks else None
+
     def __getitem__(self, index: int):
         index = int(index)
         if not 0 <= index < self.size:
