@@ -168,6 +168,7 @@ def collate(examples: list[dict], batch_size: int, limits: Limits, image_shape: 
         out["labels"][b, :L - 1] = ids[1:]
         out["loss_mask"][b, :L - 1] = e["target"][1:]
         out["positions"][b, :L] = np.arange(L)
+        out["positions"][b, L:] = L - 1               # = cumsum(attention_mask) - 1, the model's default
         out["slice_ids"][b, :L] = e["slice_ids"]
         n = len(e["pixel_values"])
         out["pixel_values"][b, :n] = e["pixel_values"]

@@ -59,6 +59,9 @@ def open_teachers(cfg: DataConfig, model: MLLMConfig, source) -> list:
     from mllm_jax.data import teachers as T
     out = []
     for name in cfg.teachers:
+        if name == "scene_graph" and cfg.source != "scene":
+            raise ConfigError(f"data.teachers: 'scene_graph' needs scene graphs, which only data.source='scene' "
+                              f"has (source is {cfg.source!r}); use 'pixel', 'minilm' or 'vision'")
         teacher = make_teacher(name, cfg, model)
         if cfg.teacher_cache:
             out.append(T.ensure_cache(teacher, source, Path(cfg.teacher_cache) / name))

@@ -234,7 +234,26 @@ def chat_messages(sample: Sample) -> list[dict]:
     return msgs
 
 
+def main(argv=None) -> None:
+    """``python -m mllm_jax.data.tokenize --out DIR``: trains the scene-world BPE into DIR."""
+    import argparse
+    from mllm_jax.config import SceneConfig
+    from mllm_jax.data.synthetic_sets import scene_corpus
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--vocab-size", type=int, default=512)
+    ap.add_argument("--samples", type=int, default=4000, help="scene-world samples per split in the corpus")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    tok = train_tokenizer(scene_corpus(SceneConfig(seed=a.seed), a.samples), a.out, vocab_size=a.vocab_size)
+    print(f"wrote {a.out}/tokenizer.json ({len(tok)} tokens; <image> = {tok.image_id})")
+
+
 __all__ = [
     "SPECIAL_TOKENS", "PAD", "BOS", "EOS", "IMAGE", "IM_START", "IM_END", "CHATML_JINJA", "ChatTemplate",
-    "TextTokenizer", "train_tokenizer", "Encoded", "encode_sample", "chat_messages",
+    "TextTokenizer", "train_tokenizer", "Encoded", "encode_sample", "chat_messages", "main",
 ]
+
+
+if __name__ == "__main__":
+    main()

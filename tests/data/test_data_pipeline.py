@@ -72,7 +72,7 @@ def test_batch_format_padding_and_masks(tok):
         np.testing.assert_array_equal(b["labels"][r, :L - 1], enc.input_ids[1:])
         np.testing.assert_array_equal(b["loss_mask"][r, :L - 1], enc.target[1:])
         assert not b["loss_mask"][r, L - 1:].any()
-        np.testing.assert_array_equal(b["positions"][r, :L], np.arange(L))
+        np.testing.assert_array_equal(b["positions"][r], np.maximum(np.cumsum(b["attention_mask"][r]) - 1, 0))
         assert b["slice_mask"][r].sum() == len(s.segments)
         assert b["slice_is_image"][r, :len(s.segments)].tolist() == [g.kind == "image" for g in s.segments]
     assert tok.decode(b["labels"][0][b["loss_mask"][0] == 1]) == "red<|im_end|>"
