@@ -105,24 +105,17 @@ class EncodeTransform:
             return {"_skip": REASONS.index(e.reason), "_message": str(e)}
 
     def _encode(self, sample: Sample, index: int) -> dict:
-        sample = validate_sample(sample)
-        feats = {t.name: np.asarray(t.features(sample), np.float32) for t in self.teachers}
-        for t in self.teachers:
-            if feats[t.name].shape != (len(sample.segments), t.dim):
-                raise ValueError(f"teacher {t.name}: features for {sample.id} have shape {feats[t.name].shape}, "
-                                 f"expected ({len(sample.segments)}, {t.dim}) (one row per segment)")
-        if self.for_generation and sample.is_chat:
-            sample = sample.prompt_only()
+        full = validate_sample(sample)
+        sample = full.prompt_only() if self.for_generation and full.is_chat else full
         lim = self.limits
-        n_img = sample.num_images
-        if n_img > lim.max_images:
+        if sample.num_images > lim.max_images:
             raise DataError("too_many_images", sample.id, "segments",
-                            f"{n_img} images > data.max_images={lim.max_images}")
+                            f"{sample.num_images} images > data.max_images={lim.max_images}")
         if len(sample.segments) > lim.max_slices:
             raise DataError("too_many_slices", sample.id, "segments",
                             f"{len(sample.segments)} segments > data.max_slices={lim.max_slices}")
         enc = encode_sample(sample, self.tok, self.tpi, doc_loss=self.doc_loss,
-                            add_generation_prompt=True if self.for_generation and sample.is_chat else None)
+                            add_generation_prompt=True if sample is not full else None)
         if len(enc.input_ids) > lim.seq_buckets[-1]:
             raise DataError("too_long", sample.id, "segments",
                             f"{len(enc.input_ids)} tokens > the largest bucket {lim.seq_buckets[-1]} "
@@ -131,8 +124,12 @@ class EncodeTransform:
             np.zeros((0, self.spec.size, self.spec.size, self.spec.channels), np.float32)
         ex = {"input_ids": enc.input_ids, "target": enc.target, "slice_ids": enc.slice_ids,
               "slice_is_image": enc.slice_is_image, "pixel_values": pixels, "sample_index": index}
-        for name, f in feats.items():
-            ex[f"teacher_{name}"] = f[:len(sample.segments)]
+        for t in self.teachers:         # computed (or cached) on the full sample, one row per segment
+            f = np.asarray(t.features(full), np.float32)
+            if f.shape != (len(full.segments), t.dim):
+                raise ValueError(f"teacher {t.name}: features for {full.id} have shape {f.shape}, "
+                                 f"expected ({len(full.segments)}, {t.dim}) (one row per segment)")
+            ex[f"teacher_{t.name}"] = f[:len(sample.segments)]
         return ex
 
 
@@ -272,7 +269,7 @@ def build_dataset(transform: EncodeTransform, num_records: int, collate_fn: Call
 class DataIterator:
     """Epochs over a per-epoch grain pipeline, with skip accounting and exact resume.
 
-    ``get_state()`` -> ``{"epoch", "grain", "kept", "skipped"}`` (JSON-serialisable);
+    ``get_state()`` -> ``{"epoch", "grain", "kept", "dropped", "skipped", "batches"}`` (JSON);
     ``set_state`` rebuilds that epoch's pipeline and moves grain's iterator to the saved point.
     ``summaries`` lists one dict per finished epoch: kept, skipped by reason."""
 
@@ -281,7 +278,7 @@ class DataIterator:
         self._build, self.num_epochs, self.batch_size = build, num_epochs, batch_size
         self.drop_remainder, self.max_skip_fraction, self.check_after = drop_remainder, max_skip_fraction, check_after
         self.epoch, self._it, self._pending_state = 0, None, None
-        self.kept, self.skipped = 0, np.zeros(len(REASONS), np.int64)
+        self.kept, self.dropped, self.skipped = 0, 0, np.zeros(len(REASONS), np.int64)
         self.summaries: list[dict] = []
         self._messages: list[str] = []
         self._batches_this_epoch = 0
@@ -309,7 +306,10 @@ class DataIterator:
             valid = int(batch.pop("_valid"))
             self.skipped += np.asarray(batch.pop("_skipped"))
             self._messages += list(batch.pop("_messages"))[:max(0, 8 - len(self._messages))]
-            self.kept += valid
+            if valid < self.batch_size and self.drop_remainder:
+                self.dropped += valid          # the incomplete last batch of a worker's stream
+            else:
+                self.kept += valid
             self._check(final=False)
             if valid == 0 or (valid < self.batch_size and self.drop_remainder):
                 continue
@@ -317,7 +317,7 @@ class DataIterator:
             return batch
 
     def _check(self, final: bool):
-        total = self.kept + int(self.skipped.sum())
+        total = self.kept + self.dropped + int(self.skipped.sum())
         if total == 0 or (not final and total < self.check_after):
             return
         frac = float(self.skipped.sum()) / total
@@ -330,27 +330,30 @@ class DataIterator:
         return {r: int(n) for r, n in zip(REASONS, self.skipped) if n}
 
     def _end_epoch(self):
-        summary = {"epoch": self.epoch, "kept": self.kept, "skipped": int(self.skipped.sum()),
-                   "by_reason": self._reasons(), "examples": list(self._messages[:3])}
+        summary = {"epoch": self.epoch, "kept": self.kept, "dropped_remainder": self.dropped,
+                   "skipped": int(self.skipped.sum()), "by_reason": self._reasons(), "examples": self._messages[:3]}
         self.summaries.append(summary)
-        log.info("data epoch %d: %d records kept, %d skipped %s", self.epoch, self.kept,
-                 summary["skipped"], summary["by_reason"] or "")
+        log.info("data epoch %d: %d records kept, %d skipped %s", self.epoch, self.kept, summary["skipped"],
+                 summary["by_reason"] or "")
+        if summary["skipped"]:
+            log.warning("data epoch %d skipped records, e.g. %s", self.epoch, "; ".join(summary["examples"]))
         self._check(final=True)
         if self._batches_this_epoch == 0:
             raise RuntimeError(f"data epoch {self.epoch} produced no batches ({summary}); the source is empty "
                                "or smaller than one batch with drop_remainder=True")
         self.close()
         self.epoch += 1
-        self.kept, self.skipped, self._messages, self._batches_this_epoch = 0, np.zeros(len(REASONS), np.int64), [], 0
+        self.kept, self.dropped, self.skipped = 0, 0, np.zeros(len(REASONS), np.int64)
+        self._messages, self._batches_this_epoch = [], 0
 
     def get_state(self) -> dict:
         grain_state = self._it.get_state() if self._it is not None else self._pending_state
-        return {"epoch": self.epoch, "grain": grain_state, "kept": self.kept,
+        return {"epoch": self.epoch, "grain": grain_state, "kept": self.kept, "dropped": self.dropped,
                 "skipped": [int(x) for x in self.skipped], "batches": self._batches_this_epoch}
 
     def set_state(self, state: dict) -> None:
         self.close()
-        self.epoch, self.kept = int(state["epoch"]), int(state["kept"])
+        self.epoch, self.kept, self.dropped = int(state["epoch"]), int(state["kept"]), int(state.get("dropped", 0))
         self.skipped = np.asarray(state["skipped"], np.int64)
         self._batches_this_epoch = int(state.get("batches", 0))
         self._pending_state = state["grain"]

@@ -54,8 +54,11 @@ class DataError(ValueError):
     def __init__(self, reason: str, record: str, field: str, message: str):
         if reason not in REASONS:
             raise ValueError(f"unknown DataError reason {reason!r}; expected one of {REASONS}")
-        self.reason, self.record, self.field = reason, record, field
+        self.reason, self.record, self.field, self.detail = reason, record, field, message
         super().__init__(f"[{reason}] record {record}, {field}: {message}")
+
+    def __reduce__(self):          # picklable, so grain worker processes can pass it back
+        return DataError, (self.reason, self.record, self.field, self.detail)
 
 
 @dataclasses.dataclass(frozen=True)

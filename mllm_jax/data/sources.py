@@ -64,12 +64,26 @@ def open_teachers(cfg: DataConfig, model: MLLMConfig, source) -> list:
                               f"has (source is {cfg.source!r}); use 'pixel', 'minilm' or 'vision'")
         teacher = make_teacher(name, cfg, model)
         if cfg.teacher_cache:
-            out.append(T.ensure_cache(teacher, source, Path(cfg.teacher_cache) / name))
+            out.append(_shared_cache(teacher, source, Path(cfg.teacher_cache) / name))
         elif name in ("scene_graph", "pixel"):
             out.append(T.OnlineFeatures(teacher))
         else:
             raise ConfigError(f"data.teachers: {name!r} needs data.teacher_cache (it is too slow to run per batch)")
     return out
+
+
+def _shared_cache(teacher, source, path: Path):
+    """Process 0 builds (or checks) the cache; the others wait for it, then open it read-only."""
+    import jax
+    from mllm_jax.data import teachers as T
+    if jax.process_count() == 1:
+        return T.ensure_cache(teacher, source, path)
+    from jax.experimental import multihost_utils
+    if jax.process_index() == 0:
+        T.ensure_cache(teacher, source, path)
+    multihost_utils.sync_global_devices(f"teacher_cache:{path}")
+    fp = source.fingerprint() if hasattr(source, "fingerprint") else None
+    return T.TeacherCache(path, fingerprint=teacher.fingerprint(), source=fp)
 
 
 __all__ = ["SOURCES", "TEACHERS", "open_source", "make_teacher", "open_teachers"]

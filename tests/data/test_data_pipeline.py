@@ -199,6 +199,14 @@ def test_bad_input_each_case_errors_with_record_name(tok):
         assert f"record {src.records[k]}" in str(e.value)
 
 
+def test_data_error_survives_worker_processes():
+    """Worker processes send exceptions back pickled: DataError keeps its reason and record."""
+    import pickle
+    e = pickle.loads(pickle.dumps(DataError("corrupt_image", "rec7", "segments[0].image", "truncated")))
+    assert (e.reason, e.record, e.field) == ("corrupt_image", "rec7", "segments[0].image")
+    assert str(e) == "[corrupt_image] record rec7, segments[0].image: truncated"
+
+
 class _Lazy:
     def __init__(self, fn):
         self.fn = fn
