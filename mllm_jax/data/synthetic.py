@@ -48,6 +48,7 @@ CONVERSE = (RIGHT, LEFT, BELOW, ABOVE)
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth")
 NUM_KINDS = len(COLOURS) * len(SHAPES)
+WORLD_VERSION = 1          # bump when generated content changes (part of cache fingerprints)
 SPLITS = {"train": 1, "val": 2, "test": 3, "test_comp": 4, "memory": 5}
 
 
@@ -210,21 +211,22 @@ class SceneWorld:
         """``uint8[H, W, 3]``: tinted noisy background, objects with jittered colour/position."""
         h = self.cfg.image_size
         n = len(scene.objects)
-        draws = rng.integers(-20, 21, (n, 5))              # colour jitter (3) and position jitter (2)
-        canvas = np.empty((h, h, 3), np.int16)
-        canvas[:] = rng.integers(30, 110) + rng.integers(-15, 16, 3)
         cell = h / 3.0
         jit = max(1, h // 32)
-        for o, d in zip(scene.objects, draws):
+        tint = rng.integers(-12, 13, (n, 3))               # per-object colour jitter
+        shift = rng.integers(-jit, jit + 1, (n, 2))        # per-object position jitter
+        canvas = np.empty((h, h, 3), np.int16)
+        canvas[:] = rng.integers(30, 110) + rng.integers(-15, 16, 3)
+        for o, d, (dy, dx) in zip(scene.objects, tint, shift):
             if o.cell < 0 or o.size < 0:
                 raise ValueError(f"render: object {o} has no cell/size (a partial graph cannot be drawn)")
             mask = _stencil(o.shape, o.size, h)
             r = mask.shape[0] // 2
-            y0 = int((o.row + 0.5) * cell) + int(d[3]) * jit // 20 - r
-            x0 = int((o.col + 0.5) * cell) + int(d[4]) * jit // 20 - r
+            y0 = int((o.row + 0.5) * cell) + int(dy) - r
+            x0 = int((o.col + 0.5) * cell) + int(dx) - r
             ys, xs = slice(max(y0, 0), min(y0 + mask.shape[0], h)), slice(max(x0, 0), min(x0 + mask.shape[1], h))
             m = mask[ys.start - y0: ys.stop - y0, xs.start - x0: xs.stop - x0]
-            canvas[ys, xs][m] = RGB[o.colour] + d[:3]
+            canvas[ys, xs][m] = RGB[o.colour] + d
         if self.cfg.noise_std > 0:    # uniform noise with the configured standard deviation
             a = int(round(self.cfg.noise_std * 3 ** 0.5))
             canvas += rng.integers(-a, a + 1, (h, h, 3), dtype=np.int16)

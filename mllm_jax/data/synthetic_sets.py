@@ -197,8 +197,8 @@ class SceneSource:
         return TASKS[task](_Ctx(self.world, self.split, index, task, self.render))
 
     def fingerprint(self) -> str:
-        from mllm_jax.config import config_hash, to_dict
-        return f"scene:{config_hash(self.cfg)}:{self.split}:{sorted(self.tasks.items())}:{self.size}"
+        from mllm_jax.config import config_hash
+        return f"scene:v{W.WORLD_VERSION}:{config_hash(self.cfg)}:{self.split}:{sorted(self.tasks.items())}:{self.size}"
 
     def __getstate__(self):
         return {**self.__dict__, "_world": None}
@@ -217,10 +217,6 @@ def scene_corpus(cfg: SceneConfig, num_samples: int = 4000) -> list[str]:
 
 
 # ---- evaluation sets --------------------------------------------------------------------------
-
-def _ctx(world, split, i, task, render=True) -> _Ctx:
-    return _Ctx(world, split, i, task, render)
-
 
 def memory_entry(world: W.SceneWorld, kind: int, render: bool = True) -> Sample:
     """RAG memory entry for one kind: [image of a single large centred object, its name]."""
@@ -241,7 +237,7 @@ def rag_set(world: W.SceneWorld, split: str, n: int) -> tuple[list[Sample], list
     and ``meta["memory_index"]`` (its entry in ``memory``)."""
     qs = []
     for i in range(n):
-        c = _ctx(world, split, i, "rag_eval")
+        c = _Ctx(world, split, i, "rag_eval")
         s = c.scene()
         qa, kind = T.rag_question(s, c.rng)
         qs.append(_chat(c, [c.image(s), text_segment(qa.question)], qa.answer, s, memory_index=kind))
@@ -249,12 +245,12 @@ def rag_set(world: W.SceneWorld, split: str, n: int) -> tuple[list[Sample], list
 
 
 def vqa_set(world: W.SceneWorld, split: str, n: int, qtype: Optional[str] = None) -> list[Sample]:
-    return [task_vqa(_ctx(world, split, i, "vqa_eval"), qtype) for i in range(n)]
+    return [task_vqa(_Ctx(world, split, i, "vqa_eval"), qtype) for i in range(n)]
 
 
 def caption_set(world: W.SceneWorld, split: str, n: int, long: bool = False) -> list[Sample]:
     fn = task_caption_long if long else task_caption_short
-    return [fn(_ctx(world, split, i, "caption_eval")) for i in range(n)]
+    return [fn(_Ctx(world, split, i, "caption_eval")) for i in range(n)]
 
 
 def pope_set(world: W.SceneWorld, split: str, n: int, strategy: str) -> list[Sample]:
@@ -264,7 +260,7 @@ def pope_set(world: W.SceneWorld, split: str, n: int, strategy: str) -> list[Sam
     out = []
     for i in range(n):
         for pos in (True, False):
-            c = _ctx(world, split, i, f"pope_{strategy}")
+            c = _Ctx(world, split, i, f"pope_{strategy}")
             smp = task_pope(c, strategy, pos)
             out.append(dataclasses.replace(smp, id=f"{smp.id}/{'yes' if pos else 'no'}"))
     return out
@@ -274,7 +270,7 @@ def retrieval_set(world: W.SceneWorld, split: str, n: int, long: bool = False) -
     """(images, captions): caption ``i`` describes image ``i`` (documents with one segment)."""
     images, texts = [], []
     for i in range(n):
-        c = _ctx(world, split, i, "retrieval")
+        c = _Ctx(world, split, i, "retrieval")
         s = c.scene()
         cap = W.long_caption(s, c.rng) if long else W.short_caption(s, c.rng)
         images.append(Sample(c.id + "/image", (c.image(s),), "scene", s))
@@ -297,7 +293,7 @@ def hard_negative_set(world: W.SceneWorld, split: str, n: int,
     out = {c: [] for c in categories}
     i = 0
     while any(len(v) < n for v in out.values()) and i < 50 * n:
-        c = _ctx(world, split, i, "hardneg")
+        c = _Ctx(world, split, i, "hardneg")
         s = c.scene()
         i += 1
         if len(s.objects) < 2:
@@ -314,7 +310,7 @@ def hard_negative_set(world: W.SceneWorld, split: str, n: int,
 
 def _story_set(world, split, n, task):
     for i in range(n):
-        c = _ctx(world, split, i, task)
+        c = _Ctx(world, split, i, task)
         s0, edits = _story(c)
         if not edits:
             edits = T.story(s0, c.rng, 2, c.allowed, world.cfg.max_objects)
@@ -348,7 +344,7 @@ def composed_retrieval_set(world: W.SceneWorld, split: str, n: int) -> tuple[lis
     ``n`` reference images (hard distractors); target of query ``i`` is candidate ``i``."""
     queries, targets, refs = [], [], []
     for i in range(n):
-        c = _ctx(world, split, i, "composed")
+        c = _Ctx(world, split, i, "composed")
         s = c.scene()
         e = T.random_edit(s, c.rng, c.allowed, world.cfg.max_objects)
         ref = c.image(s)
