@@ -221,6 +221,11 @@ class _Lazy:
 def test_too_many_skips_is_an_error(tok):
     with pytest.raises(P.TooManySkipsError, match=r"10 of 22 records skipped.*corrupt_image"):
         list(it(tok, Bad(12), num_epochs=1, max_skip_fraction=0.2))
+    x = it(tok, Bad(12), max_skip_fraction=0.2)
+    x.check_after = 16                     # checked mid-epoch once enough records were seen
+    with pytest.raises(P.TooManySkipsError):
+        list(x)
+    assert x.summaries == []
 
 
 def test_few_fixed_shapes(tok):
