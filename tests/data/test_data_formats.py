@@ -40,7 +40,7 @@ def test_llava_reader():
 
 def test_interleaved_reader():
     src = formats.InterleavedSource(FIX / "interleaved.jsonl")
-    assert len(src) == 6
+    assert len(src) == 7
     a = validate_sample(src[0])                                        # OBELICS-aligned lists
     assert [g.kind for g in a.segments] == ["text", "image", "text", "image"] and not a.is_chat
     assert (a.segments[1].image == [220, 30, 30]).all() and (a.segments[3].image == [30, 40, 220]).all()
@@ -57,6 +57,8 @@ def test_interleaved_reader():
         src[4]
     assert e.value.reason == "bad_record" and "invalid JSON" in str(e.value)
     assert _reason(src, 5).reason == "empty_text"
+    with pytest.raises(DataError, match=r"1 null entries in 'texts' \(image slots\) but 2 images"):
+        src[6]
 
 
 def test_pairs_readers():

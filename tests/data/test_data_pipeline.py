@@ -155,6 +155,7 @@ class Bad:
             lambda: Sample("missing", (image_segment(img / "absent.png"), text_segment("x"))),
             lambda: LlavaSource(FIX / "llava.json")[2],                        # 2 <image> slots, 1 image
             lambda: Sample("fewer", (image_segment(ok), text_segment("two <image> tokens <image>"))),
+            lambda: InterleavedSource(FIX / "interleaved.jsonl")[6],           # 2 images, 1 slot
             lambda: Sample("empty", (image_segment(ok), text_segment("   "))),
             lambda: Sample("long", (text_segment(" ".join(f"w{i}" for i in range(400))),)),
             lambda: InterleavedSource(FIX / "interleaved.jsonl")[3],           # latin-1 byte
@@ -162,10 +163,10 @@ class Bad:
             lambda: Sample("range", (image_segment(np.full((4, 4, 3), 2.0, np.float32)), text_segment("x"))),
             lambda: Sample("images", tuple(image_segment(ok) for _ in range(5))),
         ]
-        self.records = ["corrupt", "missing", "llava.json[2]", "fewer", "empty", "long", "interleaved.jsonl:4",
+        self.records = ["corrupt", "missing", "llava.json[2]", "fewer", "interleaved.jsonl:7", "empty", "long", "interleaved.jsonl:4",
                         "nan", "range", "images"]
         self.reasons = ["corrupt_image", "missing_image", "image_count_mismatch", "image_count_mismatch",
-                        "empty_text", "too_long", "invalid_utf8", "bad_pixels", "bad_pixels", "too_many_images"]
+                        "image_count_mismatch", "empty_text", "too_long", "invalid_utf8", "bad_pixels", "bad_pixels", "too_many_images"]
 
     def __len__(self):
         return len(self.good) + len(self.bad)
@@ -184,14 +185,14 @@ def test_bad_input_skipped_and_counted(tok, caplog):
     assert kept == set(range(38))                                           # every good record, no bad one
     (summary,) = x.summaries
     want = {r: src.reasons.count(r) for r in set(src.reasons)}
-    assert summary["by_reason"] == want and summary["skipped"] == 10 and summary["kept"] == 38
-    assert any("data epoch 0: 38 records kept, 10 skipped" in r.getMessage() for r in caplog.records)
+    assert summary["by_reason"] == want and summary["skipped"] == 11 and summary["kept"] == 38
+    assert any("data epoch 0: 38 records kept, 11 skipped" in r.getMessage() for r in caplog.records)
 
 
 def test_bad_input_each_case_errors_with_record_name(tok):
     src = Bad(0)
     for k, reason in enumerate(src.reasons):
-        one = [src[k]] if k not in (2, 6) else None                         # readers raise at access time
+        one = [src[k]] if k not in (2, 4, 7) else None                      # readers raise at access time
         source = one if one is not None else _Lazy(src.bad[k])
         with pytest.raises(DataError) as e:
             next(it(tok, source, bad_input="error", num_epochs=1, drop_remainder=False))
@@ -219,7 +220,7 @@ class _Lazy:
 
 
 def test_too_many_skips_is_an_error(tok):
-    with pytest.raises(P.TooManySkipsError, match=r"10 of 22 records skipped.*corrupt_image"):
+    with pytest.raises(P.TooManySkipsError, match=r"11 of 23 records skipped.*corrupt_image"):
         list(it(tok, Bad(12), num_epochs=1, max_skip_fraction=0.2))
     x = it(tok, Bad(12), max_skip_fraction=0.2)
     x.check_after = 16                     # checked mid-epoch once enough records were seen
