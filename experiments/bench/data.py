@@ -27,7 +27,6 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import numpy as np  # noqa: E402
 
 from mllm_jax.config import (DataConfig, DecoderConfig, MLLMConfig, ProjectorConfig, SceneConfig,  # noqa: E402
                              VisionConfig)

@@ -10,7 +10,7 @@ from mllm_jax.config import DataConfig, MLLMConfig, ProjectorConfig, SceneConfig
 from mllm_jax.data import pipeline as P
 from mllm_jax.data import tokenize as TK
 from mllm_jax.data.formats import InterleavedSource, LlavaSource
-from mllm_jax.data.schema import REASONS, DataError, Sample, image_segment, text_segment
+from mllm_jax.data.schema import DataError, Sample, image_segment, text_segment
 from mllm_jax.data.synthetic_sets import SceneSource, scene_corpus
 from mllm_jax.data.teachers import OnlineFeatures, PixelTeacher, SceneGraphTeacher
 
