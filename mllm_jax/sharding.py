@@ -103,21 +103,26 @@ def _axis_size(mesh: Mesh, entry) -> int:
     return math.prod(mesh.shape[a] for a in entry)
 
 
-def check_divisible(path: str, shape: Sequence[int], spec: P, mesh: Mesh,
-                    units: Sequence[int] | None = None) -> None:
-    """Each sharded dim must split evenly; a fused dim of ``size = n * unit`` (``units``, e.g.
-    ``heads * head_dim``) must split between whole units (``n`` divisible)."""
-    units = tuple(units or ()) + (1,) * len(shape)
+def check_divisible(path: str, shape: Sequence[int], spec: P, mesh: Mesh) -> None:
     for dim, (size, entry) in enumerate(zip(shape, tuple(spec) + (None,) * len(shape))):
         k = _axis_size(mesh, entry)
-        unit = units[dim]
-        n = size // unit if unit and size % unit == 0 else size
-        if size % k or n % k:
-            what = f"has size {size}" if unit == 1 else f"holds {n} units of {unit} (e.g. heads of head_dim)"
+        if size % k:
             raise ShardingError(
-                f"{path}: dimension {dim} of shape {tuple(shape)} {what}, which mesh axis "
+                f"{path}: dimension {dim} of shape {tuple(shape)} has size {size}, which mesh axis "
                 f"{entry!r} of size {k} does not divide (mesh {dict(mesh.shape)}). Change the model "
                 "dimension, the mesh shape, or the logical-axis rule.")
+
+
+def check_units(path: str, shape: Sequence[int], spec: P, units: Sequence[int | None], mesh: Mesh) -> None:
+    """A sharded dimension that packs ``units[dim]`` whole units (attention heads; see
+    ``layers.mark_units``) must split them evenly: a head is never cut across devices."""
+    for dim, (n, entry) in enumerate(zip(units, tuple(spec) + (None,) * len(shape))):
+        k = _axis_size(mesh, entry)
+        if n and n % k:
+            raise ShardingError(
+                f"{path}: dimension {dim} of shape {tuple(shape)} packs {n} heads, which mesh axis "
+                f"{entry!r} of size {k} does not divide (mesh {dict(mesh.shape)}); a head would be split "
+                "across devices. Use a head count divisible by the tensor axis, or a smaller tensor axis.")
 
 
 def _path_str(path) -> str:
@@ -131,14 +136,16 @@ def _path_str(path) -> str:
 def state_shardings(state, mesh: Mesh, rules: Rules = DEFAULT_RULES):
     """``NamedSharding`` for every variable in an (abstract) ``nnx.State``, divisibility checked."""
     def one(path, var):
-        meta = var.get_metadata() if isinstance(var, nnx.Variable) else {}
-        names = meta.get("out_sharding")
+        names = var.get_metadata().get("out_sharding") if isinstance(var, nnx.Variable) else None
         value = var.get_value() if isinstance(var, nnx.Variable) else var
         shape = getattr(value, "shape", ())
         spec = logical_to_spec(names, rules) if names else P()
         if len(spec) > len(shape):
             raise ShardingError(f"{_path_str(path)}: {len(spec)} logical names for shape {tuple(shape)}")
-        check_divisible(_path_str(path), shape, spec, mesh, meta.get("shard_units"))
+        check_divisible(_path_str(path), shape, spec, mesh)
+        units = var.get_metadata().get("units") if isinstance(var, nnx.Variable) else None
+        if units:
+            check_units(_path_str(path), shape, spec, units, mesh)
         s = NamedSharding(mesh, spec)
         return var.replace(s) if isinstance(var, nnx.Variable) else s
     return jax.tree.map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -218,6 +225,6 @@ def constrain(x: jax.Array, names: Iterable[str | None]) -> jax.Array:
 
 __all__ = [
     "MESH_AXES", "DEFAULT_RULES", "ShardingError", "make_mesh", "logical_to_spec",
-    "check_divisible", "state_shardings", "create_sharded_model", "shard_model",
+    "check_divisible", "check_units", "state_shardings", "create_sharded_model", "shard_model",
     "batch_sharding", "shard_batch", "replicate", "activation_sharding", "constrain",
 ]

@@ -26,18 +26,21 @@ DType = Any
 _NEG_INF = -1e30  # large finite: avoids inf - inf = NaN in fully masked rows
 
 
-def make_param(init, axes: tuple, key, shape: tuple, cls=nnx.Param,
-               units: Optional[tuple[int, ...]] = None) -> nnx.Param:
+def make_param(init, axes: tuple, key, shape: tuple, cls=nnx.Param) -> nnx.Param:
     """A float32 parameter annotated with logical ``axes`` and not sharded eagerly.
 
     Placement happens later, in one place (``sharding.create_sharded_model``/``shard_model``).
-    ``units`` (one int per dim, optional) marks fused dimensions: a dim of size ``n * unit`` may
-    only be split between whole units (e.g. ``heads * head_dim`` splits between heads), which
-    ``sharding.state_shardings`` checks.
     """
-    meta = {"shard_units": tuple(units)} if units is not None else {}
     return cls(nnx.with_partitioning(init, tuple(axes))(key, tuple(shape), jnp.float32),
-               eager_sharding=False, **meta)
+               eager_sharding=False)
+
+
+def mark_units(param: nnx.Variable, units: tuple) -> nnx.Variable:
+    """Records that dimension ``i`` of ``param`` packs ``units[i]`` indivisible units (e.g. the
+    heads of a ``[embed, heads * head_dim]`` kernel; None = no constraint). When the dimension
+    is sharded, ``sharding.state_shardings`` requires the mesh axis size to divide the count."""
+    param.set_metadata("units", tuple(units))
+    return param
 
 
 def torch_linear_init():
@@ -83,14 +86,13 @@ class Dense(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str],
                  use_bias: bool = True, dtype: DType = jnp.float32,
-                 kernel_init=None, units: Optional[tuple[int, int]] = None, rngs: nnx.Rngs):
+                 kernel_init=None, rngs: nnx.Rngs):
         self.in_features, self.out_features = in_features, out_features
         self.axes = axes
         self.dtype = dtype
         init = kernel_init or torch_linear_init()
-        self.kernel = make_param(init, axes, rngs.params(), (in_features, out_features), units=units)
-        self.bias = (make_param(nnx.initializers.zeros_init(), (axes[1],), rngs.params(), (out_features,),
-                                units=units and units[1:])
+        self.kernel = make_param(init, axes, rngs.params(), (in_features, out_features))
+        self.bias = (make_param(nnx.initializers.zeros_init(), (axes[1],), rngs.params(), (out_features,))
                      if use_bias else None)
         self.lora = nnx.data(None)  # a LoRA module once apply_lora attaches one
 
@@ -276,14 +278,17 @@ class Attention(nnx.Module):
         if num_heads % num_kv_heads:
             raise ValueError(f"attention: num_kv_heads={num_kv_heads} does not divide num_heads={num_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        # fused head dims may only be sharded between whole heads (units), see make_param
         kw = dict(dtype=dtype, rngs=rngs)
-        qkv = dict(use_bias=qkv_bias, units=(1, head_dim), **kw)
-        self.q_proj = Dense(dim, num_heads * head_dim, axes=("embed", "heads"), **qkv)
-        self.k_proj = Dense(dim, num_kv_heads * head_dim, axes=("embed", "kv_heads"), **qkv)
-        self.v_proj = Dense(dim, num_kv_heads * head_dim, axes=("embed", "kv_heads"), **qkv)
-        self.o_proj = Dense(num_heads * head_dim, dim, axes=("heads", "embed"), use_bias=out_bias,
-                            units=(head_dim, 1), **kw)
+        self.q_proj = Dense(dim, num_heads * head_dim, axes=("embed", "heads"), use_bias=qkv_bias, **kw)
+        self.k_proj = Dense(dim, num_kv_heads * head_dim, axes=("embed", "kv_heads"), use_bias=qkv_bias, **kw)
+        self.v_proj = Dense(dim, num_kv_heads * head_dim, axes=("embed", "kv_heads"), use_bias=qkv_bias, **kw)
+        self.o_proj = Dense(num_heads * head_dim, dim, axes=("heads", "embed"), use_bias=out_bias, **kw)
+        # Whole heads must not be split across devices: sharding.state_shardings checks these.
+        for proj, n in ((self.q_proj, num_heads), (self.k_proj, num_kv_heads), (self.v_proj, num_kv_heads)):
+            mark_units(proj.kernel, (None, n))
+            if proj.bias is not None:
+                mark_units(proj.bias, (n,))
+        mark_units(self.o_proj.kernel, (num_heads, None))
         self.inv_freq = (None if rope_theta is None
                          else tuple(float(f) for f in rope_inv_freq(head_dim, rope_theta, rope_scaling)))
 
@@ -334,5 +339,5 @@ def causal_mask(t: int, s: int | None = None, offset: Array | int = 0) -> Array:
 __all__ = [
     "Dense", "Embed", "RMSNorm", "LayerNorm", "GatedMLP", "MLP", "Attention", "KVCache",
     "dot_product_attention", "rope_inv_freq", "apply_rope", "get_activation", "quick_gelu",
-    "padding_mask", "causal_mask", "torch_linear_init", "normal_init", "make_param",
+    "padding_mask", "causal_mask", "torch_linear_init", "normal_init", "make_param", "mark_units",
 ]
