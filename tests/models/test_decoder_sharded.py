@@ -1,6 +1,5 @@
 """The decoder on 8 fake CPU devices (data x fsdp x tensor) gives the numbers of 1 device."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
