@@ -83,6 +83,7 @@ class Family:
     entries: Callable[[Any], list[Entry]]         # our config -> table
     ignore: tuple[str, ...] = ()            # regexes of HF tensors that are fine to skip
     hf_prefixes: tuple[str, ...] = ()       # optional prefixes some checkpoints carry (e.g. "bert.")
+    hf_rename: Optional[Callable[[str], str]] = None  # other naming schemes -> the table's names
 
 
 FAMILIES: dict[str, Family] = {}
@@ -179,6 +180,8 @@ def load_tensors_into(abstract_model: nnx.Module, family: Family, cfg, tensors: 
             if n.startswith(pre):
                 n = n[len(pre):]
                 break
+        if family.hf_rename is not None:
+            n = family.hf_rename(n)
         by_hf[n] = name
     missing, misshaped, unknown_ours = [], [], []
     values: dict[str, np.ndarray] = {}

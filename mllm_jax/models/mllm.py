@@ -145,6 +145,20 @@ class MLLM(nnx.Module):
                            output_hidden_states=output_hidden_states, return_logits=return_logits)
         return MLLMOutput(out.logits, out.last_hidden_state, out.hidden_states, out.cache, embeds)
 
+    def generate(self, input_ids: Array, *, attention_mask: Optional[Array] = None,
+                 pixel_values: Optional[Array] = None, image_mask: Optional[Array] = None, **kwargs):
+        """Image-conditioned generation: merges the prompt's image tokens (one jitted call), then
+        runs ``mllm_jax.generate.generate`` on the decoder from those embeddings. ``kwargs`` are
+        ``generate``'s (``max_new_tokens``, ``do_sample``, ``top_p``, ``stop_tokens``, ...)."""
+        from mllm_jax.generate import generate
+        if pixel_values is not None:
+            if image_mask is None:
+                image_mask = np.ones(pixel_values.shape[:2], bool)
+            check_image_slots(input_ids, image_mask, self.config.tokens_per_image, self.config.image_token_id)
+        graphdef, state = nnx.split(self)
+        embeds = _embed_inputs_jit(graphdef, state, jnp.asarray(input_ids, jnp.int32), pixel_values, image_mask)
+        return generate(self.decoder, inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+
     # ---- discriminative views -----------------------------------------------------------------
 
     @staticmethod
@@ -163,6 +177,11 @@ class MLLM(nnx.Module):
                    output_hidden_states=layer != -1, return_logits=False)
         e = pooling.pool(self.select_layer(out, layer), attention_mask, method).astype(jnp.float32)
         return e / jnp.linalg.norm(e, axis=-1, keepdims=True).clip(1e-6) if normalize else e
+
+
+@jax.jit
+def _embed_inputs_jit(graphdef, state, input_ids, pixel_values, image_mask):
+    return nnx.merge(graphdef, state).embed_inputs(input_ids, pixel_values, image_mask)
 
 
 def slice_embeddings(out: MLLMOutput, slice_ids: Array, slice_is_image: Array, num_slices: int,

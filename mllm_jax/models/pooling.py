@@ -13,13 +13,12 @@ Array = jax.Array
 def mean_pool(hidden: Array, mask: Array) -> Array:
     """Masked mean over time (sentence-transformers' mean pooling).
 
-    ``hidden: float[B, T, D]``, ``mask: int/bool[B, T]`` -> ``float[B, D]``; a row with no valid
-    token gives zeros.
+    ``hidden: float[B, T, D]``, ``mask: int/bool[B, T]`` -> ``float32[B, D]`` (accumulated in
+    float32); a row with no valid token gives zeros.
     """
-    m = mask.astype(hidden.dtype)[..., None]
-    total = jnp.sum(hidden * m, axis=1)
-    count = jnp.maximum(jnp.sum(m, axis=1), 1e-9)
-    return total / count
+    m = mask.astype(jnp.float32)[..., None]
+    total = jnp.sum(hidden.astype(jnp.float32) * m, axis=1)
+    return total / jnp.maximum(jnp.sum(m, axis=1), 1e-9)
 
 
 def last_token_pool(hidden: Array, mask: Array) -> Array:

@@ -28,6 +28,7 @@ from flax import nnx
 from mllm_jax.config import TextEncoderConfig, dtype_of
 from mllm_jax.models.layers import MLP, Attention, Dense, Embed, LayerNorm, padding_mask
 from mllm_jax.sharding import constrain
+from mllm_jax.models.pooling import mean_pool  # re-exported: the MiniLM teacher pools with it
 
 Array = jax.Array
 
@@ -111,16 +112,6 @@ class TextEncoder(nnx.Module):
             hidden.append(x)
         pooled = jnp.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
         return TextEncoderOutput(x, pooled, tuple(hidden) if output_hidden_states else None)
-
-
-def mean_pool(hidden: Array, mask: Array) -> Array:
-    """sentence-transformers mean pooling: ``float[B, T, D]``, ``int/bool[B, T]`` -> ``float32[B, D]``.
-
-    ``sum_t mask * h / max(sum_t mask, 1e-9)`` in float32 (an all-padding row gives zeros).
-    """
-    m = mask.astype(jnp.float32)[..., None]
-    total = jnp.sum(hidden.astype(jnp.float32) * m, axis=1)
-    return total / jnp.maximum(jnp.sum(m, axis=1), 1e-9)
 
 
 __all__ = ["TextEncoder", "TextEncoderOutput", "BertEmbeddings", "BertLayer", "mean_pool"]

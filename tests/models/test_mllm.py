@@ -1,0 +1,188 @@
+"""The MLLM against transformers' LlavaForConditionalGeneration (two images in one sequence,
+padding), image-slot errors, soft prompts, pooling, conversion round trip and generation."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from mllm_jax.config import LoRAConfig, MLLMConfig, ProjectorConfig
+from mllm_jax.convert.hf import CheckpointMismatchError, flat_params, load_pretrained, save_pretrained
+from mllm_jax.models.mllm import MLLM, ImageSlotError, slice_embeddings
+from mllm_jax.models.pooling import last_token_pool, mean_pool, slice_pool
+
+IMG = 99          # image token id
+K = 16            # tokens per image: (16 px / 4 px)^2 patches, CLS dropped
+
+
+def _hf_llava(seed=0, tie=False):
+    torch.manual_seed(seed)
+    vis = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                        num_attention_heads=2, image_size=16, patch_size=4)
+    txt = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100, tie_word_embeddings=tie, eos_token_id=2)
+    cfg = transformers.LlavaConfig(vision_config=vis.to_dict(), text_config=txt.to_dict(), image_token_index=IMG,
+                                   image_seq_length=K, vision_feature_layer=-2, tie_word_embeddings=tie)
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # move every tensor off its init so a swapped mapping cannot hide
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias") or "class_embedding" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+            elif p.ndim >= 2:
+                p.copy_(torch.randn_like(p) / np.sqrt(np.prod(p.shape[1:])))
+    return model
+
+
+def _batch(seed=0):
+    """Row 0: text <img> text <img> text (2 images); row 1: <img> text then right padding (1 image)."""
+    rng = np.random.default_rng(seed)
+    t = 3 + K + 4 + K + 3
+    ids = rng.integers(5, 90, (2, t)).astype(np.int32)
+    ids[0, 3:3 + K] = IMG
+    ids[0, 7 + K:7 + 2 * K] = IMG
+    ids[1, :K] = IMG
+    mask = np.ones((2, t), np.int32)
+    mask[1, K + 6:] = 0
+    ids[1, K + 6:] = 0
+    pix = rng.normal(size=(2, 2, 16, 16, 3)).astype(np.float32)
+    image_mask = np.array([[True, True], [True, False]])
+    return ids, mask, pix, image_mask
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    hf = _hf_llava()
+    d = tmp_path_factory.mktemp("llava")
+    hf.save_pretrained(d)
+    return hf, load_pretrained(d), d
+
+
+def test_llava_parity_two_images_in_one_sequence(pair):
+    hf, ours, _ = pair
+    ids, mask, pix, image_mask = _batch()
+    hf_pix = torch.tensor(np.concatenate([pix[0], pix[1, :1]]).transpose(0, 3, 1, 2))  # images in order, NCHW
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                 pixel_values=hf_pix, output_hidden_states=True)
+    out = ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask), pixel_values=jnp.asarray(pix),
+               image_mask=jnp.asarray(image_mask), output_hidden_states=True)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(out.logits)[real], ref.logits.numpy()[real], atol=1e-4, rtol=0)
+    assert len(out.hidden_states) == len(ref.hidden_states) == 3
+    for a, b in zip(out.hidden_states, ref.hidden_states):
+        np.testing.assert_allclose(np.asarray(a)[real], b.numpy()[real], atol=1e-4, rtol=0)
+    # the padding image row is ignored: changing it changes nothing
+    pix2 = pix.copy()
+    pix2[1, 1] = 100.0
+    out2 = ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask), pixel_values=jnp.asarray(pix2),
+                image_mask=jnp.asarray(image_mask))
+    np.testing.assert_array_equal(np.asarray(out2.logits), np.asarray(out.logits))
+
+
+def test_image_slot_errors(pair):
+    _, ours, _ = pair
+    ids, mask, pix, image_mask = _batch()
+    with pytest.raises(ImageSlotError, match="sample 1: 1 <image> slots but only 0 images"):
+        ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask), pixel_values=jnp.asarray(pix),
+             image_mask=np.array([[True, True], [False, False]]))
+    with pytest.raises(ImageSlotError, match="sample 1: 2 images given but only 1 <image> slots"):
+        ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask), pixel_values=jnp.asarray(pix))
+    bad = ids.copy()
+    bad[0, 3] = 7
+    with pytest.raises(ImageSlotError, match="sample 0: 31 image tokens is not a multiple of tokens_per_image=16"):
+        ours(jnp.asarray(bad), attention_mask=jnp.asarray(mask), pixel_values=jnp.asarray(pix),
+             image_mask=jnp.asarray(image_mask))
+
+
+def test_save_load_roundtrip_and_transformers_reads_ours(pair, tmp_path):
+    hf, ours, src = pair
+    save_pretrained(ours, tmp_path / "out")
+    again = load_pretrained(tmp_path / "out")
+    a, b = flat_params(ours), flat_params(again)
+    assert a.keys() == b.keys() and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+    back = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    sd_ref, sd_back = hf.state_dict(), back.state_dict()
+    assert sd_ref.keys() == sd_back.keys()
+    for k in sd_ref:
+        assert torch.equal(sd_ref[k], sd_back[k]), k
+    # a missing tensor is named
+    from safetensors.numpy import load_file, save_file
+    t = load_file(str(src / "model.safetensors"))
+    gone = "multi_modal_projector.linear_2.bias"
+    del t[gone]
+    (tmp_path / "bad").mkdir()
+    save_file(t, str(tmp_path / "bad" / "model.safetensors"))
+    (tmp_path / "bad" / "config.json").write_text((src / "config.json").read_text())
+    with pytest.raises(CheckpointMismatchError, match=r"missing: +multi_modal_projector\.linear_2\.bias"):
+        load_pretrained(tmp_path / "bad")
+
+
+def test_generation_matches_transformers(pair):
+    hf, ours, _ = pair
+    ids, mask, pix, image_mask = _batch(1)
+    # one prompt per row, left-padded for transformers: row 1 without its right padding
+    n1 = int(mask[1].sum())
+    left_ids = np.zeros_like(ids)
+    left_mask = np.zeros_like(mask)
+    left_ids[0], left_mask[0] = ids[0], 1
+    left_ids[1, -n1:], left_mask[1, -n1:] = ids[1, :n1], 1
+    hf_pix = torch.tensor(np.concatenate([pix[0], pix[1, :1]]).transpose(0, 3, 1, 2))
+    with torch.no_grad():
+        ref = hf.generate(input_ids=torch.tensor(left_ids, dtype=torch.long), attention_mask=torch.tensor(left_mask),
+                          pixel_values=hf_pix, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ref_new = ref[:, left_ids.shape[1]:].numpy()
+    for p_ids, p_mask in ((left_ids, left_mask), (ids, mask)):  # left- and right-padded prompts
+        out = ours.generate(p_ids, attention_mask=p_mask, pixel_values=pix, image_mask=image_mask,
+                            max_new_tokens=8, stop_tokens=())
+        np.testing.assert_array_equal(np.asarray(out.tokens), ref_new)
+
+
+def test_soft_prompts_lora_and_pool_adapter_build():
+    cfg = MLLMConfig(projector=ProjectorConfig(kind="pool", pool_size=2), num_soft_prompts=3,
+                     lora=LoRAConfig(rank=2, target=r"decoder\..*(q_proj|v_proj)$"))
+    m = MLLM(cfg, rngs=nnx.Rngs(0))
+    assert cfg.tokens_per_image == 4
+    sp = cfg.soft_prompt_token_id
+    ids = np.array([[5, sp, sp, sp, 9, 10], [5, 6, sp, sp, sp, 9]], np.int32)
+    emb = np.asarray(m.embed_inputs(jnp.asarray(ids)))
+    table = np.asarray(m.soft_prompt.embedding[...])
+    np.testing.assert_array_equal(emb[0, 1:4], table)
+    np.testing.assert_array_equal(emb[1, 2:5], table)
+    np.testing.assert_array_equal(emb[0, 0], np.asarray(m.decoder.embed_tokens.embedding[...])[5])
+    # soft prompts receive gradients
+    def loss(model):
+        return jnp.sum(model(jnp.asarray(ids)).logits ** 2)
+    g = nnx.grad(loss)(m)
+    assert float(jnp.abs(g.soft_prompt.embedding[...]).sum()) > 0
+    assert m.decoder.layers[0].self_attn.q_proj.lora is not None
+
+
+def test_pooling_hand_computed():
+    h = jnp.arange(2 * 4 * 2, dtype=jnp.float32).reshape(2, 4, 2)
+    mask = jnp.array([[1, 1, 0, 0], [0, 1, 1, 1]])
+    np.testing.assert_allclose(np.asarray(mean_pool(h, mask)), [[1, 2], [12, 13]])
+    np.testing.assert_allclose(np.asarray(last_token_pool(h, mask)), [[2, 3], [14, 15]])
+    # slices: row 0 = image slice {0,1} and text slice {2,3}; row 1 = one text slice {1,2}
+    sid = jnp.array([[1, 1, 2, 2], [0, 1, 1, 0]])
+    is_img = jnp.array([[True, False, False], [False, False, False]])
+    out = np.asarray(slice_pool(h, sid, is_img, 3))
+    np.testing.assert_allclose(out[0], [[1, 2], [6, 7], [0, 0]])
+    np.testing.assert_allclose(out[1], [[12, 13], [0, 0], [0, 0]])
+
+
+def test_slice_embeddings_from_forward(pair):
+    _, ours, _ = pair
+    ids, mask, pix, image_mask = _batch()
+    out = ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask), pixel_values=jnp.asarray(pix),
+               image_mask=jnp.asarray(image_mask))
+    sid = np.zeros_like(ids)
+    sid[0, 3:3 + K] = 1
+    sid[0, 3 + K:7 + K] = 2
+    e = slice_embeddings(out, jnp.asarray(sid), jnp.array([[True, False], [False, False]]), 2)
+    h = np.asarray(out.last_hidden_state)
+    np.testing.assert_allclose(np.asarray(e[0, 0]), h[0, 3:3 + K].mean(0), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(e[0, 1]), h[0, 6 + K], atol=1e-6)
