@@ -10,6 +10,8 @@ and data pipeline land). Importable from subprocesses run in the repo root as ``
 """
 from __future__ import annotations
 
+import os
+import signal
 from typing import NamedTuple, Optional
 
 import grain
@@ -124,17 +126,24 @@ TOY_MLLM = ModelSpec(build=_build_mllm)
 # ---- data ---------------------------------------------------------------------------------------
 
 class ToyIterator:
-    """Wraps a grain ``DatasetIterator``; optionally sets ``scale = nan`` in chosen batches (by
-    batch index) so a test can inject a non-finite loss through a ``scale``-aware loss."""
+    """Wraps a grain ``DatasetIterator``. For tests, by batch index: ``nan_batches`` get
+    ``scale = nan`` (a non-finite loss through ``scaled_ntp``), ``drop_batches`` are skipped,
+    and fetching batch ``sigterm_at`` sends this process SIGTERM."""
 
-    def __init__(self, it, nan_batches=()):
-        self._it, self._nan = it, set(nan_batches)
+    def __init__(self, it, nan_batches=(), drop_batches=(), sigterm_at=None):
+        self._it, self._nan, self._drop = it, set(nan_batches), set(drop_batches)
+        self._sigterm_at = sigterm_at
         self._index = 0
 
     def __iter__(self):
         return self
 
     def __next__(self):
+        while self._index in self._drop:
+            next(self._it)
+            self._index += 1
+        if self._index == self._sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)
         batch = dict(next(self._it))
         if self._index in self._nan:
             batch["scale"] = np.full_like(batch["scale"], np.nan)
@@ -180,7 +189,8 @@ def toy_data(cfg: ExperimentConfig, *, split: str = "train", process_index: int 
     ds = (grain.MapDataset.range(n).shuffle(seed=d.seed).repeat().map(example)
           .batch(B, drop_remainder=True)
           .map(lambda b: {k: v[lo:lo + local] for k, v in b.items()}))
-    return ToyIterator(iter(ds), nan_batches=opts.get("nan_batches", ()))
+    return ToyIterator(iter(ds), nan_batches=opts.get("nan_batches", ()), drop_batches=opts.get("drop_batches", ()),
+                       sigterm_at=opts.get("sigterm_at"))
 
 
 def tiny_experiment(**updates) -> ExperimentConfig:
@@ -207,3 +217,24 @@ def scaled_ntp(cfg: Optional[ExperimentConfig] = None):
         loss = next_token_loss(logits_of(outputs), batch["labels"], batch["loss_mask"]) * jnp.mean(batch["scale"])
         return loss, {"ntp": loss}
     return criterion
+
+
+def one_device_mesh():
+    from mllm_jax import sharding as shd
+    return shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def fit_toy(cfg: ExperimentConfig, *, mesh=None, model_fn=None, criterion=None, **kw):
+    """``fit`` on the toy model/data of ``cfg`` (one device unless ``mesh``), loss ``scaled_ntp``."""
+    from mllm_jax.train.loop import fit
+    from mllm_jax.train.registry import make_loss_fn, model_spec
+    spec = model_spec(cfg.model_name)
+    model_fn = model_fn or (lambda: spec.build(cfg, nnx.Rngs(cfg.train.seed)))
+    return fit(cfg, model_fn, make_loss_fn(criterion or scaled_ntp()), toy_data(cfg),
+               mesh=mesh if mesh is not None else one_device_mesh(), **kw)
+
+
+def params_np(state) -> dict[str, np.ndarray]:
+    """``{dotted.path: numpy array}`` of every param of a TrainState."""
+    from mllm_jax.train.state import flat_state
+    return {k: np.asarray(jax.device_get(v)) for k, v in flat_state(state.all_params()).items()}
