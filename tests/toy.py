@@ -194,7 +194,11 @@ def toy_data(cfg: ExperimentConfig, *, split: str = "train", process_index: int 
 
 
 def tiny_experiment(**updates) -> ExperimentConfig:
-    """A toy-LM experiment config (tiny shapes, no TensorBoard/progress bar) plus dotted updates."""
+    """A toy-LM experiment config (tiny shapes, no TensorBoard/progress bar) plus dotted updates.
+
+    The lr is constant after one warmup step (lr 0: Adam's moments start without a sign-like
+    first update, which would amplify float rounding), so that runs of different lengths
+    compile to the same step program and share the compilation cache."""
     from mllm_jax.config import apply_updates
     base = {
         "model_name": "tests.toy:TOY_LM",
@@ -202,11 +206,21 @@ def tiny_experiment(**updates) -> ExperimentConfig:
         "model.decoder.num_layers": 2, "model.decoder.num_heads": 4, "model.decoder.num_kv_heads": 2,
         "data.name": "tests.toy:toy_data", "data.batch_size": 8, "data.seq_len": 16,
         "train.steps": 5, "train.mesh": [1, 1, 1], "train.log_every": 1, "train.tensorboard": False,
-        "train.progress": False, "train.optim.lr": 1e-2, "train.optim.warmup_steps": 1,
+        "train.progress": False, "train.optim.lr": 1e-2, "train.optim.schedule": "constant",
+        "train.optim.warmup_steps": 1,
         "train.checkpoint.async_save": False,
     }
     base.update(updates)
     return apply_updates(ExperimentConfig(), base)
+
+
+def tiny_mllm_experiment(**updates) -> ExperimentConfig:
+    """``tiny_experiment`` with the toy MLLM (8x8 images, 4 patches of 4x4, 16-d vision)."""
+    base = {"model_name": "tests.toy:TOY_MLLM", "model.vision.image_size": 8, "model.vision.patch_size": 4,
+            "model.vision.hidden_size": 16, "model.vision.intermediate_size": 32, "model.vision.num_heads": 2,
+            "data.options": {"images": True}, "objective.name": "tests.toy:scaled_ntp"}
+    base.update(updates)
+    return tiny_experiment(**base)
 
 
 def scaled_ntp(cfg: Optional[ExperimentConfig] = None):

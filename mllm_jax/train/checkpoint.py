@@ -14,7 +14,9 @@ Retention keeps the last ``keep_last`` steps and, when ``keep_best`` > 0, the be
 abstract, sharded target (any mesh shape or device count). Orbax writes each step into a
 temporary directory and renames it when complete, so an interrupted save never looks like a
 checkpoint; a finished step that fails to restore (a truncated or corrupted file) is reported
-with a warning naming it, set aside as ``<step>.corrupt``, and the previous step is used.
+with a warning naming it and the previous step is used; once an older step has restored, the
+broken ones are set aside as ``<step>.corrupt`` (kept for inspection, out of the way of the
+saves that follow). If no step restores, nothing is moved and the error lists every failure.
 """
 from __future__ import annotations
 
@@ -41,6 +43,14 @@ log = logging.getLogger(__name__)
 
 class NoValidCheckpointError(RuntimeError):
     """Every checkpoint in the directory failed to restore."""
+
+
+class _CallerError(Exception):
+    """Carries an error raised by caller code during a restore (not a sign of a broken step)."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
 
 
 # ---- per-process data-iterator state ------------------------------------------------------------
@@ -203,7 +213,11 @@ class Checkpointer:
         jax.ShapeDtypeStruct}`` with shardings, a subset). Returns ``(params, saved config or
         None, step)``, or None without checkpoints."""
         def one(step):
-            target = make_target(self.params_metadata(step))
+            meta = self.params_metadata(step)
+            try:
+                target = make_target(meta)
+            except Exception as e:  # the caller's verdict on what was saved, not a broken step
+                raise _CallerError(e) from e
             r = self._mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
             return r["params"], self.saved_config(step)
         return self._first_good(one)
@@ -224,19 +238,23 @@ class Checkpointer:
         steps = sorted(self.all_steps(), reverse=True)
         if not steps:
             return None
-        errors = []
+        errors, bad = [], []
         for step in steps:
             try:
                 out = restore_one(step)
-            except Exception as e:  # noqa: BLE001 — any failure means this step is unusable
+            except _CallerError as e:
+                raise e.error from None
+            except Exception as e:  # noqa: BLE001 — any other failure means this step is unusable
                 msg = (f"checkpoint {self.step_dir(step)} could not be restored "
                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
                 errors.append(msg)
+                bad.append(step)
                 warnings.warn(msg + "; trying the previous checkpoint", RuntimeWarning, stacklevel=3)
                 log.warning(msg)
-                self._set_aside(step)
                 continue
-            if errors:
+            if bad:  # only once an older step restored: the newer ones are broken, not the target
+                for b in bad:
+                    self._set_aside(b)
                 self._mgr.reload()
             return (*out, step) if isinstance(out, tuple) else (out, step)
         raise NoValidCheckpointError("no checkpoint in " f"{self.directory} restores:\n  " + "\n  ".join(errors))

@@ -23,23 +23,24 @@ def _data(cfg: ExperimentConfig, split: str):
     return build(cfg, split=split, process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def train(cfg: ExperimentConfig, *, eval_hooks=()) -> FitResult:
-    """Trains one run (one stage) as configured; resumes if its checkpoints exist."""
+def train(cfg: ExperimentConfig, *, eval_hooks=(), mesh=None) -> FitResult:
+    """Trains one run (one stage) as configured; resumes if its checkpoints exist. ``mesh``
+    defaults to ``train.mesh`` over all devices."""
     cfg = cfg.resolved()
     spec = registry.model_spec(cfg.model_name)
     eval_data = (lambda: _data(cfg, "eval")) if cfg.train.eval_every else None
     flops = (lambda shapes: spec.forward_flops(cfg, shapes)) if spec.forward_flops else None
     return fit(cfg, lambda: spec.build(cfg, nnx.Rngs(cfg.train.seed)), registry.build_loss_fn(cfg),
-               _data(cfg, "train"), eval_data=eval_data, eval_hooks=eval_hooks, forward_flops=flops)
+               _data(cfg, "train"), eval_data=eval_data, eval_hooks=eval_hooks, forward_flops=flops, mesh=mesh)
 
 
-def train_recipe(cfg: ExperimentConfig, *, stage: Optional[str] = None) -> list[FitResult]:
+def train_recipe(cfg: ExperimentConfig, *, stage: Optional[str] = None, mesh=None) -> list[FitResult]:
     """All stages of ``cfg.stages`` in order (or one), else the single run."""
     if not cfg.stages:
         if stage is not None:
             raise ValueError(f"--stage {stage!r}: the config defines no stages")
-        return [train(cfg)]
-    return run_stages(cfg, train, only=stage)
+        return [train(cfg, mesh=mesh)]
+    return run_stages(cfg, lambda c: train(c, mesh=mesh), only=stage)
 
 
 def restore_run(checkpoint: str, cfg: Optional[ExperimentConfig] = None, *, mesh=None):
