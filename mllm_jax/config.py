@@ -254,6 +254,9 @@ class DecoderConfig:
                 raise ConfigError(f"decoder config: rope_type {rtype!r} is not supported (default, linear, llama3)")
             scaling = {k: v for k, v in rope.items() if k != "type"}
             scaling["rope_type"] = rtype
+        head_dim = hf.get("head_dim")
+        if head_dim is not None and head_dim * hf["num_attention_heads"] == hf["hidden_size"]:
+            head_dim = None  # the default; keep configs canonical
         eos = hf.get("eos_token_id")
         if isinstance(eos, list):
             eos = eos[0] if eos else None
@@ -265,7 +268,7 @@ class DecoderConfig:
             num_layers=hf["num_hidden_layers"],
             num_heads=hf["num_attention_heads"],
             num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            head_dim=hf.get("head_dim"),
+            head_dim=head_dim,
             hidden_act=hf.get("hidden_act", "silu"),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
@@ -350,21 +353,40 @@ class VisionConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, **kw) -> "VisionConfig":
+        """From a ``clip_vision_model`` / ``siglip_vision_model`` config dict.
+
+        Keys absent from the dict take transformers' defaults for that model type (nested
+        ``vision_config`` dicts, e.g. inside a LLaVA config, only list non-default values).
+        """
         mt = hf.get("model_type", "clip_vision_model")
         if mt not in ("clip_vision_model", "siglip_vision_model"):
-            raise ConfigError(f"vision config: model_type {mt!r} is not supported")
+            raise ConfigError(f"vision config: model_type {mt!r} is not supported "
+                              "(clip_vision_model, siglip_vision_model)")
         variant = "clip" if mt.startswith("clip") else "siglip"
+        # transformers 5.x CLIPVisionConfig / SiglipVisionConfig defaults
+        dflt = dict(image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
         extra = {}
         if variant == "siglip":
+            dflt = dict(image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
             extra = dict(use_head=bool(hf.get("vision_use_head", True)),
                          image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
-        act = hf.get("hidden_act", "quick_gelu")
+
+        def square(key):
+            v = hf.get(key, dflt[key])
+            if isinstance(v, (list, tuple)):
+                if len(set(v)) != 1:
+                    raise ConfigError(f"vision config: {key}={v} is not square; only square sizes are supported")
+                v = v[0]
+            return int(v)
+
+        act = hf.get("hidden_act", dflt["hidden_act"])
         return cls(
-            variant=variant, image_size=hf["image_size"], patch_size=hf["patch_size"],
-            num_channels=hf.get("num_channels", 3), hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"], hidden_act=_HF_ACT_ALIASES.get(act, act),
-            layer_norm_eps=hf.get("layer_norm_eps", 1e-5), **{**extra, **kw})
+            variant=variant, image_size=square("image_size"), patch_size=square("patch_size"),
+            num_channels=hf.get("num_channels", 3), hidden_size=hf.get("hidden_size", 768),
+            intermediate_size=hf.get("intermediate_size", 3072),
+            num_layers=hf.get("num_hidden_layers", 12), num_heads=hf.get("num_attention_heads", 12),
+            hidden_act=_HF_ACT_ALIASES.get(act, act),
+            layer_norm_eps=float(hf.get("layer_norm_eps") or dflt["layer_norm_eps"]), **{**extra, **kw})
 
     def to_hf(self) -> dict:
         d = {
@@ -403,16 +425,25 @@ class TextEncoderConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, **kw) -> "TextEncoderConfig":
+        """From a ``bert`` config dict; absent keys take transformers' BertConfig defaults."""
         if hf.get("model_type", "bert") != "bert":
             raise ConfigError(f"text encoder config: model_type {hf.get('model_type')!r} is not supported (bert)")
+        if hf.get("is_decoder") or hf.get("add_cross_attention"):
+            raise ConfigError("text encoder config: a decoder / cross-attention BERT is not supported "
+                              "(is_decoder and add_cross_attention must be false)")
+        pos = hf.get("position_embedding_type", "absolute")
+        if pos != "absolute":
+            raise ConfigError(f"text encoder config: position_embedding_type {pos!r} is not supported (absolute)")
         act = hf.get("hidden_act", "gelu")
+        pad = hf.get("pad_token_id", 0)
         return cls(
-            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"], hidden_act=_HF_ACT_ALIASES.get(act, act),
+            vocab_size=hf.get("vocab_size", 30522), hidden_size=hf.get("hidden_size", 768),
+            intermediate_size=hf.get("intermediate_size", 3072),
+            num_layers=hf.get("num_hidden_layers", 12), num_heads=hf.get("num_attention_heads", 12),
+            hidden_act=_HF_ACT_ALIASES.get(act, act),
             max_position_embeddings=hf.get("max_position_embeddings", 512),
             type_vocab_size=hf.get("type_vocab_size", 2),
-            layer_norm_eps=hf.get("layer_norm_eps", 1e-12), pad_token_id=hf.get("pad_token_id") or 0,
+            layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)), pad_token_id=0 if pad is None else pad,
             **kw)
 
     def to_hf(self) -> dict:
@@ -464,6 +495,7 @@ class MLLMConfig:
     vision_feature_layer: int = -2         # LLaVA: which ViT hidden state feeds the projector
     vision_feature_select: str = "default" # default (drop CLS when present) | full
     num_soft_prompts: int = 0              # learned soft-prompt vectors (VladVA)
+    soft_prompt_token_id: int = 4          # placeholder id; the j-th such token takes soft prompt j % num
 
     @property
     def tokens_per_image(self) -> int:
@@ -675,3 +707,90 @@ __all__ = [
     "DataConfig", "ObjectiveConfig", "OptimConfig", "CheckpointConfig", "TrainConfig",
     "StageConfig", "ExperimentConfig", "apply_updates",
 ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data configs (mllm_jax/data/)
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SceneConfig:
+    """The synthetic scene world (``mllm_jax/data/synthetic.py``)."""
+    seed: int = 0
+    image_size: int = 32                   # canvas side in pixels (32..64)
+    min_objects: int = 1
+    max_objects: int = 4
+    noise_std: float = 8.0                 # background/object pixel noise
+    # colour-shape kinds never shown or named in train/val/test; test_comp scenes contain one
+    held_out: tuple[str, ...] = ("red triangle", "orange cross", "green circle", "blue diamond",
+                                 "purple square")
+    story_images: tuple[int, int] = (2, 4)  # images per interleaved document (min, max)
+    train_size: int = 20000
+    val_size: int = 1000
+    test_size: int = 1000
+
+    def __post_init__(self):
+        if not 16 <= self.image_size <= 256:
+            raise ConfigError(f"scene.image_size: {self.image_size}; expected 16..256 pixels")
+        if not 1 <= self.story_images[0] <= self.story_images[1] <= 6:
+            raise ConfigError(f"scene.story_images: {self.story_images}; expected 1 <= min <= max <= 6")
+
+    def split_size(self, split: str) -> int:
+        return {"train": self.train_size, "val": self.val_size}.get(split, self.test_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What the data pipeline reads and how it batches (``mllm_jax/data/pipeline.py``).
+
+    Image preprocessing (size, mean, std), ``tokens_per_image`` and ``image_token_id`` come from
+    the model config, not from here, so the two can never disagree.
+    """
+    source: str = "scene"                  # scene | llava | interleaved | pairs | fashion_mnist
+    path: Optional[str] = None             # file for llava/interleaved/pairs; folder for fashion_mnist
+    image_root: Optional[str] = None       # where relative image paths in `path` are resolved
+    split: str = "train"                   # scene world: train | val | test | test_comp
+    # scene world tasks as "name:weight" (see mllm_jax/data/synthetic_sets.py TASKS)
+    tasks: tuple[str, ...] = ("caption_short:1", "caption_long:1", "vqa:3", "pope:1",
+                              "multi_image_qa:1", "rag_qa:1")
+    scene: SceneConfig = dataclasses.field(default_factory=SceneConfig)
+    tokenizer: Optional[str] = None        # folder with tokenizer.json (train one: mllm_jax.data.tokenize)
+    batch_size: int = 8                    # per process
+    seq_buckets: tuple[int, ...] = (64, 128, 256)   # padded lengths; a batch takes the smallest that fits
+    max_images: int = 4                    # M in pixel_values [B, M, H, W, C]
+    max_slices: int = 16                   # S in slice_* / teacher_* [B, S, ...]
+    shuffle: bool = True
+    seed: int = 0
+    num_epochs: Optional[int] = None       # None: repeat forever
+    drop_remainder: bool = True            # False: the last batch of an epoch is padded with empty rows
+    worker_count: int = 0                  # grain worker processes (0: in the main process)
+    worker_buffer_size: int = 2
+    shard_by_process: bool = True          # each jax process reads a disjoint 1/process_count
+    bad_input: str = "skip"                # error | skip
+    max_skip_fraction: float = 0.01        # more skipped than this (per epoch) is an error
+    doc_loss: bool = True                  # plain documents: next-token loss on their text
+    teachers: tuple[str, ...] = ()         # per-slice teacher features: scene_graph | pixel | minilm | vision
+    teacher_cache: Optional[str] = None    # folder of tensorstore caches (one per teacher)
+
+    def __post_init__(self):
+        if self.bad_input not in ("error", "skip"):
+            raise ConfigError(f"data.bad_input: {self.bad_input!r}; expected 'error' or 'skip'")
+        if not self.seq_buckets or list(self.seq_buckets) != sorted(set(self.seq_buckets)):
+            raise ConfigError(f"data.seq_buckets: {self.seq_buckets}; expected increasing lengths")
+        if self.batch_size < 1 or self.max_images < 0 or self.max_slices < 1:
+            raise ConfigError("data: batch_size and max_slices must be >= 1, max_images >= 0")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ConfigError(f"data.max_skip_fraction: {self.max_skip_fraction}; expected 0..1")
+
+    def task_weights(self) -> dict[str, int]:
+        out = {}
+        for item in self.tasks:
+            name, _, w = item.partition(":")
+            try:
+                out[name.strip()] = int(w) if w else 1
+            except ValueError:
+                raise ConfigError(f"data.tasks: {item!r}; expected 'name:integer_weight'") from None
+        return out
+
+
+__all__ += ["SceneConfig", "DataConfig"]

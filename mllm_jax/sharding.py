@@ -113,6 +113,18 @@ def check_divisible(path: str, shape: Sequence[int], spec: P, mesh: Mesh) -> Non
                 "dimension, the mesh shape, or the logical-axis rule.")
 
 
+def check_units(path: str, shape: Sequence[int], spec: P, units: Sequence[int | None], mesh: Mesh) -> None:
+    """A sharded dimension that packs ``units[dim]`` whole units (attention heads; see
+    ``layers.mark_units``) must split them evenly: a head is never cut across devices."""
+    for dim, (n, entry) in enumerate(zip(units, tuple(spec) + (None,) * len(shape))):
+        k = _axis_size(mesh, entry)
+        if n and n % k:
+            raise ShardingError(
+                f"{path}: dimension {dim} of shape {tuple(shape)} packs {n} heads, which mesh axis "
+                f"{entry!r} of size {k} does not divide (mesh {dict(mesh.shape)}); a head would be split "
+                "across devices. Use a head count divisible by the tensor axis, or a smaller tensor axis.")
+
+
 def _path_str(path) -> str:
     parts = []
     for p in path:
@@ -131,6 +143,9 @@ def state_shardings(state, mesh: Mesh, rules: Rules = DEFAULT_RULES):
         if len(spec) > len(shape):
             raise ShardingError(f"{_path_str(path)}: {len(spec)} logical names for shape {tuple(shape)}")
         check_divisible(_path_str(path), shape, spec, mesh)
+        units = var.get_metadata().get("units") if isinstance(var, nnx.Variable) else None
+        if units:
+            check_units(_path_str(path), shape, spec, units, mesh)
         s = NamedSharding(mesh, spec)
         return var.replace(s) if isinstance(var, nnx.Variable) else s
     return jax.tree.map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -210,6 +225,6 @@ def constrain(x: jax.Array, names: Iterable[str | None]) -> jax.Array:
 
 __all__ = [
     "MESH_AXES", "DEFAULT_RULES", "ShardingError", "make_mesh", "logical_to_spec",
-    "check_divisible", "state_shardings", "create_sharded_model", "shard_model",
+    "check_divisible", "check_units", "state_shardings", "create_sharded_model", "shard_model",
     "batch_sharding", "shard_batch", "replicate", "activation_sharding", "constrain",
 ]

@@ -35,6 +35,14 @@ def make_param(init, axes: tuple, key, shape: tuple, cls=nnx.Param) -> nnx.Param
                eager_sharding=False)
 
 
+def mark_units(param: nnx.Variable, units: tuple) -> nnx.Variable:
+    """Records that dimension ``i`` of ``param`` packs ``units[i]`` indivisible units (e.g. the
+    heads of a ``[embed, heads * head_dim]`` kernel; None = no constraint). When the dimension
+    is sharded, ``sharding.state_shardings`` requires the mesh axis size to divide the count."""
+    param.set_metadata("units", tuple(units))
+    return param
+
+
 def torch_linear_init():
     """PyTorch's default Linear init (kaiming-uniform a=sqrt(5)) for a kernel of shape [in, out]."""
     return nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
@@ -270,6 +278,12 @@ class Attention(nnx.Module):
         self.k_proj = Dense(dim, num_kv_heads * head_dim, axes=("embed", "kv_heads"), use_bias=qkv_bias, **kw)
         self.v_proj = Dense(dim, num_kv_heads * head_dim, axes=("embed", "kv_heads"), use_bias=qkv_bias, **kw)
         self.o_proj = Dense(num_heads * head_dim, dim, axes=("heads", "embed"), use_bias=out_bias, **kw)
+        # Whole heads must not be split across devices: sharding.state_shardings checks these.
+        for proj, n in ((self.q_proj, num_heads), (self.k_proj, num_kv_heads), (self.v_proj, num_kv_heads)):
+            mark_units(proj.kernel, (None, n))
+            if proj.bias is not None:
+                mark_units(proj.bias, (n,))
+        mark_units(self.o_proj.kernel, (num_heads, None))
         self.inv_freq = (None if rope_theta is None
                          else tuple(float(f) for f in rope_inv_freq(head_dim, rope_theta, rope_scaling)))
 
@@ -317,5 +331,5 @@ def causal_mask(t: int, s: int | None = None, offset: Array | int = 0) -> Array:
 __all__ = [
     "Dense", "Embed", "RMSNorm", "LayerNorm", "GatedMLP", "MLP", "Attention", "KVCache",
     "dot_product_attention", "rope_inv_freq", "apply_rope", "get_activation", "quick_gelu",
-    "padding_mask", "causal_mask", "torch_linear_init", "normal_init", "make_param",
+    "padding_mask", "causal_mask", "torch_linear_init", "normal_init", "make_param", "mark_units",
 ]

@@ -1,0 +1,423 @@
+"""The grain pipeline: seeded shuffle, per-process shards, encoding, bucketed padding, workers,
+and an iterator whose state is checkpointed and restored exactly.
+
+    it = make_iterator(data_cfg, model_cfg)          # DataIterator
+    batch = next(it)                                 # numpy dict (CONTRACTS.md "Batches")
+    state = it.get_state()                           # small JSON-serialisable dict
+    it2 = make_iterator(data_cfg, model_cfg); it2.set_state(state)   # continues identically
+
+Per epoch ``e`` the pipeline is
+
+    range(len(source)) -> shuffle(seed, e) -> [process_index::process_count]
+      -> map(EncodeTransform)       decode + validate + tokenise + preprocess images + teachers
+      -> PadBatchDataset            B valid examples, padded to the smallest bucket that fits
+      -> mp_prefetch(workers)       (if DataConfig.worker_count > 0)
+
+so every batch has one of ``len(seq_buckets)`` shapes (no recompiles after warm-up). Bad
+records become skip markers (``bad_input="skip"``) that the batcher counts by reason; the
+iterator logs a summary at the end of each epoch and raises ``TooManySkipsError`` when more
+than ``max_skip_fraction`` of an epoch was skipped. With ``bad_input="error"`` the first bad
+record raises its ``DataError`` (naming the record and field).
+
+Batch keys (B = batch_size, T = bucket length, M = max_images, S = max_slices):
+
+    input_ids int32[B,T], attention_mask int32[B,T], labels int32[B,T], loss_mask int32[B,T],
+    positions int32[B,T], slice_ids int32[B,T], pixel_values float32[B,M,H,W,C],
+    image_mask bool[B,M], slice_is_image bool[B,S], slice_mask bool[B,S], sample_index int32[B],
+    teacher_<name> float32[B,S,D]
+
+Rows with ``sample_index == -1`` are padding (only in an epoch's last batch when
+``drop_remainder=False``). The ``vladva`` task yields ``{"image": batch, "text": batch}``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, Optional, Sequence
+
+import grain
+import numpy as np
+
+from mllm_jax.config import DataConfig, MLLMConfig, VisionConfig
+from mllm_jax.data.schema import REASONS, DataError, Sample, validate_sample
+from mllm_jax.data.tokenize import TextTokenizer, encode_sample
+
+log = logging.getLogger("mllm_jax.data")
+
+
+class TooManySkipsError(RuntimeError):
+    """More than ``max_skip_fraction`` of the records of an epoch were bad."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSpec:
+    """How images are prepared for the vision tower (from its config)."""
+    size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_vision(cls, v: VisionConfig) -> "ImageSpec":
+        return cls(v.image_size, v.num_channels, tuple(v.image_mean), tuple(v.image_std))
+
+    def __call__(self, img: np.ndarray) -> np.ndarray:
+        """``uint8[h, w, c]`` -> ``float32[size, size, channels]``, resized (bilinear) and normalised."""
+        if img.shape[-1] != self.channels:
+            img = np.repeat(img, self.channels, -1) if img.shape[-1] == 1 else \
+                np.round(img.mean(-1, keepdims=True)).astype(np.uint8)
+        if img.shape[0] != self.size or img.shape[1] != self.size:
+            from PIL import Image
+            mode = "L" if img.shape[-1] == 1 else "RGB"
+            im = Image.fromarray(img[..., 0] if mode == "L" else img, mode)
+            img = np.asarray(im.resize((self.size, self.size), Image.BILINEAR)).reshape(self.size, self.size, -1)
+        x = img.astype(np.float32) * np.float32(1 / 255)
+        return (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    seq_buckets: tuple[int, ...]
+    max_images: int
+    max_slices: int
+
+
+class EncodeTransform:
+    """Index -> encoded example dict (or a skip marker). Module-level and picklable, so grain
+    worker processes can run it."""
+
+    def __init__(self, source, tokenizer: TextTokenizer, tokens_per_image: int, image_spec: ImageSpec,
+                 limits: Limits, *, teachers: Sequence = (), bad_input: str = "skip",
+                 doc_loss: bool = True, for_generation: bool = False):
+        self.source, self.tok, self.tpi, self.spec, self.limits = source, tokenizer, tokens_per_image, image_spec, limits
+        self.teachers, self.bad_input, self.doc_loss, self.for_generation = tuple(teachers), bad_input, doc_loss, for_generation
+
+    def __call__(self, index: int):
+        index = int(index)
+        try:
+            raw = self.source[index]
+            if isinstance(raw, dict):
+                return {k: self._encode(v, index) for k, v in raw.items()}
+            return self._encode(raw, index)
+        except DataError as e:
+            if self.bad_input == "error":
+                raise
+            return {"_skip": REASONS.index(e.reason), "_message": str(e)}
+
+    def _encode(self, sample: Sample, index: int) -> dict:
+        full = validate_sample(sample)
+        sample = full.prompt_only() if self.for_generation and full.is_chat else full
+        lim = self.limits
+        if sample.num_images > lim.max_images:
+            raise DataError("too_many_images", sample.id, "segments",
+                            f"{sample.num_images} images > data.max_images={lim.max_images}")
+        if len(sample.segments) > lim.max_slices:
+            raise DataError("too_many_slices", sample.id, "segments",
+                            f"{len(sample.segments)} segments > data.max_slices={lim.max_slices}")
+        enc = encode_sample(sample, self.tok, self.tpi, doc_loss=self.doc_loss,
+                            add_generation_prompt=True if sample is not full else None)
+        if len(enc.input_ids) > lim.seq_buckets[-1]:
+            raise DataError("too_long", sample.id, "segments",
+                            f"{len(enc.input_ids)} tokens > the largest bucket {lim.seq_buckets[-1]} "
+                            "(raise data.seq_buckets or shorten the record)")
+        pixels = np.stack([self.spec(im) for im in enc.images]) if enc.images else \
+            np.zeros((0, self.spec.size, self.spec.size, self.spec.channels), np.float32)
+        ex = {"input_ids": enc.input_ids, "target": enc.target, "slice_ids": enc.slice_ids,
+              "slice_is_image": enc.slice_is_image, "pixel_values": pixels, "sample_index": index}
+        for t in self.teachers:         # computed (or cached) on the full sample, one row per segment
+            f = np.asarray(t.features(full), np.float32)
+            if f.shape != (len(full.segments), t.dim):
+                raise ValueError(f"teacher {t.name}: features for {full.id} have shape {f.shape}, "
+                                 f"expected ({len(full.segments)}, {t.dim}) (one row per segment)")
+            ex[f"teacher_{t.name}"] = f[:len(sample.segments)]
+        return ex
+
+
+def _skip_mark(ex: dict) -> Optional[dict]:
+    if "_skip" in ex:
+        return ex
+    if "input_ids" not in ex:          # views: skipped if any view is
+        return next((v for v in ex.values() if "_skip" in v), None)
+    return None
+
+
+def collate(examples: list[dict], batch_size: int, limits: Limits, image_shape: tuple[int, int, int],
+            pad_id: int, teacher_dims: dict[str, int]) -> dict[str, np.ndarray]:
+    """Pads ``examples`` (<= batch_size) into one batch (see the module docstring)."""
+    B, M, S = batch_size, limits.max_images, limits.max_slices
+    longest = max((len(e["input_ids"]) for e in examples), default=1)
+    T = next(b for b in limits.seq_buckets if b >= longest)
+    out = {
+        "input_ids": np.full((B, T), pad_id, np.int32), "attention_mask": np.zeros((B, T), np.int32),
+        "labels": np.full((B, T), pad_id, np.int32), "loss_mask": np.zeros((B, T), np.int32),
+        "positions": np.zeros((B, T), np.int32), "slice_ids": np.zeros((B, T), np.int32),
+        "pixel_values": np.zeros((B, M) + tuple(image_shape), np.float32),
+        "image_mask": np.zeros((B, M), bool), "slice_is_image": np.zeros((B, S), bool),
+        "slice_mask": np.zeros((B, S), bool), "sample_index": np.full((B,), -1, np.int32),
+    }
+    for name, d in teacher_dims.items():
+        out[f"teacher_{name}"] = np.zeros((B, S, d), np.float32)
+    for b, e in enumerate(examples):
+        ids = e["input_ids"]
+        L = len(ids)
+        out["input_ids"][b, :L] = ids
+        out["attention_mask"][b, :L] = 1
+        out["labels"][b, :L - 1] = ids[1:]
+        out["loss_mask"][b, :L - 1] = e["target"][1:]
+        out["positions"][b, :L] = np.arange(L)
+        out["positions"][b, L:] = L - 1               # = cumsum(attention_mask) - 1, the model's default
+        out["slice_ids"][b, :L] = e["slice_ids"]
+        n = len(e["pixel_values"])
+        out["pixel_values"][b, :n] = e["pixel_values"]
+        out["image_mask"][b, :n] = True
+        s = len(e["slice_is_image"])
+        out["slice_is_image"][b, :s] = e["slice_is_image"]
+        out["slice_mask"][b, :s] = True
+        out["sample_index"][b] = e["sample_index"]
+        for name in teacher_dims:
+            out[f"teacher_{name}"][b, :s] = e[f"teacher_{name}"]
+    return out
+
+
+class PadBatchDataset(grain.IterDataset):
+    """Collects ``batch_size`` valid examples (counting skip markers by reason) and pads them
+    with ``collate_fn``. The last, partial batch of the stream is padded with empty rows.
+    Extra top-level keys, popped by ``DataIterator``: ``_valid`` (real rows), ``_skipped``
+    (int64[len(REASONS)]), ``_messages`` (the first skip messages)."""
+
+    def __init__(self, parent, batch_size: int, collate_fn: Callable):
+        super().__init__(parent)
+        self.batch_size, self.collate_fn = batch_size, collate_fn
+
+    def __iter__(self):
+        return _PadBatchIterator(self._parent.__iter__(), self.batch_size, self.collate_fn)
+
+
+class _PadBatchIterator(grain.DatasetIterator):
+    def __init__(self, parent, batch_size, collate_fn):
+        super().__init__(parent)
+        self.batch_size, self.collate_fn = batch_size, collate_fn
+
+    def __next__(self):
+        got, skipped, messages = [], np.zeros(len(REASONS), np.int64), []
+        while len(got) < self.batch_size:
+            try:
+                ex = next(self._parent)
+            except StopIteration:
+                break
+            mark = _skip_mark(ex)
+            if mark is not None:
+                skipped[mark["_skip"]] += 1
+                if len(messages) < 4:
+                    messages.append(mark["_message"])
+                continue
+            got.append(ex)
+        if not got and not skipped.any():
+            raise StopIteration
+        batch = self.collate_fn(got)
+        batch.update(_valid=len(got), _skipped=skipped, _messages=messages)
+        return batch
+
+    def get_state(self):          # nothing is buffered between batches
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+
+
+class _Collate:
+    """Picklable collate for plain or view (dict of samples) examples."""
+
+    def __init__(self, batch_size, limits, image_shape, pad_id, teacher_dims, views: Optional[tuple] = None):
+        self.args = (batch_size, limits, image_shape, pad_id, teacher_dims)
+        self.views = views
+
+    def __call__(self, examples):
+        if self.views:
+            return {v: collate([e[v] for e in examples], *self.args) for v in self.views}
+        return collate(examples, *self.args)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def shard_indices(n: int, process_index: int, process_count: int, drop_remainder: bool) -> slice:
+    """The slice of a (shuffled) index range read by one process: strided, disjoint; with
+    ``drop_remainder`` every process gets exactly ``n // process_count`` (same number of steps)."""
+    stop = (n // process_count) * process_count if drop_remainder else n
+    return slice(process_index, stop, process_count)
+
+
+def build_dataset(transform: EncodeTransform, num_records: int, collate_fn: Callable, *, batch_size: int,
+                  seed: int, epoch: int, shuffle: bool, shard: tuple[int, int], even_shards: bool,
+                  workers: int = 0, worker_buffer_size: int = 2):
+    """One epoch of the pipeline as a grain ``IterDataset``."""
+    ds = grain.MapDataset.range(num_records)
+    if shuffle:
+        ds = ds.shuffle(seed=epoch_seed(seed, epoch))
+    if shard[1] > 1:
+        ds = ds[shard_indices(num_records, shard[0], shard[1], even_shards)]
+    ds = ds.map(transform)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    it = PadBatchDataset(it, batch_size, collate_fn)
+    if workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=worker_buffer_size))
+    return it
+
+
+class DataIterator:
+    """Epochs over a per-epoch grain pipeline, with skip accounting and exact resume.
+
+    ``get_state()`` -> ``{"epoch", "grain", "kept", "dropped", "skipped", "batches"}`` (JSON);
+    ``set_state`` rebuilds that epoch's pipeline and moves grain's iterator to the saved point.
+    ``summaries`` lists one dict per finished epoch: kept, skipped by reason."""
+
+    def __init__(self, build: Callable[[int], Any], *, num_epochs: Optional[int], batch_size: int,
+                 drop_remainder: bool, max_skip_fraction: float, check_after: int = 1000):
+        self._build, self.num_epochs, self.batch_size = build, num_epochs, batch_size
+        self.drop_remainder, self.max_skip_fraction, self.check_after = drop_remainder, max_skip_fraction, check_after
+        self.epoch, self._it, self._pending_state = 0, None, None
+        self.kept, self.dropped, self.skipped = 0, 0, np.zeros(len(REASONS), np.int64)
+        self.summaries: list[dict] = []
+        self._messages: list[str] = []
+        self._batches_this_epoch = 0
+
+    def __iter__(self):
+        return self
+
+    def _open(self):
+        self._it = iter(self._build(self.epoch))
+        if self._pending_state is not None:
+            self._it.set_state(self._pending_state)
+            self._pending_state = None
+
+    def __next__(self) -> dict:
+        while True:
+            if self.num_epochs is not None and self.epoch >= self.num_epochs:
+                raise StopIteration
+            if self._it is None:
+                self._open()
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self._end_epoch()
+                continue
+            valid = int(batch.pop("_valid"))
+            self.skipped += np.asarray(batch.pop("_skipped"))
+            self._messages += list(batch.pop("_messages"))[:max(0, 8 - len(self._messages))]
+            if valid < self.batch_size and self.drop_remainder:
+                self.dropped += valid          # the incomplete last batch of a worker's stream
+            else:
+                self.kept += valid
+            self._check(final=False)
+            if valid == 0 or (valid < self.batch_size and self.drop_remainder):
+                continue
+            self._batches_this_epoch += 1
+            return batch
+
+    def _check(self, final: bool):
+        total = self.kept + self.dropped + int(self.skipped.sum())
+        if total == 0 or (not final and total < self.check_after):
+            return
+        frac = float(self.skipped.sum()) / total
+        if frac > self.max_skip_fraction:
+            raise TooManySkipsError(
+                f"data epoch {self.epoch}: {int(self.skipped.sum())} of {total} records skipped ({frac:.1%} > "
+                f"max_skip_fraction={self.max_skip_fraction}): {self._reasons()}; first: {self._messages[:3]}")
+
+    def _reasons(self) -> dict[str, int]:
+        return {r: int(n) for r, n in zip(REASONS, self.skipped) if n}
+
+    def _end_epoch(self):
+        summary = {"epoch": self.epoch, "kept": self.kept, "dropped_remainder": self.dropped,
+                   "skipped": int(self.skipped.sum()), "by_reason": self._reasons(), "examples": self._messages[:3]}
+        self.summaries.append(summary)
+        log.info("data epoch %d: %d records kept, %d skipped %s", self.epoch, self.kept, summary["skipped"],
+                 summary["by_reason"] or "")
+        if summary["skipped"]:
+            log.warning("data epoch %d skipped records, e.g. %s", self.epoch, "; ".join(summary["examples"]))
+        self._check(final=True)
+        if self._batches_this_epoch == 0:
+            raise RuntimeError(f"data epoch {self.epoch} produced no batches ({summary}); the source is empty "
+                               "or smaller than one batch with drop_remainder=True")
+        self.close()
+        self.epoch += 1
+        self.kept, self.dropped, self.skipped = 0, 0, np.zeros(len(REASONS), np.int64)
+        self._messages, self._batches_this_epoch = [], 0
+
+    def get_state(self) -> dict:
+        grain_state = self._it.get_state() if self._it is not None else self._pending_state
+        return {"epoch": self.epoch, "grain": grain_state, "kept": self.kept, "dropped": self.dropped,
+                "skipped": [int(x) for x in self.skipped], "batches": self._batches_this_epoch}
+
+    def set_state(self, state: dict) -> None:
+        self.close()
+        self.epoch, self.kept, self.dropped = int(state["epoch"]), int(state["kept"]), int(state.get("dropped", 0))
+        self.skipped = np.asarray(state["skipped"], np.int64)
+        self._batches_this_epoch = int(state.get("batches", 0))
+        self._pending_state = state["grain"]
+
+    def close(self):
+        if self._it is not None and hasattr(self._it, "close"):
+            self._it.close()
+        self._it = None
+
+
+def _views_of(source) -> Optional[tuple[str, ...]]:
+    """View names when the source yields dicts of samples (e.g. the vladva task), else None."""
+    if hasattr(source, "views"):
+        return source.views
+    for i in range(min(len(source), 8)):
+        try:
+            item = source[i]
+        except DataError:
+            continue
+        return tuple(item) if isinstance(item, dict) else None
+    return None
+
+
+def make_iterator(cfg: DataConfig, model: MLLMConfig, *, source=None, tokenizer: Optional[TextTokenizer] = None,
+                  teachers: Optional[Sequence] = None, shard: Optional[tuple[int, int]] = None,
+                  for_generation: bool = False) -> DataIterator:
+    """The training/eval iterator for ``cfg`` feeding a model with config ``model``.
+
+    ``source`` (any object with ``__len__``/``__getitem__`` returning ``Sample``s, e.g. a list
+    of eval samples) overrides ``cfg.source``; ``teachers`` (objects with ``name``, ``dim``,
+    ``features(sample)``) override ``cfg.teachers``; ``shard`` = (index, count) overrides
+    ``jax.process_index()/process_count()``."""
+    from mllm_jax.data.sources import open_source, open_teachers
+    if tokenizer is None:
+        if cfg.tokenizer is None:
+            raise ValueError("data.tokenizer is not set: train one with mllm_jax.data.tokenize.train_tokenizer "
+                             "(or `python -m mllm_jax.data.tokenize --out DIR`) and set data.tokenizer=DIR")
+        tokenizer = TextTokenizer.from_dir(cfg.tokenizer)
+    if tokenizer.image_id != model.image_token_id:
+        raise ValueError(f"tokenizer {tokenizer.source}: <image> has id {tokenizer.image_id} but "
+                         f"model.image_token_id={model.image_token_id}; set them equal")
+    source = open_source(cfg) if source is None else source
+    teachers = open_teachers(cfg, model, source) if teachers is None else list(teachers)
+    if shard is None:
+        import jax
+        shard = (jax.process_index(), jax.process_count()) if cfg.shard_by_process else (0, 1)
+    limits = Limits(tuple(cfg.seq_buckets), cfg.max_images, cfg.max_slices)
+    spec = ImageSpec.from_vision(model.vision)
+    transform = EncodeTransform(source, tokenizer, model.tokens_per_image, spec, limits, teachers=teachers,
+                                bad_input=cfg.bad_input, doc_loss=cfg.doc_loss, for_generation=for_generation)
+    views = _views_of(source)
+    collate_fn = _Collate(cfg.batch_size, limits, (spec.size, spec.size, spec.channels), tokenizer.pad_id,
+                          {t.name: t.dim for t in teachers}, views)
+
+    def build(epoch: int):
+        return build_dataset(transform, len(source), collate_fn, batch_size=cfg.batch_size, seed=cfg.seed,
+                             epoch=epoch, shuffle=cfg.shuffle, shard=shard, even_shards=cfg.drop_remainder,
+                             workers=cfg.worker_count, worker_buffer_size=cfg.worker_buffer_size)
+
+    return DataIterator(build, num_epochs=cfg.num_epochs, batch_size=cfg.batch_size,
+                        drop_remainder=cfg.drop_remainder, max_skip_fraction=cfg.max_skip_fraction)
+
+
+__all__ = [
+    "TooManySkipsError", "ImageSpec", "Limits", "EncodeTransform", "collate", "PadBatchDataset",
+    "epoch_seed", "shard_indices", "build_dataset", "DataIterator", "make_iterator",
+]

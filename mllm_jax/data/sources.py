@@ -1,0 +1,89 @@
+"""From a ``DataConfig`` to a data source and its teacher feature providers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mllm_jax.config import ConfigError, DataConfig, MLLMConfig
+
+SOURCES = ("scene", "llava", "interleaved", "pairs", "fashion_mnist")
+TEACHERS = ("scene_graph", "pixel", "minilm", "vision")
+
+
+def open_source(cfg: DataConfig):
+    """The random-access source ``cfg.source`` names (see ``mllm_jax/data/formats.py``)."""
+    from mllm_jax.data import formats
+    if cfg.source == "scene":
+        from mllm_jax.data.synthetic_sets import SceneSource
+        return SceneSource(cfg.scene, cfg.split, cfg.task_weights())
+    if cfg.source == "fashion_mnist":
+        task = _pair_task(cfg)
+        return formats.FashionMNISTSource(cfg.path or formats.FASHION_MNIST_DIR,
+                                          "test" if cfg.split.startswith("test") else "train", task)
+    if cfg.path is None:
+        raise ConfigError(f"data.path is required for data.source={cfg.source!r}")
+    if cfg.source == "llava":
+        return formats.LlavaSource(cfg.path, cfg.image_root)
+    if cfg.source == "interleaved":
+        return formats.InterleavedSource(cfg.path, cfg.image_root)
+    if cfg.source == "pairs":
+        return formats.PairsSource(cfg.path, cfg.image_root, _pair_task(cfg))
+    raise ConfigError(f"data.source: {cfg.source!r}; expected one of {SOURCES}")
+
+
+def _pair_task(cfg: DataConfig) -> str:
+    from mllm_jax.data.formats import PAIR_TASKS
+    tasks = list(cfg.task_weights())
+    task = tasks[0] if len(tasks) == 1 and tasks[0] in PAIR_TASKS else "pair"
+    return task
+
+
+def make_teacher(name: str, cfg: DataConfig, model: MLLMConfig):
+    from mllm_jax.data import teachers as T
+    if name == "scene_graph":
+        return T.SceneGraphTeacher()
+    if name == "pixel":
+        return T.PixelTeacher()
+    if name == "minilm":
+        import os
+        d = Path(os.environ.get("MLLM_JAX_ASSETS", "assets")) / "all-MiniLM-L6-v2"
+        return T.MiniLMTeacher.from_pretrained(d)
+    if name == "vision":
+        raise ConfigError("data.teachers: 'vision' needs a vision tower object; build "
+                          "teachers.VisionTeacher(tower) and pass it to make_iterator(teachers=[...])")
+    raise ConfigError(f"data.teachers: {name!r}; expected one of {TEACHERS}")
+
+
+def open_teachers(cfg: DataConfig, model: MLLMConfig, source) -> list:
+    """Feature providers for ``cfg.teachers``: cached (``cfg.teacher_cache/<name>``, built or
+    rebuilt when stale) or, without a cache folder, computed online (cheap teachers only)."""
+    from mllm_jax.data import teachers as T
+    out = []
+    for name in cfg.teachers:
+        if name == "scene_graph" and cfg.source != "scene":
+            raise ConfigError(f"data.teachers: 'scene_graph' needs scene graphs, which only data.source='scene' "
+                              f"has (source is {cfg.source!r}); use 'pixel', 'minilm' or 'vision'")
+        teacher = make_teacher(name, cfg, model)
+        if cfg.teacher_cache:
+            out.append(_shared_cache(teacher, source, Path(cfg.teacher_cache) / name))
+        elif name in ("scene_graph", "pixel"):
+            out.append(T.OnlineFeatures(teacher))
+        else:
+            raise ConfigError(f"data.teachers: {name!r} needs data.teacher_cache (it is too slow to run per batch)")
+    return out
+
+
+def _shared_cache(teacher, source, path: Path):
+    """Process 0 builds (or checks) the cache; the others wait for it, then open it read-only."""
+    import jax
+    from mllm_jax.data import teachers as T
+    if jax.process_count() == 1:
+        return T.ensure_cache(teacher, source, path)
+    from jax.experimental import multihost_utils
+    if jax.process_index() == 0:
+        T.ensure_cache(teacher, source, path)
+    multihost_utils.sync_global_devices(f"teacher_cache:{path}")
+    fp = source.fingerprint() if hasattr(source, "fingerprint") else None
+    return T.TeacherCache(path, fingerprint=teacher.fingerprint(), source=fp)
+
+
+__all__ = ["SOURCES", "TEACHERS", "open_source", "make_teacher", "open_teachers"]

@@ -1,0 +1,370 @@
+"""Teacher features per slice, computed once and cached (tensorstore zarr), keyed by sample id.
+
+Sugar's target similarity compares two samples' slice sequences with a kernel over frozen
+"teacher" features (METHODS.md §1). Each teacher maps every segment of a sample to one row
+``float32[D]``; a teacher that does not apply to a segment's modality gives a zero row.
+
+* ``SceneGraphTeacher`` (``scene_graph``): exact structure. ``synthetic.scene_features`` of
+  the graph a segment shows (image) or states (text); both modalities share the space, so it
+  plays the role of CLIP's joint space. Zero for segments with no graph.
+* ``PixelTeacher`` (``pixel``): pixels only, no semantics (plays DINOv2's role): the image
+  average-pooled to an 8x8 grid, centred and sent through a fixed Gaussian random projection
+  (64-d, seeded), concatenated with a 4x4x4 joint RGB colour histogram (64-d); each half
+  L2-normalised, the whole scaled to unit norm. Text segments: zero.
+* ``MiniLMTeacher`` (``minilm``): a real sentence encoder (all-MiniLM-L6-v2) run by our BERT
+  (``models/text_encoder.py``): mean pooling over tokens then L2 normalisation, exactly as
+  sentence-transformers does. Image segments: zero.
+* ``VisionTeacher`` (``vision``): any of our vision towers (``models/vision.py``), the pooled
+  output L2-normalised. Text segments: zero.
+
+Each teacher has a ``fingerprint()`` (model id + config hash + weights digest). A cache
+records the fingerprint, the source's fingerprint, and a content hash per sample; opening a
+cache that does not match raises ``StaleCacheError`` and ``ensure_cache`` rebuilds it, so a
+stale cache is never silently used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from mllm_jax.data.schema import DataError, Sample, Segment, content_hash, validate_sample
+
+log = logging.getLogger("mllm_jax.data")
+CACHE_FORMAT = 1
+
+
+class StaleCacheError(RuntimeError):
+    """A teacher cache does not match the teacher, the data source or a sample."""
+
+
+def _digest(*parts) -> str:
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+
+
+def params_digest(model) -> str:
+    """Hash of every parameter's name and bytes (a fingerprint of the weights)."""
+    from mllm_jax.convert.hf import flat_params
+    h = hashlib.blake2b(digest_size=8)
+    for k, v in sorted(flat_params(model).items()):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(np.asarray(v)).tobytes())
+    return h.hexdigest()
+
+
+# ---- teachers -----------------------------------------------------------------------------------
+
+class SceneGraphTeacher:
+    name = "scene_graph"
+
+    def __init__(self):
+        from mllm_jax.data.synthetic import SCENE_FEATURE_DIM
+        self.dim = SCENE_FEATURE_DIM
+
+    def fingerprint(self) -> str:
+        return f"scene_graph:v1:dim={self.dim}"
+
+    def embed(self, segments: Sequence[Segment]) -> np.ndarray:
+        from mllm_jax.data.synthetic import scene_features
+        return np.stack([scene_features(s.scene) for s in segments]) if segments else np.zeros((0, self.dim), np.float32)
+
+
+class PixelTeacher:
+    name = "pixel"
+
+    def __init__(self, grid: int = 8, proj_dim: int = 64, bins: int = 4, seed: int = 0):
+        self.grid, self.proj_dim, self.bins, self.seed = grid, proj_dim, bins, seed
+        self.dim = proj_dim + bins ** 3
+        rng = np.random.default_rng(seed)
+        self.proj = (rng.standard_normal((grid * grid * 3, proj_dim)) / np.sqrt(proj_dim)).astype(np.float32)
+
+    def fingerprint(self) -> str:
+        return f"pixel:v1:" + _digest(self.grid, self.proj_dim, self.bins, self.seed)
+
+    def image_features(self, img: np.ndarray) -> np.ndarray:
+        """``uint8[H, W, C]`` -> ``float32[dim]``."""
+        if img.shape[-1] == 1:
+            img = np.repeat(img, 3, -1)
+        g = self.grid
+        h, w = img.shape[:2]
+        if h % g or w % g:
+            from PIL import Image
+            img = np.asarray(Image.fromarray(img).resize((g * 4, g * 4), Image.BILINEAR))
+            h, w = img.shape[:2]
+        pooled = img.reshape(g, h // g, g, w // g, 3).mean((1, 3), dtype=np.float32) / 255.0 - 0.5
+        a = pooled.reshape(-1) @ self.proj
+        q = (img.astype(np.int32) * self.bins) // 256
+        hist = np.bincount(((q[..., 0] * self.bins + q[..., 1]) * self.bins + q[..., 2]).ravel(),
+                           minlength=self.bins ** 3).astype(np.float32)
+        out = np.concatenate([a / max(np.linalg.norm(a), 1e-12), hist / max(np.linalg.norm(hist), 1e-12)])
+        return out / np.sqrt(2.0)
+
+    def embed(self, segments: Sequence[Segment]) -> np.ndarray:
+        out = np.zeros((len(segments), self.dim), np.float32)
+        for i, s in enumerate(segments):
+            if s.kind == "image":
+                out[i] = self.image_features(np.asarray(s.image))
+        return out
+
+
+def _l2n(x, eps=1e-12):
+    import jax.numpy as jnp
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class MiniLMTeacher:
+    """Sentence embeddings of text segments from a BERT ``TextEncoder`` (our JAX model)."""
+    name = "minilm"
+    LENGTHS = (16, 32, 64, 128, 256, 512)
+
+    def __init__(self, model, tokenizer, model_id: str, *, max_length: int = 256, batch_size: int = 64):
+        import jax
+        from flax import nnx
+        from mllm_jax.config import config_hash
+        from mllm_jax.models.text_encoder import mean_pool
+        self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
+        self.dim = model.config.hidden_size
+        self._fp = f"minilm:{model_id}:{config_hash(model.config)}:{params_digest(model)}:len={max_length}"
+        tokenizer.enable_truncation(max_length=max_length)
+        tokenizer.no_padding()
+        graphdef, state = nnx.split(model)
+
+        def forward(state, ids, mask):
+            out = nnx.merge(graphdef, state)(ids, mask, jax.numpy.zeros_like(ids))
+            return _l2n(mean_pool(out.last_hidden_state, mask))
+
+        self._state, self._forward = state, jax.jit(forward)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kw) -> "MiniLMTeacher":
+        """An HF sentence-transformers folder (config.json, model.safetensors, tokenizer.json)."""
+        from tokenizers import Tokenizer
+        from mllm_jax.convert.hf import load_pretrained
+        path = Path(path)
+        if not (path / "tokenizer.json").exists():
+            raise FileNotFoundError(f"{path}/tokenizer.json not found; expected a sentence-transformers folder "
+                                    "such as all-MiniLM-L6-v2 (`make assets`)")
+        return cls(load_pretrained(path), Tokenizer.from_file(str(path / "tokenizer.json")), path.name, **kw)
+
+    def fingerprint(self) -> str:
+        return self._fp
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """``float32[len(texts), dim]``, unit norm; padded to fixed (batch, length) buckets."""
+        out = np.zeros((len(texts), self.dim), np.float32)
+        encs = self.tokenizer.encode_batch(list(texts))
+        for lo in range(0, len(texts), self.batch_size):
+            chunk = encs[lo:lo + self.batch_size]
+            L = next((b for b in self.LENGTHS if b >= max(len(e.ids) for e in chunk)), self.max_length)
+            ids = np.zeros((self.batch_size, L), np.int32)
+            mask = np.zeros((self.batch_size, L), np.int32)
+            for i, e in enumerate(chunk):
+                ids[i, :len(e.ids)] = e.ids
+                mask[i, :len(e.ids)] = 1
+            out[lo:lo + len(chunk)] = np.asarray(self._forward(self._state, ids, mask))[:len(chunk)]
+        return out
+
+    def embed(self, segments: Sequence[Segment]) -> np.ndarray:
+        out = np.zeros((len(segments), self.dim), np.float32)
+        where = [i for i, s in enumerate(segments) if s.kind == "text"]
+        if where:
+            out[where] = self.embed_texts([segments[i].text for i in where])
+        return out
+
+
+class VisionTeacher:
+    """Pooled, L2-normalised output of one of our vision towers for image segments."""
+    name = "vision"
+
+    def __init__(self, tower, model_id: str = "vision", *, batch_size: int = 64):
+        import jax
+        from flax import nnx
+        from mllm_jax.config import config_hash
+        from mllm_jax.data.pipeline import ImageSpec
+        self.spec, self.batch_size = ImageSpec.from_vision(tower.config), batch_size
+        self.dim = tower.config.hidden_size
+        self._fp = f"vision:{model_id}:{config_hash(tower.config)}:{params_digest(tower)}"
+        graphdef, state = nnx.split(tower)
+
+        def forward(state, pixels):
+            return _l2n(nnx.merge(graphdef, state)(pixels).pooled)
+
+        self._state, self._forward = state, jax.jit(forward)
+
+    def fingerprint(self) -> str:
+        return self._fp
+
+    def embed(self, segments: Sequence[Segment]) -> np.ndarray:
+        out = np.zeros((len(segments), self.dim), np.float32)
+        where = [i for i, s in enumerate(segments) if s.kind == "image"]
+        for lo in range(0, len(where), self.batch_size):
+            idx = where[lo:lo + self.batch_size]
+            x = np.zeros((self.batch_size, self.spec.size, self.spec.size, self.spec.channels), np.float32)
+            for j, i in enumerate(idx):
+                x[j] = self.spec(np.asarray(segments[i].image))
+            out[idx] = np.asarray(self._forward(self._state, x))[:len(idx)]
+        return out
+
+
+class OnlineFeatures:
+    """A teacher used directly in the pipeline (cheap teachers: scene_graph, pixel)."""
+
+    def __init__(self, teacher):
+        self.teacher, self.name, self.dim = teacher, teacher.name, teacher.dim
+
+    def features(self, sample: Sample) -> np.ndarray:
+        return self.teacher.embed(sample.segments)
+
+
+# ---- the cache ------------------------------------------------------------------------------------
+
+def _zarr_spec(path: Path) -> dict:
+    return {"driver": "zarr", "kvstore": {"driver": "file", "path": str(path / "features.zarr")}}
+
+
+class TeacherCache:
+    """Read side of a cache folder: ``meta.json``, ``index.json`` and ``features.zarr``
+    (``float32[rows, D]``, the rows of sample ``k`` at ``offsets[k]:offsets[k]+counts[k]``).
+    ``features(sample)`` checks the sample's content hash. Picklable (reopens lazily)."""
+
+    def __init__(self, path: str | Path, *, fingerprint: Optional[str] = None, source: Optional[str] = None,
+                 preload_bytes: int = 256 << 20):
+        self.path = Path(path)
+        meta_file = self.path / "meta.json"
+        if not meta_file.exists():
+            raise StaleCacheError(f"{self.path}: no meta.json (missing or interrupted build)")
+        self.meta = json.loads(meta_file.read_text())
+        if self.meta.get("format") != CACHE_FORMAT:
+            raise StaleCacheError(f"{self.path}: cache format {self.meta.get('format')} != {CACHE_FORMAT}")
+        if fingerprint is not None and self.meta["fingerprint"] != fingerprint:
+            raise StaleCacheError(f"{self.path}: built by teacher {self.meta['fingerprint']!r}, "
+                                  f"but the teacher is now {fingerprint!r}")
+        if source is not None and self.meta.get("source") != source:
+            raise StaleCacheError(f"{self.path}: built for source {self.meta.get('source')!r}, "
+                                  f"but the source is now {source!r}")
+        self.name, self.dim = self.meta["teacher"], int(self.meta["dim"])
+        self.preload_bytes = preload_bytes
+        self._index = None
+        self._store = None
+        self._array = None
+
+    def _load(self):
+        idx = json.loads((self.path / "index.json").read_text())
+        self._index = {i: (o, c, h) for i, o, c, h in zip(idx["ids"], idx["offsets"], idx["counts"], idx["hashes"])}
+        import tensorstore as ts
+        self._store = ts.open(_zarr_spec(self.path), read=True).result()
+        if self._store.shape[0] * self.dim * 4 <= self.preload_bytes:
+            self._array = self._store.read().result()
+
+    def __len__(self) -> int:
+        return int(self.meta["num_samples"])
+
+    def features(self, sample: Sample) -> np.ndarray:
+        """``float32[len(sample.segments), D]`` for a validated sample."""
+        if self._index is None:
+            self._load()
+        try:
+            off, n, h = self._index[sample.id]
+        except KeyError:
+            raise StaleCacheError(f"{self.path}: sample {sample.id!r} is not in the {self.name} cache; "
+                                  "rebuild it with ensure_cache for this source") from None
+        if h != content_hash(sample) or n != len(sample.segments):
+            raise StaleCacheError(f"{self.path}: sample {sample.id!r} changed since the {self.name} cache was "
+                                  "built (content hash differs); rebuild it with ensure_cache")
+        if self._array is not None:
+            return self._array[off:off + n]
+        return self._store[off:off + n].read().result()
+
+    def __getstate__(self):
+        return {**self.__dict__, "_index": None, "_store": None, "_array": None}
+
+
+def _samples(source) -> Iterable[Sample]:
+    for i in range(len(source)):
+        item = source[i]
+        for s in (item.values() if isinstance(item, dict) else (item,)):
+            yield s
+
+
+def build_cache(teacher, source, path: str | Path, *, chunk: int = 256, source_fingerprint: Optional[str] = None) -> TeacherCache:
+    """Computes ``teacher`` on every sample of ``source`` (records that fail validation are left
+    out: the pipeline skips them too) and writes the cache atomically (meta.json last)."""
+    import tensorstore as ts
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    ids, offsets, counts, hashes = [], [], [], []
+    store, total = None, 0
+    pending: list[Sample] = []
+
+    def run():
+        nonlocal store, total
+        segs = [s for smp in pending for s in smp.segments]
+        feats = np.asarray(teacher.embed(segs), np.float32)
+        if feats.shape != (len(segs), teacher.dim):
+            raise ValueError(f"teacher {teacher.name}: embed returned {feats.shape}, expected ({len(segs)}, {teacher.dim})")
+        for smp in pending:
+            ids.append(smp.id), offsets.append(total), counts.append(len(smp.segments)), hashes.append(content_hash(smp))
+            total += len(smp.segments)
+        if store is None:
+            store = ts.open({**_zarr_spec(path), "create": True, "metadata": {
+                "dtype": "<f4", "shape": [0, teacher.dim], "chunks": [4096, teacher.dim]}}).result()
+        store = store.resize(exclusive_max=[total, teacher.dim]).result()
+        store[total - len(feats):total].write(feats).result()
+        pending.clear()
+
+    skipped = 0
+    for smp in _samples(source):
+        try:
+            pending.append(validate_sample(smp))
+        except DataError:
+            skipped += 1
+            continue
+        if len(pending) >= chunk:
+            run()
+    if pending:
+        run()
+    if store is None:
+        ts.open({**_zarr_spec(path), "create": True, "metadata": {"dtype": "<f4", "shape": [0, teacher.dim]}}).result()
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"build_cache: the source has duplicate sample ids (e.g. {_first_dup(ids)!r}); ids key the cache")
+    (path / "index.json").write_text(json.dumps({"ids": ids, "offsets": offsets, "counts": counts, "hashes": hashes}))
+    meta = {"format": CACHE_FORMAT, "teacher": teacher.name, "fingerprint": teacher.fingerprint(),
+            "dim": teacher.dim, "source": source_fingerprint, "num_samples": len(ids), "num_rows": total,
+            "skipped_invalid": skipped}
+    tmp = path / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(path / "meta.json")
+    log.info("teacher cache %s: %d samples, %d rows (%d invalid records left out)", path, len(ids), total, skipped)
+    return TeacherCache(path)
+
+
+def _first_dup(ids):
+    seen = set()
+    for i in ids:
+        if i in seen:
+            return i
+        seen.add(i)
+
+
+def ensure_cache(teacher, source, path: str | Path) -> TeacherCache:
+    """Opens the cache at ``path`` if it was built by this teacher for this source, else
+    rebuilds it (logging why). Sources with a ``fingerprint()`` method are checked by it."""
+    fp = source.fingerprint() if hasattr(source, "fingerprint") else None
+    try:
+        return TeacherCache(path, fingerprint=teacher.fingerprint(), source=fp)
+    except StaleCacheError as e:
+        log.warning("rebuilding teacher cache: %s", e)
+    return build_cache(teacher, source, path, source_fingerprint=fp)
+
+
+__all__ = [
+    "StaleCacheError", "params_digest", "SceneGraphTeacher", "PixelTeacher", "MiniLMTeacher",
+    "VisionTeacher", "OnlineFeatures", "TeacherCache", "build_cache", "ensure_cache",
+]

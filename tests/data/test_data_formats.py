@@ -1,0 +1,105 @@
+"""Readers on the small fixture files in tests/data/fixtures (made by make_fixtures.py)."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mllm_jax.data import formats
+from mllm_jax.data.schema import DataError, validate_sample
+
+FIX = Path(__file__).parent / "fixtures"
+
+
+def _reason(source, i):
+    with pytest.raises(DataError) as e:
+        validate_sample(source[i])
+    return e.value
+
+
+def test_llava_reader():
+    src = formats.LlavaSource(FIX / "llava.json")
+    assert len(src) == 6
+    s = validate_sample(src[0])
+    assert s.id == "llava:ok1" and s.is_chat
+    assert [(g.kind, g.role) for g in s.segments] == [
+        ("image", "user"), ("text", "user"), ("text", "assistant"), ("text", "user"), ("text", "assistant")]
+    assert s.segments[1].text == "What color is the square?"
+    assert s.targets == ["It is red.", "Yes, it fills the image."]
+    assert s.segments[0].image.shape == (8, 8, 3) and (s.segments[0].image == [220, 30, 30]).all()
+    two = validate_sample(src[1])
+    blue = two.segments[1].image
+    assert two.num_images == 2 and (blue == [30, 40, 220]).all()       # images keep their order
+    with pytest.raises(DataError) as e:
+        src[2]
+    assert e.value.reason == "image_count_mismatch" and "llava.json[2]" in str(e.value) and "2 <image> slots" in str(e.value)
+    assert _reason(src, 3).reason == "missing_image" and "nope.png" in str(_reason(src, 3))
+    assert _reason(src, 4).reason == "corrupt_image" and "corrupt.png" in str(_reason(src, 4))
+    t = validate_sample(src[5])
+    assert [g.role for g in t.segments] == ["system", "user", "assistant"] and t.num_images == 0
+
+
+def test_interleaved_reader():
+    src = formats.InterleavedSource(FIX / "interleaved.jsonl")
+    assert len(src) == 7
+    a = validate_sample(src[0])                                        # OBELICS-aligned lists
+    assert [g.kind for g in a.segments] == ["text", "image", "text", "image"] and not a.is_chat
+    assert (a.segments[1].image == [220, 30, 30]).all() and (a.segments[3].image == [30, 40, 220]).all()
+    b = validate_sample(src[1])                                        # compact: one path per null
+    assert [g.kind for g in b.segments] == ["image", "text", "image"]
+    assert b.segments[2].image.shape == (12, 10, 1)
+    with pytest.raises(DataError) as e:
+        src[2]
+    assert e.value.reason == "image_count_mismatch" and "interleaved.jsonl:3" in str(e.value)
+    with pytest.raises(DataError) as e:
+        src[3]
+    assert e.value.reason == "invalid_utf8" and "interleaved.jsonl:4" in str(e.value)
+    with pytest.raises(DataError) as e:
+        src[4]
+    assert e.value.reason == "bad_record" and "invalid JSON" in str(e.value)
+    assert _reason(src, 5).reason == "empty_text"
+    with pytest.raises(DataError, match=r"1 null entries in 'texts' \(image slots\) but 2 images"):
+        src[6]
+
+
+def test_pairs_readers():
+    src = formats.PairsSource(FIX / "pairs.jsonl")
+    assert len(src) == 6
+    p = validate_sample(src[1])
+    assert p.segments[1].text == "a green square" and p.segments[0].image.shape == (8, 8, 3)
+    f = validate_sample(src[2])
+    assert f.segments[0].image.dtype == np.uint8 and (f.segments[0].image == 128).all()   # 0.5 -> 128
+    assert _reason(src, 3).reason == "bad_pixels" and "NaN" in str(_reason(src, 3))
+    assert _reason(src, 4).reason == "bad_pixels" and "[0, 1]" in str(_reason(src, 4))
+    assert _reason(src, 5).reason == "empty_text"
+    tsv = formats.PairsSource(FIX / "pairs.tsv", task="caption")
+    assert len(tsv) == 2                                               # header skipped
+    c = validate_sample(tsv[1])
+    assert c.is_chat and c.targets == ["a blue\tsquare"]
+    views = formats.PairsSource(FIX / "pairs.jsonl", task="vladva")[0]
+    assert set(views) == {"image", "text"} and views["text"].segments[0].text == "a red square"
+
+
+def test_fashion_mnist_fixture_parses():
+    expected = np.load(FIX / "fashion_mnist" / "expected_images.npy")   # written by numpy, not our parser
+    src = formats.FashionMNISTSource(FIX / "fashion_mnist", "train")
+    assert len(src) == 3
+    s = validate_sample(src[0])
+    np.testing.assert_array_equal(s.segments[0].image[..., 0], expected[0])
+    assert s.meta["class"] == "ankle boot" and s.segments[1].text == "a photo of an ankle boot"
+    assert src[1].meta["class"] == "t-shirt" and src[2].segments[1].text == "a small picture of a sneaker"
+
+
+def test_fashion_mnist_missing_says_how_to_install(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
+        formats.FashionMNISTSource(tmp_path, "train")
+
+
+def test_fashion_mnist_installed():
+    if not (formats.FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST is not installed: apt-get install -y dataset-fashion-mnist")
+    src = formats.FashionMNISTSource(split="test")
+    assert len(src) == 10_000
+    counts = np.bincount([src.label(i) for i in range(len(src))], minlength=10)
+    assert (counts == 1000).all()                                        # the test set is balanced
+    img = validate_sample(src[0]).segments[0].image
+    assert img.shape == (28, 28, 1) and img.dtype == np.uint8 and img.max() > 0

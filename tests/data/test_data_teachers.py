@@ -1,0 +1,189 @@
+"""Teachers (scene graph, pixels, MiniLM through our BERT, our vision towers) and the cache."""
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mllm_jax.config import DataConfig, MLLMConfig, ProjectorConfig, SceneConfig, VisionConfig
+from mllm_jax.data import teachers as TC
+from mllm_jax.data.schema import Sample, image_segment, text_segment, validate_sample
+from mllm_jax.data.synthetic import SCENE_FEATURE_DIM, Obj, Scene, scene_features
+from mllm_jax.data.synthetic_sets import SceneSource
+
+RED, BLUE, CIRCLE, SQUARE, LEFT, ABOVE = 0, 5, 0, 1, 0, 2
+
+
+def cos(a, b):
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_scene_graph_features_hand_computed():
+    """One large red circle at the top left: six one-hot blocks (kind weight 1, the five others
+    0.5), no relations -> the kind entry is 1/sqrt(3.5), the other five sqrt(0.5/3.5)."""
+    f = scene_features(Scene((Obj(RED, CIRCLE, 1, 0),)))
+    assert f.shape == (SCENE_FEATURE_DIM,) == (428,)
+    nz = np.flatnonzero(f)
+    # layout: kind(40) colour(8) shape(5) size*kind(80) cell*colour(72) cell*shape(45) rel(128) rel(50)
+    assert nz.tolist() == [0, 40, 48, 53 + 40 + 0, 133 + 0, 205 + 0]
+    np.testing.assert_allclose(f[nz], [1 / np.sqrt(3.5)] + [np.sqrt(0.5 / 3.5)] * 5, rtol=1e-6)
+    assert not scene_features(None).any()
+
+
+def test_scene_graph_features_bind_attributes_and_relations():
+    a = Scene((Obj(RED, CIRCLE, 1, 3), Obj(BLUE, SQUARE, 0, 5)))        # red circle left of blue square
+    swapped = Scene((Obj(BLUE, CIRCLE, 1, 3), Obj(RED, SQUARE, 0, 5)))  # same colours and shapes, rebound
+    flipped = Scene((Obj(RED, CIRCLE, 1, 5), Obj(BLUE, SQUARE, 0, 3)))  # relation reversed
+    fa = scene_features(a)
+    assert cos(fa, scene_features(Scene(a.objects[::-1]))) == pytest.approx(1.0)   # order does not matter
+    assert cos(fa, scene_features(swapped)) < 0.6 and cos(fa, scene_features(flipped)) < 0.9
+    stated = Scene((Obj(RED, CIRCLE), Obj(BLUE, SQUARE)), ((0, LEFT, 1),))          # "red circle left of blue square"
+    wrong = Scene((Obj(RED, CIRCLE), Obj(BLUE, SQUARE)), ((1, LEFT, 0),))
+    assert cos(fa, scene_features(stated)) > cos(fa, scene_features(wrong)) > 0
+
+
+def test_pixel_teacher():
+    t = TC.PixelTeacher()
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[:] = (200, 10, 100)
+    f = t.image_features(img)
+    assert f.shape == (128,) and np.linalg.norm(f) == pytest.approx(1.0)
+    # colour histogram: 4 bins per channel -> joint bin (3*4 + 0)*4 + 1 = 49, weight 1/sqrt(2)
+    assert np.flatnonzero(f[64:]).tolist() == [49] and f[64 + 49] == pytest.approx(2 ** -0.5)
+    moved = np.roll(img, 8, axis=1)
+    moved[:, :8] = (0, 0, 0)
+    img2 = img.copy()
+    img2[:, -8:] = (0, 0, 0)
+    g, h = t.image_features(moved), t.image_features(img2)
+    np.testing.assert_allclose(g[64:], h[64:])                    # same colours ...
+    assert not np.allclose(g[:64], h[:64])                       # ... different layout
+    rows = t.embed([image_segment(img), text_segment("a red square")])
+    assert rows[0].any() and not rows[1].any()
+    assert TC.PixelTeacher(seed=1).fingerprint() != t.fingerprint()
+
+
+def _source(size=24, seed=0):
+    return SceneSource(SceneConfig(seed=seed), "train", {"pair": 1, "story": 1, "vqa": 1}, size=size)
+
+
+def test_cache_roundtrip_and_pipeline_reads_it(tmp_path):
+    src = _source()
+    teachers = [TC.SceneGraphTeacher(), TC.PixelTeacher()]
+    caches = [TC.ensure_cache(t, src, tmp_path / t.name) for t in teachers]
+    for i in range(len(src)):
+        s = validate_sample(src[i])
+        for t, c in zip(teachers, caches):
+            np.testing.assert_array_equal(c.features(s), t.embed(s.segments))
+    lazy = TC.TeacherCache(tmp_path / "pixel", preload_bytes=0)            # per-read tensorstore path
+    s = validate_sample(src[3])
+    np.testing.assert_array_equal(lazy.features(s), caches[1].features(s))
+    c2 = pickle.loads(pickle.dumps(caches[1]))                             # as sent to grain workers
+    np.testing.assert_array_equal(c2.features(s), caches[1].features(s))
+    meta = json.loads((tmp_path / "pixel" / "meta.json").read_text())
+    assert meta["num_samples"] == 24 and meta["fingerprint"] == teachers[1].fingerprint()
+
+    from mllm_jax.data import pipeline as P
+    from mllm_jax.data.tokenize import train_tokenizer
+    from mllm_jax.data.synthetic_sets import scene_corpus
+    tok = train_tokenizer(scene_corpus(SceneConfig(), 200))
+    model = MLLMConfig(vision=VisionConfig(image_size=16, patch_size=4), projector=ProjectorConfig(kind="pool"))
+    cfg = DataConfig(batch_size=4, seq_buckets=(64, 128, 256))
+    online = P.make_iterator(cfg, model, source=src, tokenizer=tok, shard=(0, 1),
+                             teachers=[TC.OnlineFeatures(t) for t in teachers])
+    cached = P.make_iterator(cfg, model, source=src, tokenizer=tok, shard=(0, 1), teachers=caches)
+    for _ in range(6):
+        a, b = next(online), next(cached)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    assert next(cached)["teacher_scene_graph"][:, :, :].any()
+
+
+def test_stale_cache_detected_and_rebuilt(tmp_path, caplog):
+    src = _source()
+    path = tmp_path / "pixel"
+    TC.ensure_cache(TC.PixelTeacher(seed=0), src, path)
+    new = TC.PixelTeacher(seed=1)                                           # a different teacher
+    with pytest.raises(TC.StaleCacheError, match="built by teacher"):
+        TC.TeacherCache(path, fingerprint=new.fingerprint())
+    c = TC.ensure_cache(new, src, path)
+    assert "rebuilding teacher cache" in caplog.text
+    s = validate_sample(src[0])
+    np.testing.assert_array_equal(c.features(s), new.embed(s.segments))
+    other = _source(seed=1)                                                 # a different source
+    with pytest.raises(TC.StaleCacheError, match="built for source"):
+        TC.TeacherCache(path, fingerprint=new.fingerprint(), source=other.fingerprint())
+    c = TC.ensure_cache(new, other, path)
+    assert c.meta["source"] == other.fingerprint()
+    (path / "meta.json").unlink()                                           # an interrupted build
+    with pytest.raises(TC.StaleCacheError, match="no meta.json"):
+        TC.TeacherCache(path)
+    TC.ensure_cache(new, other, path)
+    # a sample that changed under the same id (a source without a fingerprint)
+    samples = [Sample("a", (image_segment(np.zeros((4, 4, 3), np.uint8)), text_segment("x")))]
+    c = TC.ensure_cache(new, samples, tmp_path / "list")
+    changed = Sample("a", (image_segment(np.ones((4, 4, 3), np.uint8)), text_segment("x")))
+    with pytest.raises(TC.StaleCacheError, match="'a' changed since"):
+        c.features(validate_sample(changed))
+    with pytest.raises(TC.StaleCacheError, match="'b' is not in"):
+        c.features(validate_sample(Sample("b", (text_segment("x"),))))
+
+
+# ---- MiniLM through our BERT, and our vision towers (need the encoders branch) -----------------
+
+def _torch_sentence_embeddings(model_dir, texts):
+    """sentence-transformers' all-MiniLM recipe in torch: mean pooling, then L2 normalisation."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModel.from_pretrained(str(model_dir)).eval()
+    enc = tok(list(texts), padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        h = model(**enc).last_hidden_state
+    m = enc["attention_mask"].unsqueeze(-1).float()
+    e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(e, p=2, dim=1).numpy()
+
+
+def test_minilm_teacher_tiny_bert_parity(tmp_path):
+    pytest.importorskip("mllm_jax.models.text_encoder")
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    words = "a an the red blue green circle square cross is left of above below small large".split()
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words))
+    BertTokenizerFast(str(tmp_path / "vocab.txt")).save_pretrained(str(tmp_path))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=5 + len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64), add_pooling_layer=False).save_pretrained(str(tmp_path))
+    texts = ["a red circle", "the blue square is left of a small green cross", "large"]
+    teacher = TC.MiniLMTeacher.from_pretrained(tmp_path)
+    np.testing.assert_allclose(teacher.embed_texts(texts), _torch_sentence_embeddings(tmp_path, texts), atol=2e-5)
+    rows = teacher.embed([image_segment(np.zeros((4, 4, 3), np.uint8)), text_segment(texts[0])])
+    assert not rows[0].any() and np.linalg.norm(rows[1]) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.real
+def test_minilm_teacher_real_weights(assets_dir):
+    pytest.importorskip("mllm_jax.models.text_encoder")
+    d = Path(assets_dir) / "all-MiniLM-L6-v2"
+    texts = ["a red circle and a blue square", "There are three objects. A small green cross is in the center.",
+             "A purple diamond is called a lonan.", "yes"]
+    teacher = TC.MiniLMTeacher.from_pretrained(d)
+    got = teacher.embed_texts(texts)
+    np.testing.assert_allclose(got, _torch_sentence_embeddings(d, texts), atol=1e-4)
+    assert got[0] @ got[1] > got[0] @ got[3]                                # semantics, roughly
+    assert teacher.fingerprint().startswith("minilm:all-MiniLM-L6-v2:")
+
+
+def test_vision_teacher_glue():
+    vision = pytest.importorskip("mllm_jax.models.vision")
+    from flax import nnx
+    cfg = VisionConfig(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64, num_heads=4)
+    tower = vision.VisionTower(cfg, rngs=nnx.Rngs(0))
+    teacher = TC.VisionTeacher(tower, "tiny")
+    img = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    rows = teacher.embed([text_segment("x"), image_segment(img)])
+    from mllm_jax.data.pipeline import ImageSpec
+    want = np.asarray(tower(ImageSpec.from_vision(cfg)(img)[None]).pooled)[0]
+    np.testing.assert_allclose(rows[1], want / np.linalg.norm(want), atol=1e-5)
+    assert not rows[0].any()

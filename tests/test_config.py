@@ -1,0 +1,93 @@
+"""Config machinery: YAML + overrides, errors that name the path, HF config round-trips."""
+import dataclasses
+
+import pytest
+import yaml
+
+from mllm_jax.config import (ConfigError, DecoderConfig, MLLMConfig, TextEncoderConfig, VisionConfig,
+                             apply_overrides, config_hash, from_dict, load_config, save_config, to_dict)
+
+
+def test_yaml_overrides_and_roundtrip(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"decoder": {"num_layers": 3, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+                                 "vision": {"image_mean": [0.5, 0.5, 0.5]}}))
+    cfg = load_config(p, MLLMConfig, overrides=["decoder.hidden_size=96", "lora.rank=4", "decoder.dtype=bfloat16"])
+    assert cfg.decoder.num_layers == 3 and cfg.decoder.hidden_size == 96 and cfg.lora.rank == 4
+    assert cfg.vision.image_mean == (0.5, 0.5, 0.5)  # list -> tuple
+    assert cfg.decoder.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    out = tmp_path / "resolved.yaml"
+    save_config(cfg, out)
+    again = load_config(out, MLLMConfig)
+    assert again == cfg and config_hash(again) == config_hash(cfg)
+    assert config_hash(apply_overrides(cfg, ["lora.rank=8"])) != config_hash(cfg)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lora = None  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("decoder.num_layer=3", "did you mean 'num_layers'"),
+    ("decoder.num_layers=2.5", "decoder.num_layers: expected an integer"),
+    ("decoder.tie_word_embeddings=maybe", "expected true/false"),
+    ("nokey", "expected key=value"),
+    ("decoder.family=gpt2", "decoder.family"),
+])
+def test_override_errors_name_the_path(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        apply_overrides(MLLMConfig(), [override])
+
+
+def test_unknown_yaml_key_names_file_and_path(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("decoder:\n  hidden_sise: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: decoder\.hidden_sise: unknown key.*hidden_size"):
+        load_config(p, MLLMConfig)
+
+
+def test_heads_must_divide_hidden_size():
+    with pytest.raises(ConfigError, match="num_heads=5 does not divide hidden_size=64"):
+        DecoderConfig(hidden_size=64, num_heads=5, num_kv_heads=5)
+    with pytest.raises(ConfigError, match="num_kv_heads=3 must divide num_heads=4"):
+        DecoderConfig(num_heads=4, num_kv_heads=3)
+    with pytest.raises(ConfigError, match="vision: num_heads=3"):
+        VisionConfig(hidden_size=64, num_heads=3)
+    with pytest.raises(ConfigError, match="patch_size=5 does not divide image_size=32"):
+        VisionConfig(patch_size=5)
+    with pytest.raises(ConfigError, match="head_dim"):  # explicit head_dim lifts the restriction
+        DecoderConfig(hidden_size=64, num_heads=6, num_kv_heads=2)
+    assert DecoderConfig(hidden_size=64, num_heads=6, num_kv_heads=2, head_dim=16).resolved_head_dim == 16
+
+
+def test_hf_config_roundtrip_through_transformers():
+    """Our config -> HF dict -> transformers config object -> dict -> our config is the identity."""
+    from transformers import BertConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig, Qwen2Config, SiglipVisionConfig
+
+    llama = DecoderConfig(vocab_size=100, hidden_size=48, intermediate_size=96, num_layers=3, num_heads=6,
+                          num_kv_heads=2, rope_theta=5e5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 1024})
+    assert DecoderConfig.from_hf(LlamaConfig(**llama.to_hf()).to_dict()) == llama
+    qwen = DecoderConfig(family="qwen2", attention_bias=True, vocab_size=90, hidden_size=32, num_heads=4, num_kv_heads=2)
+    assert DecoderConfig.from_hf(Qwen2Config(**qwen.to_hf()).to_dict()) == qwen
+    clip = VisionConfig(image_size=30, patch_size=6, hidden_size=48, num_heads=4)
+    assert VisionConfig.from_hf(CLIPVisionConfig(**clip.to_hf()).to_dict()) == clip
+    sig = VisionConfig.from_hf(SiglipVisionConfig(hidden_size=32, num_attention_heads=2, image_size=16, patch_size=4,
+                                                  intermediate_size=40, num_hidden_layers=1).to_dict())
+    assert sig.variant == "siglip" and sig.hidden_act == "gelu_pytorch_tanh" and sig.image_mean == (0.5, 0.5, 0.5)
+    assert VisionConfig.from_hf(SiglipVisionConfig(**sig.to_hf()).to_dict()) == sig
+    bert = TextEncoderConfig(vocab_size=77, hidden_size=32, num_heads=4)
+    assert TextEncoderConfig.from_hf(BertConfig(**bert.to_hf()).to_dict()) == bert
+    mllm = MLLMConfig(vision=clip, decoder=llama, image_token_id=99)
+    hf = mllm.to_hf()
+    hf_obj = LlavaConfig(vision_config=hf["vision_config"], text_config=hf["text_config"],
+                         image_token_index=99, vision_feature_layer=-2)
+    assert MLLMConfig.from_hf(hf_obj.to_dict()) == mllm
+
+
+def test_from_dict_nested_and_to_dict():
+    d = {"decoder": {"num_layers": 1}, "projector": {"kind": "pool", "pool_size": 2}}
+    cfg = from_dict(MLLMConfig, d)
+    assert cfg.tokens_per_image == 4
+    assert from_dict(MLLMConfig, to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match="projector.kind"):
+        from_dict(MLLMConfig, {"projector": {"kind": "qformer"}})
