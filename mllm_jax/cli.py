@@ -28,7 +28,7 @@ EPILOG = """\
 examples:
   python -m mllm_jax train --config experiments/configs/<name>.yaml train.steps=200 train.optim.lr=3e-4
   python -m mllm_jax train --config experiments/configs/infmllm_3stage.yaml --stage instruct
-  python -m mllm_jax plan --config experiments/configs/vila7b_sugar.yaml --mesh 1,256,1
+  python -m mllm_jax plan --config experiments/configs/vila7b_sugar.yaml --mesh 1,256,1 --global-batch 256
 multi-host: run the same command on every host (TPU pods discover each other); on GPU clusters
 add --coordinator HOST:PORT --num-processes N --process-id I (or MLLM_JAX_COORDINATOR,
 MLLM_JAX_NUM_PROCESSES, MLLM_JAX_PROCESS_ID)."""
@@ -88,7 +88,8 @@ def cmd_plan(args) -> int:
     else:
         mesh = (1, args.devices, 1)
     try:
-        plan = make_plan(_load(args), mesh, mfu=args.mfu, accelerators=args.accelerators.split(","))
+        plan = make_plan(_load(args), mesh, global_batch=args.global_batch, mfu=args.mfu,
+                         accelerators=args.accelerators.split(","))
     except ShardingError as e:
         print(f"plan: the mesh {mesh} does not fit the model: {e}", file=sys.stderr)
         return 2
@@ -150,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
 
     p = sub.add_parser("train", help="train or resume a run (all stages of a recipe)",
-                       description="Train (or resume from the newest good checkpoint in train.run_dir). "
+                       description="Train (or resume from the newest good checkpoint in train.run_dir) on "
+                                   "the mesh in `mesh` (data/fsdp/tensor; -1 = the remaining devices). "
                                    "Writes config.yaml, metrics.jsonl, tensorboard/ and checkpoints/ under "
                                    "train.run_dir. SIGTERM/SIGINT save a checkpoint and exit with 128+signal.")
     _add_config(p)
@@ -199,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--mesh", help="data,fsdp,tensor sizes, e.g. 1,256,1")
     p.add_argument("--devices", type=int, default=1, help="shorthand for --mesh 1,N,1")
+    p.add_argument("--global-batch", type=int, help="sequences per step over all hosts (default: data.batch_size, "
+                                                    "which is per process)")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
     p.add_argument("--accelerators", default="tpu-v5p,h100,h200", help="comma-separated keys of flops.ACCELERATORS")
     p.set_defaults(fn=cmd_plan)

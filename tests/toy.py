@@ -159,14 +159,15 @@ class ToyIterator:
 
 
 def toy_data(cfg: ExperimentConfig, *, split: str = "train", process_index: int = 0, process_count: int = 1):
-    """Process-local batches ``{input_ids, labels, loss_mask, attention_mask: int32[B_local, T],
-    scale: float32[B_local]}`` (+ ``pixel_values: float32[B_local, 1, H, W, C]`` when
-    ``data.options.images`` is set). The global batch is the process-ordered concatenation."""
+    """Process-local batches ``{input_ids, labels, loss_mask, attention_mask: int32[b, T],
+    scale: float32[b]}`` (+ ``pixel_values: float32[b, 1, H, W, C]`` when
+    ``data_options.images`` is set), ``b = data.batch_size`` per process, ``T =
+    max(data.seq_buckets)``. The global batch is the process-ordered concatenation, the same
+    rows whatever the process count."""
     d = cfg.data
-    opts = dict(d.options)
-    B, T, V = d.batch_size, d.seq_len, cfg.model.decoder.vocab_size
-    if B % process_count:
-        raise ValueError(f"data.batch_size={B} is not divisible by {process_count} processes")
+    opts = dict(cfg.data_options)
+    local, T, V = d.batch_size, max(d.seq_buckets), cfg.model.decoder.vocab_size
+    B = local * process_count
     n = int(opts.get("num_examples", 64))
     rng = np.random.default_rng([d.seed, 0 if split == "train" else 1])
     start = rng.integers(0, V, size=(n, 1))
@@ -184,7 +185,6 @@ def toy_data(cfg: ExperimentConfig, *, split: str = "train", process_index: int 
             ex["pixel_values"] = images[i]
         return ex
 
-    local = B // process_count
     lo = process_index * local
     ds = (grain.MapDataset.range(n).shuffle(seed=d.seed).repeat().map(example)
           .batch(B, drop_remainder=True)
@@ -204,8 +204,9 @@ def tiny_experiment(**updates) -> ExperimentConfig:
         "model_name": "tests.toy:TOY_LM",
         "model.decoder.vocab_size": 64, "model.decoder.hidden_size": 32, "model.decoder.intermediate_size": 64,
         "model.decoder.num_layers": 2, "model.decoder.num_heads": 4, "model.decoder.num_kv_heads": 2,
-        "data.name": "tests.toy:toy_data", "data.batch_size": 8, "data.seq_len": 16,
-        "train.steps": 5, "train.mesh": [1, 1, 1], "train.log_every": 1, "train.tensorboard": False,
+        "data_pipeline": "tests.toy:toy_data", "data.batch_size": 8, "data.seq_buckets": [16],
+        "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1,
+        "train.steps": 5, "train.log_every": 1, "train.tensorboard": False,
         "train.progress": False, "train.optim.lr": 1e-2, "train.optim.schedule": "constant",
         "train.optim.warmup_steps": 1,
         "train.checkpoint.async_save": False,
@@ -218,7 +219,7 @@ def tiny_mllm_experiment(**updates) -> ExperimentConfig:
     """``tiny_experiment`` with the toy MLLM (8x8 images, 4 patches of 4x4, 16-d vision)."""
     base = {"model_name": "tests.toy:TOY_MLLM", "model.vision.image_size": 8, "model.vision.patch_size": 4,
             "model.vision.hidden_size": 16, "model.vision.intermediate_size": 32, "model.vision.num_heads": 2,
-            "data.options": {"images": True}, "objective.name": "tests.toy:scaled_ntp"}
+            "data_options": {"images": True}, "objective.name": "tests.toy:scaled_ntp"}
     base.update(updates)
     return tiny_experiment(**base)
 

@@ -19,13 +19,13 @@ from mllm_jax.train.stages import run_stages
 
 
 def _data(cfg: ExperimentConfig, split: str):
-    build = registry.dataset(cfg.data.name)
+    build = registry.dataset(cfg.data_pipeline)
     return build(cfg, split=split, process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def train(cfg: ExperimentConfig, *, eval_hooks=(), mesh=None) -> FitResult:
     """Trains one run (one stage) as configured; resumes if its checkpoints exist. ``mesh``
-    defaults to ``train.mesh`` over all devices."""
+    defaults to ``cfg.mesh`` over all devices."""
     cfg = cfg.resolved()
     spec = registry.model_spec(cfg.model_name)
     eval_data = (lambda: _data(cfg, "eval")) if cfg.train.eval_every else None
@@ -56,7 +56,7 @@ def restore_run(checkpoint: str, cfg: Optional[ExperimentConfig] = None, *, mesh
         cfg = load_config(Path(checkpoint) / "config.yaml", ExperimentConfig)
     cfg = cfg.resolved()
     spec = registry.model_spec(cfg.model_name)
-    mesh = mesh if mesh is not None else shd.make_mesh(*cfg.train.mesh)
+    mesh = mesh if mesh is not None else shd.make_mesh(*cfg.mesh.shape)
     tx, _ = build_optimizer(cfg.train.optim, max(cfg.train.steps, 1))
     abstract, _ = abstract_train_state(lambda: spec.build(cfg, nnx.Rngs(0)), tx, cfg.train.optim, mesh)
     where = find_checkpoint_dir(checkpoint)
@@ -71,7 +71,7 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: Optional[str] = None,
                         steps: Optional[int] = None) -> dict[str, float]:
     """Eval losses of the newest good checkpoint in ``checkpoint`` (default: the run's own)."""
     cfg = cfg.resolved()
-    mesh = shd.make_mesh(*cfg.train.mesh)
+    mesh = shd.make_mesh(*cfg.mesh.shape)
     state, step = restore_run(checkpoint or cfg.train.run_dir, cfg, mesh=mesh)
     step_fn = jax.jit(make_eval_step(registry.build_loss_fn(cfg), mesh))
     out = evaluate(step_fn, state, _data(cfg, "eval"), steps or cfg.train.eval_steps, mesh, shd.DEFAULT_RULES)

@@ -208,7 +208,7 @@ def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], los
     tc = cfg.train
     primary = jax.process_index() == 0
     run_dir = Path(tc.run_dir)
-    mesh = mesh if mesh is not None else shd.make_mesh(*tc.mesh)
+    mesh = mesh if mesh is not None else shd.make_mesh(*cfg.mesh.shape)
     tx, schedule = build_optimizer(tc.optim, tc.steps)
     ckpt = Checkpointer(tc.checkpoint.dir or run_dir / "checkpoints", tc.checkpoint)
     cfg_dict = to_dict(cfg)

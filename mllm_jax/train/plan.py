@@ -7,7 +7,7 @@ gradients and optimiser state under the sharding rules, an activation estimate, 
 step, and the step time implied by an MFU on named accelerators. A sharded dimension that
 the mesh does not divide fails with the param's name and shape.
 
-    python -m mllm_jax plan --config experiments/configs/vila7b_sugar.yaml --mesh 1,256,1
+    python -m mllm_jax plan --config experiments/configs/vila7b_sugar.yaml --mesh 1,256,1 --global-batch 256
 """
 from __future__ import annotations
 
@@ -107,14 +107,15 @@ def _device_bytes(tree) -> float:
     return total
 
 
-def activation_bytes(cfg: ExperimentConfig, mesh: dict[str, int], images_per_sample: int) -> float:
+def activation_bytes(cfg: ExperimentConfig, mesh: dict[str, int], batch: int, seq_len: int,
+                     images_per_sample: int) -> float:
     """Per-device activation memory, estimated (Korthikanti et al. 2022): per layer and token
     ``(34 d + 5 heads T) * bytes/2`` without recomputation, ``2 d * bytes/2`` with ``remat``
     (plus one layer's full set), logits in float32 twice (value and gradient). Batch is split
     over data x fsdp, the rest over tensor."""
     m = cfg.model
     dp, tp = mesh["data"] * mesh["fsdp"], mesh["tensor"]
-    b = cfg.data.batch_size / dp
+    b = batch / dp
 
     def stack(d, heads, layers, t, n_seq, dtype, remat):
         k = jnp.dtype(dtype).itemsize / 2
@@ -123,8 +124,8 @@ def activation_bytes(cfg: ExperimentConfig, mesh: dict[str, int], images_per_sam
         return n_seq * t * per_tok / tp
 
     dec = m.decoder
-    out = stack(dec.hidden_size, dec.num_heads, dec.num_layers, cfg.data.seq_len, b, dec.dtype, dec.remat)
-    out += 2 * 4 * b * cfg.data.seq_len * dec.vocab_size / tp
+    out = stack(dec.hidden_size, dec.num_heads, dec.num_layers, seq_len, b, dec.dtype, dec.remat)
+    out += 2 * 4 * b * seq_len * dec.vocab_size / tp
     if cfg.model_name == "mllm" and images_per_sample:
         v = m.vision
         t = v.num_patches + (v.variant == "clip")
@@ -132,9 +133,13 @@ def activation_bytes(cfg: ExperimentConfig, mesh: dict[str, int], images_per_sam
     return out
 
 
-def make_plan(cfg: ExperimentConfig, mesh_shape: Sequence[int], *, mfu: float = 0.4,
-              accelerators: Sequence[str] = ("tpu-v5p", "h100", "h200")) -> Plan:
-    """The ``Plan`` of ``cfg`` on a ``(data, fsdp, tensor)`` mesh (any size; nothing allocated)."""
+def make_plan(cfg: ExperimentConfig, mesh_shape: Sequence[int], *, global_batch: Optional[int] = None,
+              mfu: float = 0.4, accelerators: Sequence[str] = ("tpu-v5p", "h100", "h200")) -> Plan:
+    """The ``Plan`` of ``cfg`` on a ``(data, fsdp, tensor)`` mesh (any size; nothing allocated).
+
+    ``global_batch`` defaults to ``data.batch_size`` (which is per process: pass the global
+    batch of a multi-host run); sequences are ``max(data.seq_buckets)`` long with
+    ``data.max_images`` images each."""
     cfg = cfg.resolved()
     mesh = AbstractMesh(tuple(int(s) for s in mesh_shape), shd.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     graphdef, params, extra, source = abstract_params(cfg)
@@ -146,15 +151,17 @@ def make_plan(cfg: ExperimentConfig, mesh_shape: Sequence[int], *, mfu: float = 
 
     flat = {path_str(p): v for p, v in nnx.to_flat_state(nnx.as_pure(params))}
     counts = _module_counts(flat)
-    images = int(cfg.data.options.get("images_per_sample", 1))
+    B, T, images = global_batch or cfg.data.batch_size, max(cfg.data.seq_buckets), cfg.data.max_images
     mesh_dict = dict(mesh.shape)
+    if B % (mesh_dict["data"] * mesh_dict["fsdp"]):
+        raise shd.ShardingError(f"global batch {B} is not divisible by data x fsdp = "
+                                f"{mesh_dict['data'] * mesh_dict['fsdp']} (mesh {mesh_dict})")
     bytes_ = {"params": _device_bytes((abstract.params, abstract.frozen)),
               "grads": _device_bytes(abstract.params),
               "opt_state": _device_bytes(abstract.opt_state),
-              "activations (estimate)": activation_bytes(cfg, mesh_dict, images)}
+              "activations (estimate)": activation_bytes(cfg, mesh_dict, B, T, images)}
     bytes_["total"] = sum(bytes_.values())
 
-    B, T = cfg.data.batch_size, cfg.data.seq_len
     v = cfg.model.vision
     shapes = {"input_ids": (B, T), "pixel_values": (B, images, v.image_size, v.image_size, v.num_channels)}
     spec = model_spec(cfg.model_name)

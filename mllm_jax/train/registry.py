@@ -1,13 +1,13 @@
 """Names in a config -> the code that builds the model, the loss and the data.
 
-``model_name``, ``objective.name`` and ``data.name`` are either a registered name below or
+``model_name``, ``objective.name`` and ``data_pipeline`` are either a registered name below or
 ``"pkg.module:attr"`` (so a user's own model, loss or pipeline plugs in without editing this
 file). Registered names are import strings too: nothing heavy is imported until used.
 
     model    -> ModelSpec(build(cfg, rngs) -> nnx.Module, forward_flops(cfg, shapes) -> float)
     objective-> builder(cfg) -> criterion(outputs, batch) -> (loss, {part: value})
     data     -> builder(cfg, *, split, process_index, process_count) -> iterator of process-local
-                numpy batches with grain's get_state() / set_state()
+                numpy batches with grain's get_state() / set_state(); split is "train" or "eval"
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ MLLM_SPEC = ModelSpec(build=_build_mllm, forward_flops=_mllm_flops,
 
 MODELS: dict[str, Any] = {"mllm": "mllm_jax.train.registry:MLLM_SPEC"}
 OBJECTIVES: dict[str, Any] = {"ntp": "mllm_jax.train.registry:ntp_objective"}
-DATASETS: dict[str, Any] = {}  # the data pipeline registers its builders here
+DATASETS: dict[str, Any] = {"grain": "mllm_jax.train.registry:grain_data"}
 
 
 def _resolve(table: dict, name: str, what: str):
@@ -93,12 +93,22 @@ def objective(name: str) -> Callable:
 
 
 def dataset(name: str) -> Callable:
-    return _resolve(DATASETS, name, "data.name")
+    return _resolve(DATASETS, name, "data_pipeline")
 
 
 def register(table: dict, name: str, target) -> None:
     """``register(MODELS, "my_model", ModelSpec(...))`` (or an import string)."""
     table[name] = target
+
+
+def grain_data(cfg: ExperimentConfig, *, split: str, process_index: int, process_count: int):
+    """The project's grain pipeline (``mllm_jax.data.pipeline``) on ``cfg.data`` for training
+    and on ``cfg.eval_data`` (default: ``cfg.data`` on the ``val`` split, unshuffled) for eval."""
+    from mllm_jax.data.pipeline import make_iterator
+    data = cfg.data
+    if split == "eval":
+        data = cfg.eval_data or dataclasses.replace(cfg.data, split="val", shuffle=False)
+    return make_iterator(data, cfg.model, shard=(process_index, process_count) if data.shard_by_process else (0, 1))
 
 
 # ---- forward + loss ----------------------------------------------------------------------------
@@ -147,6 +157,6 @@ def build_loss_fn(cfg: ExperimentConfig) -> Callable:
     return make_loss_fn(objective(cfg.objective.name)(cfg))
 
 
-__all__ = ["ModelSpec", "MLLM_SPEC", "MODELS", "OBJECTIVES", "DATASETS", "model_spec", "objective", "dataset",
+__all__ = ["ModelSpec", "MLLM_SPEC", "MODELS", "OBJECTIVES", "DATASETS", "model_spec", "objective", "dataset", "grain_data",
            "register", "call_with_batch", "make_loss_fn", "logits_of", "next_token_loss", "ntp_objective",
            "build_loss_fn"]

@@ -54,10 +54,12 @@ class StageHandoverError(ValueError):
 # ---- recipes ------------------------------------------------------------------------------------
 
 def infmllm_stages(*, steps: Sequence[int] = (1000, 2000, 2000), lr: Sequence[float] = (1e-3, 1e-4, 2e-5),
-                   data: Sequence[str] = ("captions", "multitask", "instruct"), lora_rank: int = 8,
-                   lora_alpha: float = 16.0, stage3_lora: bool = False) -> tuple[StageConfig, ...]:
-    """InfMLLM's recipe. ``stage3_lora`` keeps training the stage-2 LoRA (plus the adapter) in
-    stage 3 instead of fine-tuning the whole LLM (where the LoRA is merged into the LLM)."""
+                   data: Sequence[dict] = ({}, {}, {}), lora_rank: int = 8, lora_alpha: float = 16.0,
+                   stage3_lora: bool = False) -> tuple[StageConfig, ...]:
+    """InfMLLM's recipe. ``data[k]`` are stage ``k``'s data updates (e.g. ``{"data.tasks":
+    ["caption_short:1", "caption_long:1"]}``). ``stage3_lora`` keeps training the stage-2 LoRA
+    (plus the adapter) in stage 3 instead of fine-tuning the whole LLM (into which the LoRA is
+    then merged)."""
     lora_qv = r"decoder\..*(q_proj|v_proj)$"
     stage1 = {"train.optim.trainable": list(PROJECTOR_ONLY), "train.optim.frozen": [], "model.lora.rank": 0}
     stage2 = {"train.optim.trainable": [*VISION, *PROJECTOR_ONLY, *LORA_ONLY], "train.optim.frozen": [],
@@ -70,7 +72,7 @@ def infmllm_stages(*, steps: Sequence[int] = (1000, 2000, 2000), lr: Sequence[fl
                   "model.lora.rank": 0}
     out = []
     for i, (name, upd) in enumerate((("align", stage1), ("multitask", stage2), ("instruct", stage3))):
-        out.append(StageConfig(name, {**upd, "train.steps": steps[i], "train.optim.lr": lr[i], "data.name": data[i]},
+        out.append(StageConfig(name, {**upd, "train.steps": steps[i], "train.optim.lr": lr[i], **data[i]},
                                init_from_previous=i > 0))
     return tuple(out)
 

@@ -30,12 +30,12 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
     there; the final params equal an uninterrupted run's bit for bit."""
     upd = {"train.steps": 6, "train.checkpoint.every_steps": 0}
     run = str(tmp_path / "run")
-    first = fit_toy(tiny_experiment(**upd, **{"train.run_dir": run, "data.options": {"sigterm_at": 2}}))
+    first = fit_toy(tiny_experiment(**upd, **{"train.run_dir": run, "data_options": {"sigterm_at": 2}}))
     assert first.status == "preempted" and int(first.state.step) == 3
     ck = Checkpointer(tmp_path / "run" / "checkpoints")
     assert ck.all_steps() == [3]
     assert (tmp_path / "run" / "checkpoints" / "3" / "data" / "process_0-of-1.json").exists()
-    resumed = fit_toy(tiny_experiment(**upd, **{"train.run_dir": run, "data.options": {"sigterm_at": 2}}))
+    resumed = fit_toy(tiny_experiment(**upd, **{"train.run_dir": run, "data_options": {"sigterm_at": 2}}))
     assert resumed.status == "completed" and [h["step"] for h in resumed.history] == [4, 5, 6]
     straight = fit_toy(tiny_experiment(**upd, **{"train.run_dir": str(tmp_path / "straight")}))
     a, b = params_np(resumed.state), params_np(straight.state)

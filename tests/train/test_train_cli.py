@@ -33,6 +33,6 @@ def test_eval_restores_the_newest_checkpoint_onto_this_machines_mesh(tmp_path, c
     fit_toy(cfg)  # trained on one device
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(to_dict(cfg)))
-    assert main(["eval", "--config", str(path), "--steps", "2", "train.mesh=[1,-1,1]"]) == 0  # 8 devices
+    assert main(["eval", "--config", str(path), "--steps", "2", "mesh.fsdp=-1"]) == 0  # 8 devices
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["step"] == 2 and np.isfinite(out["eval/loss"]) and out["eval/loss"] == out["eval/loss/ntp"]

@@ -91,19 +91,19 @@ def test_nan_batch_is_skipped_counted_and_changes_nothing(tmp_path):
     that never saw that batch (bit for bit): the skipped step changed no param and no optimiser
     state."""
     # (tiny_experiment's lr is constant, so the two runs' lengths do not change their updates)
-    nan = fit_toy(tiny_experiment(**{"train.run_dir": str(tmp_path / "nan"), "data.options": {"nan_batches": [2]}}))
+    nan = fit_toy(tiny_experiment(**{"train.run_dir": str(tmp_path / "nan"), "data_options": {"nan_batches": [2]}}))
     assert [h["finite"] for h in nan.history] == [True, True, False, True, True]
     assert nan.history[-1]["skipped"] == 1 and nan.history[-1]["bad_streak"] == 0
     assert int(nan.state.skipped) == 1 and np.isfinite(nan.history[-1]["loss"])
     clean = fit_toy(tiny_experiment(**{"train.run_dir": str(tmp_path / "drop"), "train.steps": 4,
-                                       "data.options": {"drop_batches": [2]}}))
+                                       "data_options": {"drop_batches": [2]}}))
     a, b = params_np(nan.state), params_np(clean.state)
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_too_many_bad_steps_stop_with_a_clear_error(tmp_path):
     cfg = tiny_experiment(**{"train.run_dir": str(tmp_path / "r"), "train.max_bad_steps": 2,
-                             "data.options": {"nan_batches": [1, 2]}})
+                             "data_options": {"nan_batches": [1, 2]}})
     with pytest.raises(NonFiniteLossError, match="2 consecutive steps .* non-finite"):
         fit_toy(cfg)
 

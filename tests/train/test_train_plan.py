@@ -47,7 +47,7 @@ def test_vila7b_param_count_agrees_with_transformers(vila):
 
 
 def test_plan_vila7b_on_256_chips(vila, capsys):
-    plan = make_plan(vila, (1, 256, 1), mfu=0.4)
+    plan = make_plan(vila, (1, 256, 1), global_batch=256, mfu=0.4)
     total = sum(int(np.prod(s.shape)) for s in F.mllm_params(vila.model))
     assert plan.total_params == total and plan.source == "arithmetic parameter table"
     assert plan.trainable_params == sum(int(np.prod(s.shape)) for s in F.mllm_params(vila.model)
@@ -55,7 +55,7 @@ def test_plan_vila7b_on_256_chips(vila, capsys):
     # fsdp over 256 splits every matrix 256 ways along its embed dim; only vectors (norm scales,
     # biases) may stay whole. Without LoRA that is all:
     no_lora_cfg = apply_overrides(vila, ["model.lora.rank=0", "train.optim.trainable=['^projector']"])
-    no_lora = make_plan(no_lora_cfg, (1, 256, 1))
+    no_lora = make_plan(no_lora_cfg, (1, 256, 1), global_batch=256)
     n = no_lora.total_params
     vectors = sum(s.shape[0] for s in F.mllm_params(no_lora_cfg.model) if len(s.shape) == 1)
     assert 4 * n / 256 <= no_lora.bytes_per_device["params"] <= 4 * n / 256 + 4 * vectors
@@ -65,12 +65,12 @@ def test_plan_vila7b_on_256_chips(vila, capsys):
     assert plan.bytes_per_device["params"] - no_lora.bytes_per_device["params"] == 4 * (a / 256 + a)
     # Adam: two float32 moments of the trainable params only, at most replicated
     assert plan.bytes_per_device["opt_state"] <= 2 * 4 * plan.trainable_params + 64
-    tokens = vila.data.batch_size * vila.data.seq_len
+    tokens = 256 * max(vila.data.seq_buckets)
     assert plan.tokens_per_step == tokens
     six_n = 6 * 7.0e9 * tokens  # PaLM's 6N per token, plus attention and the ViT on top
     assert six_n < plan.flops_per_step < 1.3 * six_n
     assert plan.step_time_s["h100"] == pytest.approx(plan.flops_per_step / (256 * 989e12 * 0.4))
-    assert main(["plan", "--config", str(VILA), "--mesh", "1,256,1"]) == 0
+    assert main(["plan", "--config", str(VILA), "--mesh", "1,256,1", "--global-batch", "256"]) == 0
     out = capsys.readouterr().out
     assert "decoder.layers" in out and "vision.encoder" in out and "tpu-v5p" in out and "h200" in out
 

@@ -37,8 +37,7 @@ def _all_changed(a, b, suffix=".kernel"):
 
 
 def test_infmllm_three_stages_train_what_each_stage_says(tmp_path):
-    stages = infmllm_stages(steps=(2, 2, 2), lr=(1e-2, 1e-2, 1e-2), data=("tests.toy:toy_data",) * 3,
-                            lora_rank=4, lora_alpha=8)
+    stages = infmllm_stages(steps=(2, 2, 2), lr=(1e-2, 1e-2, 1e-2), lora_rank=4, lora_alpha=8)
     cfg = dataclasses.replace(tiny_mllm_experiment(**{"train.run_dir": str(tmp_path / "run")}), stages=stages)
     s1, s2, s3 = train_recipe(cfg, mesh=one_device_mesh())
     p0 = params_np(_fresh_state(stage_config(cfg, stages[0], None), TOY_MLLM)[0])
@@ -64,8 +63,7 @@ def test_infmllm_three_stages_train_what_each_stage_says(tmp_path):
 def test_lora_is_merged_exactly_at_the_handover(tmp_path):
     """Stage 2's model with LoRA and stage 3's model initialised from its checkpoint (LoRA folded
     into the kernels) compute the same logits."""
-    stages = infmllm_stages(steps=(1, 2, 1), lr=(1e-2,) * 3, data=("tests.toy:toy_data",) * 3, lora_rank=4,
-                            lora_alpha=8)
+    stages = infmllm_stages(steps=(1, 2, 1), lr=(1e-2,) * 3, lora_rank=4, lora_alpha=8)
     cfg = dataclasses.replace(tiny_mllm_experiment(**{"train.run_dir": str(tmp_path / "run")}), stages=stages)
     results = train_recipe(dataclasses.replace(cfg, stages=stages[:2]), mesh=one_device_mesh())
     s2 = results[-1]

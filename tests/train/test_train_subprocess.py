@@ -132,8 +132,8 @@ def test_two_process_run_matches_one_process(tmp_path, cache_env):
     """2 processes x 2 CPU devices (gloo collectives, localhost coordinator), each loading its
     half of every batch, == one process on 4 devices (this one), same (data, fsdp, tensor) =
     (2, 2, 1) mesh, 3 steps."""
-    updates = {"train.steps": 3, "train.mesh": [2, 2, 1]}
-    cfg = _config(tmp_path, **updates)
+    updates = {"train.steps": 3, "mesh.data": 2, "mesh.fsdp": 2}
+    cfg = _config(tmp_path, **updates, **{"data.batch_size": 4})  # per process: 2 x 4 = the 8 rows below
     port = _free_port()
     multi = [_launch(cfg, tmp_path / "multi", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                      "--process-id", str(i), devices=2, env_extra=cache_env) for i in range(2)]
