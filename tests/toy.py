@@ -203,7 +203,7 @@ def tiny_experiment(**updates) -> ExperimentConfig:
     base = {
         "model_name": "tests.toy:TOY_LM",
         "model.decoder.vocab_size": 64, "model.decoder.hidden_size": 32, "model.decoder.intermediate_size": 64,
-        "model.decoder.num_layers": 2, "model.decoder.num_heads": 4, "model.decoder.num_kv_heads": 2,
+        "model.decoder.num_layers": 1, "model.decoder.num_heads": 4, "model.decoder.num_kv_heads": 2,
         "data_pipeline": "tests.toy:toy_data", "data.batch_size": 8, "data.seq_buckets": [16],
         "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1,
         "train.steps": 5, "train.log_every": 1, "train.tensorboard": False,

@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import nnx
 
 from mllm_jax.config import CheckpointConfig
 from mllm_jax.train.state import TrainState, flat_state, unflatten_like
@@ -127,8 +126,6 @@ def _data_to_keys(tree, like):
 class Checkpointer:
     """Saves and restores ``TrainState`` + data state + config under ``directory``."""
 
-    ITEMS = ("params", "train", "data", "config")
-
     def __init__(self, directory: str | os.PathLike, cfg: CheckpointConfig = CheckpointConfig(), *,
                  read_only: bool = False):
         self.directory = Path(directory).absolute()
@@ -194,7 +191,7 @@ class Checkpointer:
         the placement). Returns ``(state, data_state or None, step)``, or None without checkpoints."""
         def one(step):
             items = {"params": ocp.args.StandardRestore(flat_state(abstract.all_params())),
-                     "train": ocp.args.StandardRestore(_keys_to_data(_train_item(abstract)))}
+                     "train": ocp.args.StandardRestore(_train_item(abstract))}
             if with_data:
                 items["data"] = DataStateRestore()
             r = self._mgr.restore(step, args=ocp.args.Composite(**items))

@@ -238,11 +238,12 @@ def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], los
     history, eval_history = [], []
     step = int(state.step)
     last_saved = step if restored is not None else None
-    thr: Optional[Throughput] = None
-    pending: Optional[tuple[int, Any]] = None
+    thr = Throughput(_mesh_peak_flops(cfg, mesh))
+    cost = _step_cost(forward_flops, count_params(abstract.all_params()))
+    pending: Optional[tuple[int, Any, tuple[int, float]]] = None
 
     def drain(p):
-        s, m = p
+        s, m, (tokens, flops) = p
         m = {k: v.item() for k, v in jax.device_get(m).items()}
         history.append({"step": s, **m})
         if m["bad_streak"] >= tc.max_bad_steps:
@@ -257,7 +258,7 @@ def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], los
         if len(history) == 1:
             thr.reset()  # the first step includes compilation
         else:
-            thr.tick()
+            thr.tick(tokens, flops)
         if s % tc.log_every == 0 or s == tc.steps:
             m.update(thr.measure())
             writer.write(s, m)
@@ -268,13 +269,11 @@ def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], los
         with StopSignal() as stop:
             while step < tc.steps:
                 batch = distributed.global_batch(next(data), mesh, rules)
-                if thr is None:
-                    thr = _throughput(cfg, batch, forward_flops, count_params(abstract.all_params()), mesh)
                 state, metrics = train_step(state, batch)
                 step += 1
                 if pending is not None:
                     drain(pending)
-                pending = (step, metrics)
+                pending = (step, metrics, cost(batch))
                 step_eval = None
                 if eval_step is not None and tc.eval_every and step % tc.eval_every == 0:
                     drain(pending)
@@ -304,19 +303,25 @@ def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], los
     return FitResult(state, history, eval_history, status, signum, ckpt.directory)
 
 
-def _throughput(cfg: ExperimentConfig, batch: dict, forward_flops, n_params: int, mesh) -> Throughput:
-    """Tokens and FLOPs per step from the global batch shapes; without ``forward_flops`` the
-    forward pass is taken as ``2 * params * tokens``."""
-    shapes = {k: tuple(v.shape) for k, v in batch.items()}
-    tokens = int(np.prod(shapes["input_ids"])) if "input_ids" in shapes else next(iter(shapes.values()))[0]
-    flops = train_flops(forward_flops(shapes) if forward_flops else 2.0 * n_params * tokens)
+def _step_cost(forward_flops, n_params: int):
+    """``batch -> (tokens, training FLOPs)`` from the global batch's shapes (buckets may change
+    them from step to step); without ``forward_flops`` the forward pass is ``2 * params * tokens``."""
+    def cost(batch):
+        shapes = {k: tuple(v.shape) for k, v in batch.items()}
+        tokens = int(np.prod(shapes["input_ids"])) if "input_ids" in shapes else next(iter(shapes.values()))[0]
+        return tokens, train_flops(forward_flops(shapes) if forward_flops else 2.0 * n_params * tokens)
+    return cost
+
+
+def _mesh_peak_flops(cfg: ExperimentConfig, mesh) -> Optional[float]:
     peak = cfg.train.peak_flops
     if peak is None:
         try:
             peak, _ = device_peak_flops(mesh.devices.flat[0])
         except KeyError as e:
             log.warning("%s", e)
-    return Throughput(tokens, flops, peak * mesh.size if peak else None)
+            return None
+    return peak * mesh.size
 
 
 __all__ = ["make_train_step", "make_eval_step", "jit_train_step", "fit", "evaluate", "FitResult",

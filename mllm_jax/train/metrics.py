@@ -97,27 +97,30 @@ class Progress:
 
 
 class Throughput:
-    """Tokens/s and MFU over the window since the last ``measure``."""
+    """Step time, tokens/s and MFU over the steps ticked since the last ``measure``/``reset``.
 
-    def __init__(self, tokens_per_step: int, flops_per_step: Optional[float], peak_flops: Optional[float]):
-        self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak_flops
-        self._t, self._steps = time.perf_counter(), 0
+    ``peak_flops`` is the whole mesh's peak (None: no MFU)."""
+
+    def __init__(self, peak_flops: Optional[float]):
+        self.peak = peak_flops
+        self.reset()
 
     def reset(self) -> None:
-        self._t, self._steps = time.perf_counter(), 0
+        self._t, self._steps, self._tokens, self._flops = time.perf_counter(), 0, 0, 0.0
 
-    def tick(self) -> None:
+    def tick(self, tokens: int, flops: float) -> None:
         self._steps += 1
+        self._tokens += tokens
+        self._flops += flops
 
     def measure(self) -> dict[str, float]:
-        now = time.perf_counter()
-        dt, n = now - self._t, self._steps
-        self._t, self._steps = now, 0
-        if n == 0 or dt <= 0:
-            return {}
-        out = {"step_time_s": dt / n, "tokens_per_s": self.tokens_per_step * n / dt}
-        if self.flops_per_step and self.peak:
-            out["mfu"] = self.flops_per_step * n / dt / self.peak
+        dt, n = time.perf_counter() - self._t, self._steps
+        out = {}
+        if n and dt > 0:
+            out = {"step_time_s": dt / n, "tokens_per_s": self._tokens / dt}
+            if self.peak:
+                out["mfu"] = self._flops / dt / self.peak
+        self.reset()
         return out
 
 

@@ -115,9 +115,11 @@ def grain_data(cfg: ExperimentConfig, *, split: str, process_index: int, process
 
 def call_with_batch(model: nnx.Module, batch: dict, rngs: Optional[nnx.Rngs] = None):
     """Calls ``model`` with the batch fields its ``__call__`` names as keyword arguments
-    (``input_ids``, ``attention_mask``, ``pixel_values``, ...), plus ``rngs`` if it takes one."""
+    (``input_ids``, ``attention_mask``, ``pixel_values``, ...; all of them if it takes
+    ``**kwargs``), plus ``rngs`` if it takes one."""
     params = inspect.signature(type(model).__call__).parameters
-    kwargs = {k: v for k, v in batch.items() if k in params}
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in batch.items() if takes_all or k in params}
     if "rngs" in params:
         kwargs["rngs"] = rngs
     return model(**kwargs)

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_jax.config import ConfigError, ExperimentConfig, StageConfig, apply_updates
