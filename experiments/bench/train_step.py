@@ -37,17 +37,19 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 CASES = {
-    # name: decoder config (HF-like names of DecoderConfig), batch, sequence length
-    "lm-tiny": dict(decoder=dict(vocab_size=2048, hidden_size=256, intermediate_size=704, num_layers=4,
-                                 num_heads=8, num_kv_heads=4), batch=8, seq_len=128),
-    "lm-small": dict(decoder=dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8,
-                                  num_heads=8, num_kv_heads=8), batch=8, seq_len=256),
+    # name: DecoderConfig fields, batch, sequence length (float32 everywhere)
+    "lm-tiny": dict(decoder=dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=2,
+                                 num_heads=4, num_kv_heads=2), batch=8, seq_len=64),
+    "lm-small": dict(decoder=dict(vocab_size=2048, hidden_size=256, intermediate_size=704, num_layers=4,
+                                  num_heads=8, num_kv_heads=4), batch=8, seq_len=128),
+    "lm-base": dict(decoder=dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8,
+                                 num_heads=8, num_kv_heads=8), batch=8, seq_len=256),
     "mllm-tiny": dict(decoder=dict(vocab_size=2048, hidden_size=256, intermediate_size=704, num_layers=4,
                                    num_heads=8, num_kv_heads=4),
                       vision=dict(image_size=64, patch_size=8, hidden_size=256, intermediate_size=1024,
                                   num_layers=4, num_heads=8), batch=8, seq_len=128, mllm=True),
 }
-QUICK = ("lm-tiny", "mllm-tiny")
+QUICK = ("lm-tiny", "lm-small", "mllm-tiny")
 LR, BETAS, EPS, CLIP = 1e-4, (0.9, 0.999), 1e-8, 1.0
 
 

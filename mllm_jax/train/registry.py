@@ -140,9 +140,14 @@ def logits_of(outputs) -> jax.Array:
 
 def next_token_loss(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array) -> jax.Array:
     """Masked mean cross-entropy in float32. ``logits: float[B, T, V]``, ``labels, loss_mask:
-    int[B, T]`` (``labels[t]`` is the token after ``t``; ``loss_mask`` selects trained positions)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    int[B, T]`` (``labels[t]`` is the token after ``t``; ``loss_mask`` selects trained positions).
+
+    ``logsumexp - logit[label]`` with the label picked by a compare against an iota (fused, never
+    materialised): the gradient is ``softmax - onehot`` without a scatter into a ``[B, T, V]``
+    buffer."""
+    logits = logits.astype(jnp.float32)
+    hit = jnp.arange(logits.shape[-1], dtype=jnp.int32) == labels[..., None].astype(jnp.int32)
+    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
     mask = loss_mask.astype(jnp.float32)
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
