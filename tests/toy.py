@@ -251,5 +251,5 @@ def fit_toy(cfg: ExperimentConfig, *, mesh=None, model_fn=None, criterion=None, 
 
 def params_np(state) -> dict[str, np.ndarray]:
     """``{dotted.path: numpy array}`` of every param of a TrainState."""
-    from mllm_jax.train.state import flat_state
-    return {k: np.asarray(jax.device_get(v)) for k, v in flat_state(state.all_params()).items()}
+    from mllm_jax.convert.hf import flat_params
+    return {k: np.asarray(jax.device_get(v)) for k, v in flat_params(state.all_params()).items()}

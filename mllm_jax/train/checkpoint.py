@@ -35,7 +35,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from mllm_jax.config import CheckpointConfig
-from mllm_jax.train.state import TrainState, flat_state, unflatten_like
+from mllm_jax.convert.hf import flat_params
+from mllm_jax.train.state import TrainState, unflatten_like
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class Checkpointer:
              metrics: Optional[dict] = None) -> int:
         """Saves at ``state.step`` (asynchronously if configured); returns the step."""
         step = int(jax.device_get(state.step))
-        items = {"params": ocp.args.StandardSave(flat_state(state.all_params())),
+        items = {"params": ocp.args.StandardSave(flat_params(state.all_params())),
                  "train": ocp.args.StandardSave(_train_item(state))}
         if data_state is not None:
             items["data"] = DataStateSave(data_state)
@@ -190,7 +191,7 @@ class Checkpointer:
         """Restores the newest step that restores cleanly into ``abstract`` (its shardings decide
         the placement). Returns ``(state, data_state or None, step)``, or None without checkpoints."""
         def one(step):
-            items = {"params": ocp.args.StandardRestore(flat_state(abstract.all_params())),
+            items = {"params": ocp.args.StandardRestore(flat_params(abstract.all_params())),
                      "train": ocp.args.StandardRestore(_train_item(abstract))}
             if with_data:
                 items["data"] = DataStateRestore()

@@ -36,9 +36,10 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_jax.config import ConfigError, ExperimentConfig, StageConfig, apply_updates
+from mllm_jax.convert.hf import flat_params
 from mllm_jax.train.checkpoint import Checkpointer
 from mllm_jax.train.optim import LORA_ONLY, PROJECTOR_ONLY, VISION
-from mllm_jax.train.state import TrainState, flat_state, unflatten_like
+from mllm_jax.train.state import TrainState, unflatten_like
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,8 @@ def run_stages(cfg: ExperimentConfig, run_one: Callable[[ExperimentConfig], obje
 def load_params_into(state: TrainState, shardings: TrainState, ckpt_dir: str | Path) -> TrainState:
     """``state`` with its params replaced by the newest good checkpoint's in ``ckpt_dir``
     (strict: see the module docstring); each array lands in ``state``'s sharding."""
-    ours = flat_state(state.all_params())
-    our_shardings = {**flat_state(shardings.params), **flat_state(shardings.frozen)}
+    ours = flat_params(state.all_params())
+    our_shardings = {**flat_params(shardings.params), **flat_params(shardings.frozen)}
     mesh = next(iter(our_shardings.values())).mesh
     new_ok = [re.compile(r) for r in NEW_ADAPTERS]
     plan: dict = {}

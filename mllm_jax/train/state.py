@@ -142,15 +142,11 @@ def count_params(state: nnx.State | dict) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(state))
 
 
-def flat_state(state: nnx.State) -> dict[str, Any]:
-    """``{dotted.path: leaf}`` of a pure state (same keys as ``convert.hf.flat_params``)."""
-    return {path_str(p): v for p, v in nnx.to_flat_state(state)}
-
-
 def unflatten_like(like: nnx.State, flat: dict[str, Any]) -> nnx.State:
-    """The state with ``like``'s structure whose leaves are ``flat[dotted.path]``."""
+    """The state with ``like``'s structure whose leaves are ``flat[dotted.path]`` (the inverse
+    of ``convert.hf.flat_params``)."""
     return nnx.from_flat_state([(p, flat[path_str(p)]) for p, _ in nnx.to_flat_state(like)])
 
 
 __all__ = ["TrainState", "split_model", "abstract_from_states", "abstract_model", "abstract_train_state",
-           "create_train_state", "count_params", "flat_state", "unflatten_like"]
+           "create_train_state", "count_params", "unflatten_like"]
