@@ -26,14 +26,16 @@ class ParamSpec(NamedTuple):
     path: str
     shape: tuple[int, ...]
     axes: tuple[Optional[str], ...]
+    units: Optional[tuple] = None   # whole attention heads packed per dim (``layers.mark_units``)
 
 
 # ---- parameter tables ---------------------------------------------------------------------------
 
-def _dense(prefix: str, din: int, dout: int, axes: tuple[str, str], bias: bool) -> list[ParamSpec]:
-    out = [ParamSpec(f"{prefix}.kernel", (din, dout), axes)]
+def _dense(prefix: str, din: int, dout: int, axes: tuple[str, str], bias: bool,
+           units: Optional[tuple] = None) -> list[ParamSpec]:
+    out = [ParamSpec(f"{prefix}.kernel", (din, dout), axes, units)]
     if bias:
-        out.append(ParamSpec(f"{prefix}.bias", (dout,), (axes[1],)))
+        out.append(ParamSpec(f"{prefix}.bias", (dout,), (axes[1],), units and (units[1],)))
     return out
 
 
@@ -45,10 +47,10 @@ def _norm(prefix: str, dim: int, bias: bool) -> list[ParamSpec]:
 
 
 def _attention(prefix: str, dim: int, heads: int, kv_heads: int, hd: int, qkv_bias: bool, out_bias: bool):
-    return (_dense(f"{prefix}.q_proj", dim, heads * hd, ("embed", "heads"), qkv_bias)
-            + _dense(f"{prefix}.k_proj", dim, kv_heads * hd, ("embed", "kv_heads"), qkv_bias)
-            + _dense(f"{prefix}.v_proj", dim, kv_heads * hd, ("embed", "kv_heads"), qkv_bias)
-            + _dense(f"{prefix}.o_proj", heads * hd, dim, ("heads", "embed"), out_bias))
+    return (_dense(f"{prefix}.q_proj", dim, heads * hd, ("embed", "heads"), qkv_bias, (None, heads))
+            + _dense(f"{prefix}.k_proj", dim, kv_heads * hd, ("embed", "kv_heads"), qkv_bias, (None, kv_heads))
+            + _dense(f"{prefix}.v_proj", dim, kv_heads * hd, ("embed", "kv_heads"), qkv_bias, (None, kv_heads))
+            + _dense(f"{prefix}.o_proj", heads * hd, dim, ("heads", "embed"), out_bias, (heads, None)))
 
 
 def decoder_params(cfg: DecoderConfig, prefix: str = "") -> list[ParamSpec]:

@@ -66,11 +66,15 @@ class Plan:
 
 
 def table_state(specs: Sequence[F.ParamSpec]) -> nnx.State:
-    """An abstract param state (``nnx.Param`` of ``ShapeDtypeStruct`` with logical axes) from a table."""
-    return nnx.from_flat_state([
-        (tuple(int(p) if p.isdigit() else p for p in s.path.split(".")),
-         nnx.Param(jax.ShapeDtypeStruct(s.shape, jnp.float32), out_sharding=tuple(s.axes), eager_sharding=False))
-        for s in specs])
+    """An abstract param state (``nnx.Param`` of ``ShapeDtypeStruct`` with logical axes and head
+    units, as ``models.layers`` annotates them) from a table."""
+    def param(s: F.ParamSpec) -> nnx.Param:
+        p = nnx.Param(jax.ShapeDtypeStruct(s.shape, jnp.float32), out_sharding=tuple(s.axes), eager_sharding=False)
+        if s.units:
+            p.set_metadata("units", tuple(s.units))
+        return p
+    return nnx.from_flat_state([(tuple(int(p) if p.isdigit() else p for p in s.path.split(".")), param(s))
+                                for s in specs])
 
 
 def abstract_params(cfg: ExperimentConfig):
@@ -79,8 +83,9 @@ def abstract_params(cfg: ExperimentConfig):
     try:
         model = abstract_model(lambda: spec.build(cfg, nnx.Rngs(0)))
     except ImportError:
-        # TODO(mllm): once mllm_jax/models/mllm.py lands, eval_shape above covers the MLLM and
-        # this arithmetic fallback only serves models that cannot be built here.
+        # TODO(mllm): once mllm_jax.models.mllm imports (it waits for models/decoder.py),
+        # eval_shape above covers the MLLM and this arithmetic fallback only serves models that
+        # cannot be built here (tests/train/test_train_plan.py then checks the two agree).
         if spec.param_table is None:
             raise
         return None, table_state(spec.param_table(cfg)), nnx.State({}), "arithmetic parameter table"

@@ -80,6 +80,10 @@ def test_plan_names_the_param_a_mesh_does_not_divide(vila, capsys):
         make_plan(vila, (1, 1, 3))
     assert main(["plan", "--config", str(VILA), "--mesh", "1,1,3"]) == 2
     assert "mesh axis 'tensor' of size 3 does not divide" in capsys.readouterr().err
+    # 8 KV heads over a tensor axis of 16: the sizes divide (8 x 128 = 1024) but a head would be cut
+    gqa = apply_overrides(vila, ["model.decoder.num_kv_heads=8"])
+    with pytest.raises(ShardingError, match=r"k_proj.kernel: .* packs 8 heads"):
+        make_plan(gqa, (1, 16, 16), global_batch=256)
 
 
 def test_plan_uses_eval_shape_of_a_buildable_model():
