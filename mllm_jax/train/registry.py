@@ -41,12 +41,8 @@ class ModelSpec:
 # ---- the MLLM ----------------------------------------------------------------------------------
 
 def _build_mllm(cfg: ExperimentConfig, rngs: nnx.Rngs) -> nnx.Module:
-    from mllm_jax.models.mllm import MLLM  # lands with the MLLM issue
-    from mllm_jax.models.lora import apply_lora, iter_dense
-    model = MLLM(cfg.model, rngs=rngs)
-    if cfg.model.lora.rank > 0 and not any(d.lora is not None for _, d in iter_dense(model)):
-        apply_lora(model, cfg.model.lora, rngs)
-    return model
+    from mllm_jax.models.mllm import MLLM  # imports once models/decoder.py has landed
+    return MLLM(cfg.model, rngs=rngs)      # attaches cfg.model.lora itself
 
 
 def _mllm_flops(cfg: ExperimentConfig, shapes: dict) -> float:
