@@ -660,8 +660,9 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-    """The training loss (placeholder until ``mllm_jax.objectives`` lands): a registry name
-    (``ntp`` = masked next-token loss) and builder options (e.g. loss weights)."""
+    """The training loss: a name in ``mllm_jax.train.registry.OBJECTIVES`` (``ntp`` = masked
+    next-token loss, ``objectives/lm.py``) or ``"pkg.module:attr"``, and the builder's options
+    (``ntp``: ``z_loss``; recipes add their loss weights here)."""
     name: str = "ntp"
     options: dict = dataclasses.field(default_factory=dict)
 

@@ -226,10 +226,12 @@ def tiny_mllm_experiment(**updates) -> ExperimentConfig:
 
 def scaled_ntp(cfg: Optional[ExperimentConfig] = None):
     """NTP criterion times ``mean(batch['scale'])`` (1 normally; NaN in injected batches)."""
-    from mllm_jax.train.registry import logits_of, next_token_loss
+    from mllm_jax.objectives.lm import next_token_loss
+    from mllm_jax.train.registry import logits_of
 
     def criterion(outputs, batch):
-        loss = next_token_loss(logits_of(outputs), batch["labels"], batch["loss_mask"]) * jnp.mean(batch["scale"])
+        loss, _ = next_token_loss(logits_of(outputs), batch["labels"], batch["loss_mask"])
+        loss = loss * jnp.mean(batch["scale"])
         return loss, {"ntp": loss}
     return criterion
 

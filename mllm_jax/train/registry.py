@@ -17,7 +17,6 @@ import inspect
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from mllm_jax.config import ExperimentConfig
@@ -134,25 +133,14 @@ def logits_of(outputs) -> jax.Array:
     return getattr(outputs, "logits", outputs)
 
 
-def next_token_loss(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array) -> jax.Array:
-    """Masked mean cross-entropy in float32. ``logits: float[B, T, V]``, ``labels, loss_mask:
-    int[B, T]`` (``labels[t]`` is the token after ``t``; ``loss_mask`` selects trained positions).
+def ntp_objective(cfg: Optional[ExperimentConfig]) -> Callable:
+    """Masked next-token loss on ``labels`` / ``loss_mask`` (``mllm_jax.objectives.lm``), with
+    ``objective.options.z_loss`` (default 0)."""
+    from mllm_jax.objectives.lm import next_token_loss
+    z_loss = float((cfg.objective.options if cfg is not None else {}).get("z_loss", 0.0))
 
-    ``logsumexp - logit[label]`` with the label picked by a compare against an iota (fused, never
-    materialised): the gradient is ``softmax - onehot`` without a scatter into a ``[B, T, V]``
-    buffer."""
-    logits = logits.astype(jnp.float32)
-    hit = jnp.arange(logits.shape[-1], dtype=jnp.int32) == labels[..., None].astype(jnp.int32)
-    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
-    mask = loss_mask.astype(jnp.float32)
-    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
-def ntp_objective(cfg: ExperimentConfig) -> Callable:
-    """Masked next-token loss on ``labels`` / ``loss_mask`` (until ``mllm_jax.objectives`` lands)."""
     def criterion(outputs, batch):
-        loss = next_token_loss(logits_of(outputs), batch["labels"], batch["loss_mask"])
-        return loss, {"ntp": loss}
+        return next_token_loss(logits_of(outputs), batch["labels"], batch["loss_mask"], z_loss=z_loss)
     return criterion
 
 
@@ -161,5 +149,5 @@ def build_loss_fn(cfg: ExperimentConfig) -> Callable:
 
 
 __all__ = ["ModelSpec", "MLLM_SPEC", "MODELS", "OBJECTIVES", "DATASETS", "model_spec", "objective", "dataset", "grain_data",
-           "register", "call_with_batch", "make_loss_fn", "logits_of", "next_token_loss", "ntp_objective",
+           "register", "call_with_batch", "make_loss_fn", "logits_of", "ntp_objective",
            "build_loss_fn"]

@@ -1,22 +1,20 @@
-"""Names in configs -> code, and the default next-token loss (against torch's cross-entropy)."""
+"""Names in configs -> code, and the default objective."""
 import numpy as np
 import pytest
-import torch
 
 from mllm_jax.train import registry
 
 
-def test_next_token_loss_matches_torch_cross_entropy():
+def test_ntp_objective_is_the_objectives_next_token_loss_with_z_loss():
+    from mllm_jax.config import ExperimentConfig, apply_overrides
+    from mllm_jax.objectives.lm import next_token_loss
     rng = np.random.default_rng(0)
-    logits = rng.normal(size=(2, 5, 7)).astype(np.float32) * 3
-    labels = rng.integers(0, 7, size=(2, 5)).astype(np.int32)
-    mask = np.array([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], np.int32)
-    ours = float(registry.next_token_loss(logits, labels, mask))
-    ce = torch.nn.functional.cross_entropy(torch.from_numpy(logits).reshape(-1, 7),
-                                           torch.from_numpy(labels).reshape(-1).long(), reduction="none")
-    ref = float((ce * torch.from_numpy(mask).reshape(-1)).sum() / mask.sum())
-    assert ours == pytest.approx(ref, rel=1e-6)
-    assert float(registry.next_token_loss(logits, labels, np.zeros_like(mask))) == 0.0  # nothing to train
+    batch = {"labels": rng.integers(0, 7, size=(2, 5)).astype(np.int32), "loss_mask": np.ones((2, 5), np.int32)}
+    logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+    cfg = apply_overrides(ExperimentConfig(), ["objective.options={z_loss: 0.01}"])
+    loss, parts = registry.ntp_objective(cfg)({"logits": logits}, batch)
+    want, _ = next_token_loss(logits, batch["labels"], batch["loss_mask"], z_loss=0.01)
+    assert float(loss) == float(want) and "z_loss" in parts and float(parts["z_loss"]) > 0
 
 
 def test_call_with_batch_passes_what_the_model_takes():
