@@ -78,6 +78,15 @@ def get_activation(name: str) -> Callable:
 
 # ---- linear / embedding ------------------------------------------------------------------------
 
+def matmul_2d(x: Array, w: Array) -> Array:
+    """``x: float[..., in] @ w: float[in, out]`` as one 2-D matmul over the flattened leading
+    dims. Same result as ``einsum("...i,io->...o")``, but the weight gradient is then a plain
+    ``[in, N] @ [N, out]`` product: XLA:CPU otherwise lowers the multi-dim contraction of the
+    backward pass through a transposed copy and a slow dot (measured 3x slower fwd+bwd)."""
+    lead = x.shape[:-1]
+    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*lead, w.shape[-1])
+
+
 class Dense(nnx.Module):
     """``y = x @ kernel + bias`` with kernel ``float32[in, out]`` and an optional LoRA adapter.
 
@@ -99,7 +108,7 @@ class Dense(nnx.Module):
     def __call__(self, x: Array) -> Array:
         """``x: float[..., in]`` -> ``float[..., out]``."""
         x = x.astype(self.dtype)
-        y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(self.dtype))
+        y = matmul_2d(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:
@@ -120,7 +129,7 @@ class Embed(nnx.Module):
 
     def attend(self, x: Array) -> Array:
         """``x: float[..., dim]`` -> ``float[..., vocab]`` (tied embeddings)."""
-        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+        return matmul_2d(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
 
 
 # ---- norms -------------------------------------------------------------------------------------
@@ -339,5 +348,5 @@ def causal_mask(t: int, s: int | None = None, offset: Array | int = 0) -> Array:
 __all__ = [
     "Dense", "Embed", "RMSNorm", "LayerNorm", "GatedMLP", "MLP", "Attention", "KVCache",
     "dot_product_attention", "rope_inv_freq", "apply_rope", "get_activation", "quick_gelu",
-    "padding_mask", "causal_mask", "torch_linear_init", "normal_init", "make_param", "mark_units",
+    "padding_mask", "causal_mask", "torch_linear_init", "normal_init", "make_param", "mark_units", "matmul_2d",
 ]

@@ -1,0 +1,288 @@
+"""A thin wrapper over Orbax's ``CheckpointManager`` (all Orbax use in the project is here).
+
+One step directory holds four items:
+
+    params/  every param (trainable and frozen), a flat ``{dotted.path: array}`` dict, so the
+             layout does not depend on the freeze mask (a later stage can train other params)
+    train/   optimiser state, non-param variables, step, RNG, NaN-guard counters
+    data/    the data iterator's state, one JSON file per process (``process_<i>-of-<n>.json``,
+             as grain's own Orbax handler writes it), so a resumed run sees the same batches
+    config/  the resolved ``ExperimentConfig`` (JSON)
+
+Retention keeps the last ``keep_last`` steps and, when ``keep_best`` > 0, the best
+``keep_best`` by ``best_metric``. Saves are asynchronous (``async_save``). Restores go into an
+abstract, sharded target (any mesh shape or device count). Orbax writes each step into a
+temporary directory and renames it when complete, so an interrupted save never looks like a
+checkpoint; a finished step that fails to restore (a truncated or corrupted file) is reported
+with a warning naming it and the previous step is used; once an older step has restored, the
+broken ones are set aside as ``<step>.corrupt`` (kept for inspection, out of the way of the
+saves that follow). If no step restores, nothing is moved and the error lists every failure.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from mllm_jax.config import CheckpointConfig
+from mllm_jax.convert.hf import flat_params
+from mllm_jax.train.state import TrainState, unflatten_like
+
+log = logging.getLogger(__name__)
+
+
+class NoValidCheckpointError(RuntimeError):
+    """Every checkpoint in the directory failed to restore."""
+
+
+class _CallerError(Exception):
+    """Carries an error raised by caller code during a restore (not a sign of a broken step)."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+# ---- per-process data-iterator state ------------------------------------------------------------
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """Saves ``get_state()`` of each process's data iterator as JSON, one file per process."""
+
+    def save(self, directory: epath.Path, args: "DataStateSave"):
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        (directory / name).write_text(json.dumps(args.state))
+
+    def restore(self, directory: epath.Path, args: "DataStateRestore" = None):
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        path = directory / name
+        if not path.exists():
+            found = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+            raise FileNotFoundError(
+                f"{path}: no data-iterator state for this process (found {found}). The checkpoint was "
+                "written by a different number of processes; restart the data from scratch with a "
+                "new run directory and train.init_from pointing at this one.")
+        return json.loads(path.read_text())
+
+    def metadata(self, directory):
+        return None
+
+    def finalize(self, directory):
+        pass
+
+    def close(self):
+        pass
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    state: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+# ---- train state <-> checkpoint items -----------------------------------------------------------
+
+def _train_item(state: TrainState) -> dict:
+    return {"opt_state": state.opt_state, "extra": _keys_to_data(state.extra), "step": state.step,
+            "rng": state.rng, "bad_streak": state.bad_streak, "skipped": state.skipped}
+
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _keys_to_data(tree):
+    """Typed PRNG keys (nnx RNG streams) are stored as their raw uint32 data."""
+    def conv(x):
+        if not _is_key(x):
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            d = jax.eval_shape(jax.random.key_data, x)
+            return jax.ShapeDtypeStruct(d.shape, d.dtype, sharding=x.sharding)
+        return jax.random.key_data(x)
+    return jax.tree.map(conv, tree)
+
+
+def _data_to_keys(tree, like):
+    return jax.tree.map(lambda x, l: jax.random.wrap_key_data(x) if _is_key(l) else x, tree, like)
+
+
+# ---- the manager --------------------------------------------------------------------------------
+
+class Checkpointer:
+    """Saves and restores ``TrainState`` + data state + config under ``directory``."""
+
+    def __init__(self, directory: str | os.PathLike, cfg: CheckpointConfig = CheckpointConfig(), *,
+                 read_only: bool = False):
+        self.directory = Path(directory).absolute()
+        self.cfg = cfg
+        self._read_only = read_only
+        policies = [ocp.checkpoint_managers.LatestN(n=cfg.keep_last)]
+        if cfg.keep_best > 0:
+            policies.append(ocp.checkpoint_managers.BestN(
+                get_metric_fn=lambda m: m[cfg.best_metric], reverse=cfg.best_mode == "min",
+                n=cfg.keep_best, keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=cfg.async_save, create=not read_only, read_only=read_only,
+            cleanup_tmp_directories=not read_only)
+        handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
+                    "data": DataStateHandler(), "config": ocp.JsonCheckpointHandler()}
+        self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+    # -- queries
+    def all_steps(self) -> list[int]:
+        return list(self._mgr.all_steps())
+
+    def latest_step(self) -> Optional[int]:
+        return self._mgr.latest_step()
+
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    # -- save
+    def save(self, state: TrainState, *, data_state: Any = None, config: Optional[dict] = None,
+             metrics: Optional[dict] = None) -> int:
+        """Saves at ``state.step`` (asynchronously if configured); returns the step."""
+        step = int(jax.device_get(state.step))
+        items = {"params": ocp.args.StandardSave(flat_params(state.all_params())),
+                 "train": ocp.args.StandardSave(_train_item(state))}
+        if data_state is not None:
+            items["data"] = DataStateSave(data_state)
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(config)
+        metrics = {k: float(v) for k, v in (metrics or {}).items()} or None
+        if self.cfg.keep_best > 0 and metrics is not None and self.cfg.best_metric not in metrics:
+            metrics = None
+        self._mgr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        return step
+
+    def save_params(self, step: int, params: dict[str, Any], *, config: Optional[dict] = None) -> None:
+        """A params-only step (e.g. converted HF weights) that ``train.init_from`` can start from."""
+        items = {"params": ocp.args.StandardSave(dict(params))}
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(config)
+        self._mgr.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def wait(self) -> None:
+        self._mgr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mgr.wait_until_finished()
+        self._mgr.close()
+
+    # -- restore
+    def restore(self, abstract: TrainState, *, with_data: bool = True) -> Optional[tuple[TrainState, Any, int]]:
+        """Restores the newest step that restores cleanly into ``abstract`` (its shardings decide
+        the placement). Returns ``(state, data_state or None, step)``, or None without checkpoints."""
+        def one(step):
+            items = {"params": ocp.args.StandardRestore(flat_params(abstract.all_params())),
+                     "train": ocp.args.StandardRestore(_train_item(abstract))}
+            if with_data:
+                items["data"] = DataStateRestore()
+            r = self._mgr.restore(step, args=ocp.args.Composite(**items))
+            train = r["train"]
+            params = r["params"]
+            state = abstract.replace(
+                params=unflatten_like(abstract.params, params), frozen=unflatten_like(abstract.frozen, params),
+                extra=_data_to_keys(train["extra"], abstract.extra), opt_state=train["opt_state"],
+                step=train["step"], rng=train["rng"], bad_streak=train["bad_streak"], skipped=train["skipped"])
+            return state, (r["data"] if with_data else None)
+        return self._first_good(one)
+
+    def restore_params(self, make_target: Callable[[dict], dict]) -> Optional[tuple[dict, Optional[dict], int]]:
+        """Restores params from the newest good step: ``make_target(metadata)`` gets ``{path:
+        (shape, dtype)}`` of what that step saved and returns the flat target (``{path:
+        jax.ShapeDtypeStruct}`` with shardings, a subset). Returns ``(params, saved config or
+        None, step)``, or None without checkpoints."""
+        def one(step):
+            meta = self.params_metadata(step)
+            try:
+                target = make_target(meta)
+            except Exception as e:  # the caller's verdict on what was saved, not a broken step
+                raise _CallerError(e) from e
+            r = self._mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+            return r["params"], self.saved_config(step)
+        return self._first_good(one)
+
+    def params_metadata(self, step: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """``{path: (shape, dtype)}`` of the params saved at ``step``."""
+        meta = self._mgr.item_metadata(step)["params"]
+        tree = getattr(meta, "tree", meta)
+        return {k: (tuple(m.shape), np.dtype(m.dtype)) for k, m in tree.items()}
+
+    def saved_config(self, step: int) -> Optional[dict]:
+        """The resolved config saved at ``step`` (a dict), or None if it was not saved."""
+        if not (self.step_dir(step) / "config").exists():
+            return None
+        return self._mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def _first_good(self, restore_one):
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
+            return None
+        errors, bad = [], []
+        for step in steps:
+            try:
+                out = restore_one(step)
+            except _CallerError as e:
+                raise e.error from None
+            except Exception as e:  # noqa: BLE001 — any other failure means this step is unusable
+                msg = (f"checkpoint {self.step_dir(step)} could not be restored "
+                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+                errors.append(msg)
+                bad.append(step)
+                warnings.warn(msg + "; trying the previous checkpoint", RuntimeWarning, stacklevel=3)
+                log.warning(msg)
+                continue
+            if bad:  # only once an older step restored: the newer ones are broken, not the target
+                for b in bad:
+                    self._set_aside(b)
+                self._mgr.reload()
+            return (*out, step) if isinstance(out, tuple) else (out, step)
+        raise NoValidCheckpointError("no checkpoint in " f"{self.directory} restores:\n  " + "\n  ".join(errors))
+
+    def _set_aside(self, step: int) -> None:
+        """Renames a bad step dir to ``<step>.corrupt`` (kept for inspection, out of the way of
+        new saves at that step)."""
+        if self._read_only:
+            return
+        if jax.process_index() != 0:
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+                multihost_utils.sync_global_devices(f"mllm_jax_set_aside_{step}")
+            return
+        src = self.step_dir(step)
+        dst = src.with_name(f"{step}.corrupt")
+        n = 1
+        while dst.exists():
+            dst, n = src.with_name(f"{step}.corrupt{n}"), n + 1
+        src.rename(dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"mllm_jax_set_aside_{step}")
+
+
+def find_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """A run dir (holding ``checkpoints/``) or a checkpoint dir -> the checkpoint dir."""
+    p = Path(path)
+    return p / "checkpoints" if (p / "checkpoints").is_dir() else p
+
+
+__all__ = ["Checkpointer", "NoValidCheckpointError", "DataStateHandler", "DataStateSave", "DataStateRestore",
+           "find_checkpoint_dir"]

@@ -1,0 +1,102 @@
+"""Multi-host setup and process-local data.
+
+On a TPU pod every host runs the same command; ``initialize()`` with nothing set lets
+``jax.distributed.initialize`` discover the pod (and SLURM / Open MPI / Kubernetes clusters)
+by itself. On GPU clusters without such discovery, give the coordinator explicitly, by flags
+or environment variables (flags win)::
+
+    MLLM_JAX_COORDINATOR=10.0.0.1:1234 MLLM_JAX_NUM_PROCESSES=4 MLLM_JAX_PROCESS_ID=$RANK \\
+        python -m mllm_jax train --config ...
+
+Each process loads only its own rows of the global batch (``process_index`` of
+``process_count``, contiguous, in process order); ``global_batch`` stitches them into one
+``jax.Array`` sharded over the mesh's batch axes without any host sending data to another.
+Only process 0 writes logs, metrics and the config; every process takes part in checkpoints.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mllm_jax import sharding as shd
+
+log = logging.getLogger(__name__)
+
+ENV_COORDINATOR = "MLLM_JAX_COORDINATOR"
+ENV_NUM_PROCESSES = "MLLM_JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "MLLM_JAX_PROCESS_ID"
+# Environments where jax.distributed.initialize() finds everything by itself.
+_AUTO_ENV = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JOBSET_NAME", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
+               process_id: Optional[int] = None, *, auto: Optional[bool] = None,
+               cpu_collectives: str = "gloo") -> bool:
+    """Starts ``jax.distributed`` when this is a multi-process run; returns whether it did.
+
+    Arguments default to ``$MLLM_JAX_COORDINATOR`` / ``$MLLM_JAX_NUM_PROCESSES`` /
+    ``$MLLM_JAX_PROCESS_ID``. With none of them set, initialises only where JAX can discover
+    the cluster itself (TPU pod, SLURM, Open MPI, JobSet), unless ``auto`` says otherwise.
+    Must run before anything touches the devices.
+    """
+    coordinator = coordinator or os.environ.get(ENV_COORDINATOR)
+    if num_processes is None and os.environ.get(ENV_NUM_PROCESSES):
+        num_processes = int(os.environ[ENV_NUM_PROCESSES])
+    if process_id is None and os.environ.get(ENV_PROCESS_ID):
+        process_id = int(os.environ[ENV_PROCESS_ID])
+    explicit = coordinator is not None or num_processes is not None or process_id is not None
+    if auto is None:
+        auto = any(k in os.environ for k in _AUTO_ENV)
+    if not explicit and not auto:
+        return False
+    if explicit and (coordinator is None or num_processes is None or process_id is None):
+        raise ValueError(
+            "multi-process launch needs all three of coordinator address, number of processes and "
+            f"process id (got coordinator={coordinator!r}, num_processes={num_processes!r}, "
+            f"process_id={process_id!r}); set --coordinator/--num-processes/--process-id or "
+            f"${ENV_COORDINATOR}/${ENV_NUM_PROCESSES}/${ENV_PROCESS_ID}")
+    # Cross-process collectives between CPU devices (harmless where the devices are GPUs/TPUs).
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    if explicit:
+        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+    else:
+        jax.distributed.initialize()
+    log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
+    return True
+
+
+def is_primary() -> bool:
+    return jax.process_index() == 0
+
+
+def local_batch_size(global_batch_size: int) -> int:
+    n = jax.process_count()
+    if global_batch_size % n:
+        raise ValueError(f"global batch size {global_batch_size} is not divisible by {n} processes")
+    return global_batch_size // n
+
+
+def global_batch(local: dict, mesh: Mesh, rules: shd.Rules = shd.DEFAULT_RULES) -> dict:
+    """Process-local numpy batch (rows ``[i*b, (i+1)*b)`` of the global batch on process ``i``)
+    -> global ``jax.Array``s, leading dim sharded over the mesh's batch axes."""
+    n = jax.process_count()
+
+    def put(path, x):
+        x = np.asarray(x)
+        if x.ndim == 0:
+            return jax.make_array_from_process_local_data(NamedSharding(mesh, P()), x)
+        s = shd.batch_sharding(mesh, x.ndim, rules)
+        global_shape = (x.shape[0] * n,) + x.shape[1:]
+        shd.check_divisible(f"batch.{jax.tree_util.keystr(path)}", global_shape, s.spec, mesh)
+        return jax.make_array_from_process_local_data(s, x, global_shape)
+    return jax.tree_util.tree_map_with_path(put, local)
+
+
+__all__ = ["initialize", "is_primary", "local_batch_size", "global_batch", "ENV_COORDINATOR",
+           "ENV_NUM_PROCESSES", "ENV_PROCESS_ID"]

@@ -1,0 +1,81 @@
+"""From an ``ExperimentConfig`` to a run: the registry supplies model, loss and data; ``fit``
+trains. What the CLI's ``train`` and ``eval`` call, and what scripts call in-process.
+
+    result = train(load_config("experiments/configs/x.yaml", ExperimentConfig))
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+from flax import nnx
+
+from mllm_jax import sharding as shd
+from mllm_jax.config import ExperimentConfig
+from mllm_jax.train import registry
+from mllm_jax.train.loop import FitResult, evaluate, fit, make_eval_step
+from mllm_jax.train.optim import build_optimizer
+from mllm_jax.train.stages import run_stages
+
+
+def _data(cfg: ExperimentConfig, split: str):
+    build = registry.dataset(cfg.data_pipeline)
+    return build(cfg, split=split, process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def train(cfg: ExperimentConfig, *, eval_hooks=(), mesh=None) -> FitResult:
+    """Trains one run (one stage) as configured; resumes if its checkpoints exist. ``mesh``
+    defaults to ``cfg.mesh`` over all devices."""
+    cfg = cfg.resolved()
+    spec = registry.model_spec(cfg.model_name)
+    eval_data = (lambda: _data(cfg, "eval")) if cfg.train.eval_every else None
+    flops = (lambda shapes: spec.forward_flops(cfg, shapes)) if spec.forward_flops else None
+    return fit(cfg, lambda: spec.build(cfg, nnx.Rngs(cfg.train.seed)), registry.build_loss_fn(cfg),
+               _data(cfg, "train"), eval_data=eval_data, eval_hooks=eval_hooks, forward_flops=flops, mesh=mesh)
+
+
+def train_recipe(cfg: ExperimentConfig, *, stage: Optional[str] = None, mesh=None) -> list[FitResult]:
+    """All stages of ``cfg.stages`` in order (or one), else the single run."""
+    if not cfg.stages:
+        if stage is not None:
+            raise ValueError(f"--stage {stage!r}: the config defines no stages")
+        return [train(cfg, mesh=mesh)]
+    return run_stages(cfg, lambda c: train(c, mesh=mesh), only=stage)
+
+
+def restore_run(checkpoint: str, cfg: Optional[ExperimentConfig] = None, *, mesh=None):
+    """``(TrainState, step)`` of the newest good checkpoint of a run (its ``config.yaml`` unless
+    ``cfg`` is given), restored onto ``mesh`` (default: the config's mesh on this machine)."""
+    from pathlib import Path
+
+    from mllm_jax.config import load_config
+    from mllm_jax.train.checkpoint import Checkpointer, find_checkpoint_dir
+    from mllm_jax.train.state import abstract_train_state
+
+    if cfg is None:
+        cfg = load_config(Path(checkpoint) / "config.yaml", ExperimentConfig)
+    cfg = cfg.resolved()
+    spec = registry.model_spec(cfg.model_name)
+    mesh = mesh if mesh is not None else shd.make_mesh(*cfg.mesh.shape)
+    tx, _ = build_optimizer(cfg.train.optim, max(cfg.train.steps, 1))
+    abstract, _ = abstract_train_state(lambda: spec.build(cfg, nnx.Rngs(0)), tx, cfg.train.optim, mesh)
+    where = find_checkpoint_dir(checkpoint)
+    found = Checkpointer(where, cfg.train.checkpoint, read_only=True).restore(abstract, with_data=False)
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint in {where}")
+    state, _, step = found
+    return state, step
+
+
+def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: Optional[str] = None, *,
+                        steps: Optional[int] = None) -> dict[str, float]:
+    """Eval losses of the newest good checkpoint in ``checkpoint`` (default: the run's own)."""
+    cfg = cfg.resolved()
+    mesh = shd.make_mesh(*cfg.mesh.shape)
+    state, step = restore_run(checkpoint or cfg.train.run_dir, cfg, mesh=mesh)
+    step_fn = jax.jit(make_eval_step(registry.build_loss_fn(cfg), mesh))
+    out = evaluate(step_fn, state, _data(cfg, "eval"), steps or cfg.train.eval_steps, mesh, shd.DEFAULT_RULES)
+    return {"step": step, **out}
+
+
+__all__ = ["train", "train_recipe", "restore_run", "evaluate_checkpoint"]

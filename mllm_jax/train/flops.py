@@ -1,0 +1,208 @@
+"""Arithmetic over model configs: parameter tables, training FLOPs, device peaks.
+
+FLOPs count what the model computes (multiply-add = 2 FLOPs), forward + backward = 3x forward:
+
+    decoder, per token:  2 * (matmul params incl. lm_head)          (the 2N of "6N")
+                       + 4 * T * num_heads * head_dim per layer      (QK^T and PV over all T keys,
+                                                                      as the dense masked kernel does)
+    vision, per image:   the same per patch token (T = tokens per image) + the patch embedding
+    projector:           2 * (in * out) per kernel per image token
+
+so a fully trained decoder costs ``6 * N_matmul * tokens + 12 * L * H * hd * T * tokens`` (PaLM's
+count). Embedding lookups are gathers and cost nothing. The parameter tables list every param
+(dotted path, shape, logical axes) the way ``models/`` builds them, which lets ``plan`` size a
+7B model without building it and is checked against transformers' own count.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import NamedTuple, Optional
+
+from mllm_jax.config import DecoderConfig, MLLMConfig, VisionConfig
+
+
+class ParamSpec(NamedTuple):
+    path: str
+    shape: tuple[int, ...]
+    axes: tuple[Optional[str], ...]
+    units: Optional[tuple] = None   # whole attention heads packed per dim (``layers.mark_units``)
+
+
+# ---- parameter tables ---------------------------------------------------------------------------
+
+def _dense(prefix: str, din: int, dout: int, axes: tuple[str, str], bias: bool,
+           units: Optional[tuple] = None) -> list[ParamSpec]:
+    out = [ParamSpec(f"{prefix}.kernel", (din, dout), axes, units)]
+    if bias:
+        out.append(ParamSpec(f"{prefix}.bias", (dout,), (axes[1],), units and (units[1],)))
+    return out
+
+
+def _norm(prefix: str, dim: int, bias: bool) -> list[ParamSpec]:
+    out = [ParamSpec(f"{prefix}.scale", (dim,), ("norm",))]
+    if bias:
+        out.append(ParamSpec(f"{prefix}.bias", (dim,), ("norm",)))
+    return out
+
+
+def _attention(prefix: str, dim: int, heads: int, kv_heads: int, hd: int, qkv_bias: bool, out_bias: bool):
+    return (_dense(f"{prefix}.q_proj", dim, heads * hd, ("embed", "heads"), qkv_bias, (None, heads))
+            + _dense(f"{prefix}.k_proj", dim, kv_heads * hd, ("embed", "kv_heads"), qkv_bias, (None, kv_heads))
+            + _dense(f"{prefix}.v_proj", dim, kv_heads * hd, ("embed", "kv_heads"), qkv_bias, (None, kv_heads))
+            + _dense(f"{prefix}.o_proj", heads * hd, dim, ("heads", "embed"), out_bias, (heads, None)))
+
+
+def decoder_params(cfg: DecoderConfig, prefix: str = "") -> list[ParamSpec]:
+    """Llama / Qwen2 decoder (``models/decoder.py`` names)."""
+    d, hd = cfg.hidden_size, cfg.resolved_head_dim
+    out = [ParamSpec(f"{prefix}embed_tokens.embedding", (cfg.vocab_size, d), ("vocab", "embed"))]
+    for i in range(cfg.num_layers):
+        p = f"{prefix}layers.{i}"
+        out += _norm(f"{p}.input_layernorm", d, False)
+        out += _attention(f"{p}.self_attn", d, cfg.num_heads, cfg.num_kv_heads, hd, cfg.attention_bias, False)
+        out += _norm(f"{p}.post_attention_layernorm", d, False)
+        for name, din, dout, axes in (("gate_proj", d, cfg.intermediate_size, ("embed", "mlp")),
+                                      ("up_proj", d, cfg.intermediate_size, ("embed", "mlp")),
+                                      ("down_proj", cfg.intermediate_size, d, ("mlp", "embed"))):
+            out += _dense(f"{p}.mlp.{name}", din, dout, axes, cfg.mlp_bias)
+    out += _norm(f"{prefix}norm", d, False)
+    if not cfg.tie_word_embeddings:
+        out += _dense(f"{prefix}lm_head", d, cfg.vocab_size, ("embed", "vocab"), False)
+    return out
+
+
+def vision_params(cfg: VisionConfig, prefix: str = "") -> list[ParamSpec]:
+    """CLIP / SigLIP ViT (HF names)."""
+    d, p = cfg.hidden_size, cfg.patch_size
+    clip = cfg.variant == "clip"
+    n_pos = cfg.num_patches + (1 if clip else 0)
+    out = [ParamSpec(f"{prefix}embeddings.patch_embedding.kernel", (p, p, cfg.num_channels, d),
+                     ("patch", "patch", "channels", "embed"))]
+    if not clip:
+        out.append(ParamSpec(f"{prefix}embeddings.patch_embedding.bias", (d,), ("embed",)))
+    else:
+        out.append(ParamSpec(f"{prefix}embeddings.class_embedding", (d,), ("embed",)))
+    out.append(ParamSpec(f"{prefix}embeddings.position_embedding.embedding", (n_pos, d), ("position", "embed")))
+    if clip:
+        out += _norm(f"{prefix}pre_layrnorm", d, True)
+    for i in range(cfg.num_layers):
+        q = f"{prefix}encoder.layers.{i}"
+        out += _norm(f"{q}.layer_norm1", d, True)
+        out += _attention(f"{q}.self_attn", d, cfg.num_heads, cfg.num_heads, d // cfg.num_heads, True, True)
+        out += _norm(f"{q}.layer_norm2", d, True)
+        out += _dense(f"{q}.mlp.fc1", d, cfg.intermediate_size, ("embed", "mlp"), True)
+        out += _dense(f"{q}.mlp.fc2", cfg.intermediate_size, d, ("mlp", "embed"), True)
+    out += _norm(f"{prefix}post_layernorm", d, True)
+    if not clip and cfg.use_head:
+        h = f"{prefix}head"
+        out.append(ParamSpec(f"{h}.probe", (1, 1, d), (None, None, "embed")))
+        out += _attention(f"{h}.attention", d, cfg.num_heads, cfg.num_heads, d // cfg.num_heads, True, True)
+        out += _norm(f"{h}.layernorm", d, True)
+        out += _dense(f"{h}.mlp.fc1", d, cfg.intermediate_size, ("embed", "mlp"), True)
+        out += _dense(f"{h}.mlp.fc2", cfg.intermediate_size, d, ("mlp", "embed"), True)
+    return out
+
+
+def mllm_params(cfg: MLLMConfig) -> list[ParamSpec]:
+    """Every param of ``MLLM(cfg)``: ``vision.*``, ``projector.*``, ``decoder.*``, LoRA factors
+    on the Dense layers that ``cfg.lora.target`` selects, and soft prompts."""
+    dv, dl = cfg.vision.hidden_size, cfg.decoder.hidden_size
+    out = vision_params(cfg.vision, "vision.")
+    if cfg.projector.kind == "pool" and cfg.projector.layer_norm:
+        out += _norm("projector.layer_norm", dv, True)
+    out += _dense("projector.linear_1", dv, dl, ("embed", "mlp"), cfg.projector.bias)
+    out += _dense("projector.linear_2", dl, dl, ("mlp", "embed"), cfg.projector.bias)
+    out += decoder_params(cfg.decoder, "decoder.")
+    if cfg.num_soft_prompts:
+        out.append(ParamSpec("soft_prompt.embedding", (cfg.num_soft_prompts, dl), ("prompts", "embed")))
+    if cfg.lora.rank > 0:
+        target = re.compile(cfg.lora.target)
+        r = cfg.lora.rank
+        for spec in list(out):
+            if spec.path.endswith(".kernel") and len(spec.shape) == 2 and target.search(spec.path[:-len(".kernel")]):
+                base = spec.path[:-len(".kernel")]
+                out.append(ParamSpec(f"{base}.lora.a", (spec.shape[0], r), (spec.axes[0], "lora_rank")))
+                out.append(ParamSpec(f"{base}.lora.b", (r, spec.shape[1]), ("lora_rank", spec.axes[1])))
+    return out
+
+
+# ---- FLOPs --------------------------------------------------------------------------------------
+
+def _matmul_params(specs: list[ParamSpec]) -> int:
+    n = 0
+    for s in specs:
+        if s.path.endswith(".kernel") and len(s.shape) == 2:
+            n += s.shape[0] * s.shape[1]
+    return n
+
+
+def decoder_forward_flops(cfg: DecoderConfig, batch: int, seq_len: int) -> float:
+    """Forward FLOPs of the decoder over ``batch`` sequences of ``seq_len`` tokens."""
+    n = _matmul_params(decoder_params(cfg))
+    if cfg.tie_word_embeddings:
+        n += cfg.hidden_size * cfg.vocab_size  # logits through the embedding matrix
+    tokens = batch * seq_len
+    attn = 4 * seq_len * cfg.num_heads * cfg.resolved_head_dim * cfg.num_layers
+    return float(tokens) * (2 * n + attn)
+
+
+def vision_forward_flops(cfg: VisionConfig, images: int) -> float:
+    t = cfg.num_patches + (1 if cfg.variant == "clip" else 0)
+    n = _matmul_params([s for s in vision_params(cfg) if ".layers." in s.path])
+    attn = 4 * t * cfg.hidden_size * cfg.num_layers
+    patch = 2 * cfg.patch_size ** 2 * cfg.num_channels * cfg.hidden_size * cfg.num_patches
+    return float(images) * (t * (2 * n + attn) + patch)
+
+
+def mllm_forward_flops(cfg: MLLMConfig, batch: int, seq_len: int, images: int) -> float:
+    proj_tokens = cfg.tokens_per_image if cfg.projector.kind == "mlp" else cfg.vision.num_patches
+    dv, dl = cfg.vision.hidden_size, cfg.decoder.hidden_size
+    proj = 2.0 * images * proj_tokens * (dv * dl + dl * dl)
+    return decoder_forward_flops(cfg.decoder, batch, seq_len) + vision_forward_flops(cfg.vision, images) + proj
+
+
+def train_flops(forward_flops: float) -> float:
+    """Forward + backward (the backward pass is two matmuls per forward matmul)."""
+    return 3.0 * forward_flops
+
+
+# ---- device peaks -------------------------------------------------------------------------------
+
+# Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity) and memory per chip (bytes).
+ACCELERATORS: dict[str, tuple[float, float]] = {
+    "tpu-v4": (275e12, 32 * 2**30),
+    "tpu-v5e": (197e12, 16 * 2**30),
+    "tpu-v5p": (459e12, 95 * 2**30),
+    "tpu-v6e": (918e12, 32 * 2**30),
+    "a100": (312e12, 80e9),
+    "h100": (989e12, 80e9),
+    "h200": (989e12, 141e9),
+}
+# jax ``device_kind`` substrings -> table key (first match wins).
+_KIND_KEYS = (("v6", "tpu-v6e"), ("v5 lite", "tpu-v5e"), ("v5e", "tpu-v5e"), ("v5", "tpu-v5p"),
+              ("v4", "tpu-v4"), ("h200", "h200"), ("h100", "h100"), ("a100", "a100"))
+# CPU: nominal float32 peak per core (2 FMA units x 8 lanes x 2 FLOPs x 2.5 GHz, AVX2). The
+# benchmark measures the real matmul peak of the machine instead.
+CPU_PEAK_PER_CORE = 80e9
+
+
+def device_peak_flops(device=None) -> tuple[float, str]:
+    """``(peak FLOP/s per jax device, source)`` for MFU. CPU devices share the host's cores."""
+    import jax
+    device = device or jax.devices()[0]
+    kind = device.device_kind.lower()
+    if device.platform == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        per_device = CPU_PEAK_PER_CORE * cores / max(jax.local_device_count(), 1)
+        return per_device, f"cpu nominal ({cores} cores x {CPU_PEAK_PER_CORE / 1e9:.0f} GFLOP/s)"
+    for sub, key in _KIND_KEYS:
+        if sub in kind:
+            return ACCELERATORS[key][0], key
+    raise KeyError(f"no peak FLOP/s known for device kind {device.device_kind!r}; "
+                   "set train.peak_flops in the config")
+
+
+__all__ = ["ParamSpec", "decoder_params", "vision_params", "mllm_params", "decoder_forward_flops",
+           "vision_forward_flops", "mllm_forward_flops", "train_flops", "ACCELERATORS",
+           "device_peak_flops", "CPU_PEAK_PER_CORE"]

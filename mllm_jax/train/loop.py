@@ -1,0 +1,328 @@
+"""The training loop: one pure jitted train step and eval step, and ``fit`` around them.
+
+    result = fit(cfg, model_fn, loss_fn, data, eval_data=lambda: eval_iter())
+
+- ``loss_fn(model, batch, rngs) -> (loss, {part: value})``; ``rngs`` is ``None`` in eval.
+- ``data``: an iterator of process-local numpy batches with ``get_state()`` / ``set_state()``.
+- The step is a pure function of ``(TrainState, batch)``, jitted once with the state's
+  shardings as in/out shardings and the state buffers donated. Gradient accumulation scans
+  over micro-batches inside it (micro-batch ``j`` = rows ``j::k``, so no data moves between
+  devices). A step whose loss or gradient norm is not finite leaves params and optimiser state
+  untouched and is counted; ``train.max_bad_steps`` in a row stop the run with an error.
+- Metrics are fetched one step late, so the host never waits for the step it just queued.
+- SIGTERM / SIGINT: the current step finishes, a checkpoint is written, ``fit`` returns with
+  ``status="preempted"`` (the CLI exits with 128 + signal). A second SIGINT aborts at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mllm_jax import sharding as shd
+from mllm_jax.config import ExperimentConfig, save_config, to_dict
+from mllm_jax.train import distributed
+from mllm_jax.train.checkpoint import Checkpointer, find_checkpoint_dir
+from mllm_jax.train.flops import device_peak_flops, train_flops
+from mllm_jax.train.metrics import MetricsWriter, Progress, Throughput
+from mllm_jax.train.optim import build_optimizer
+from mllm_jax.train.state import TrainState, abstract_train_state, count_params, create_train_state
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nnx.Module, dict, Optional[nnx.Rngs]], tuple[jax.Array, dict]]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+# ---- the steps ----------------------------------------------------------------------------------
+
+def _tree_add(a, b):
+    return jax.tree.map(jnp.add, a, b)
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
+                    grad_accum: int = 1, mesh=None, rules: shd.Rules = shd.DEFAULT_RULES):
+    """``step(state, batch) -> (state, metrics)``, pure (jit it with ``jit_train_step``)."""
+
+    def loss_and_grad(state: TrainState, extra, batch, key):
+        def f(params):
+            model = nnx.merge(state.graphdef, params, state.frozen, extra)
+            loss, parts = loss_fn(model, batch, nnx.Rngs(key))
+            new_extra = nnx.as_pure(nnx.state(model, nnx.Not(nnx.Param)))
+            return loss.astype(jnp.float32), (parts, new_extra)
+        (loss, (parts, new_extra)), grads = jax.value_and_grad(f, has_aux=True)(state.params)
+        return loss, parts, new_extra, grads
+
+    def accumulate(state: TrainState, batch, key):
+        if grad_accum == 1:
+            return loss_and_grad(state, state.extra, batch, key)
+        def split(x):
+            if x.shape[0] % grad_accum:
+                raise ValueError(f"batch dimension {x.shape[0]} is not divisible by grad_accum={grad_accum}")
+            return x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+        micro = jax.tree.map(split, batch)
+        first = jax.tree.map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(lambda: loss_and_grad(state, state.extra, first, key))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0], shapes[1], shapes[3]))
+
+        def body(carry, xs):
+            (loss_acc, parts_acc, g_acc), extra = carry
+            mb, i = xs
+            loss, parts, extra, g = loss_and_grad(state, extra, mb, jax.random.fold_in(key, i))
+            return (_tree_add((loss_acc, parts_acc, g_acc), (loss, parts, g)), extra), None
+
+        ((loss, parts, grads), extra), _ = jax.lax.scan(body, (zeros, state.extra),
+                                                        (micro, jnp.arange(grad_accum)))
+        scale = 1.0 / grad_accum
+        return loss * scale, jax.tree.map(lambda x: x * scale, parts), extra, jax.tree.map(lambda g: g * scale, grads)
+
+    def step(state: TrainState, batch):
+        with shd.activation_sharding(mesh, rules):
+            key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+            loss, parts, extra, grads = accumulate(state, batch, key)
+            gnorm = optax.global_norm(grads)
+            ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+
+            def keep(new, old):
+                return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+            bad = jnp.where(ok, 0, state.bad_streak + 1).astype(jnp.int32)
+            skipped = state.skipped + (~ok).astype(jnp.int32)
+            new_state = state.replace(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+                                      extra=keep(extra, state.extra), step=state.step + 1,
+                                      bad_streak=bad, skipped=skipped)
+        metrics = {"loss": loss, **{f"loss/{k}": v for k, v in parts.items()}, "grad_norm": gnorm,
+                   "lr": schedule(state.step), "finite": ok, "bad_streak": bad, "skipped": skipped}
+        return new_state, metrics
+    return step
+
+
+def make_eval_step(loss_fn: LossFn, mesh=None, rules: shd.Rules = shd.DEFAULT_RULES):
+    """``eval_step(state, batch) -> {"loss": .., "loss/<part>": ..}`` (deterministic: rngs=None)."""
+    def step(state: TrainState, batch):
+        with shd.activation_sharding(mesh, rules):
+            model = state.model()
+            model.eval()
+            loss, parts = loss_fn(model, batch, None)
+        return {"loss": loss, **{f"loss/{k}": v for k, v in parts.items()}}
+    return step
+
+
+def jit_train_step(step, shardings: TrainState, mesh):
+    """Jits ``step`` with the state's shardings in and out, and the state donated."""
+    return jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, NamedSharding(mesh, P())),
+                   donate_argnums=(0,))
+
+
+# ---- preemption ---------------------------------------------------------------------------------
+
+class StopSignal:
+    """Turns SIGTERM / SIGINT into a flag checked between steps (a second SIGINT aborts)."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("received %s: saving a checkpoint after this step", signal.Signals(signum).name)
+
+    def requested(self) -> bool:
+        """True on every process once any process has been signalled."""
+        flag = self.signum is not None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+        return flag
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
+# ---- fit ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class FitResult:
+    state: TrainState
+    history: list[dict]          # one entry per train step (host floats)
+    eval_history: list[dict]
+    status: str                  # "completed" | "preempted"
+    signum: Optional[int]
+    checkpoint_dir: Path
+
+
+def evaluate(eval_step, state: TrainState, batches: Iterator, steps: int, mesh, rules,
+             hooks: Sequence[Callable] = ()) -> dict[str, float]:
+    """Mean of ``eval_step`` over ``steps`` batches, plus each hook's ``hook(model, step)`` dict."""
+    sums, n = {}, 0
+    for _ in range(steps):
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        m = jax.device_get(eval_step(state, distributed.global_batch(batch, mesh, rules)))
+        sums = {k: sums.get(k, 0.0) + float(v) for k, v in m.items()}
+        n += 1
+    out = {f"eval/{k}": v / n for k, v in sums.items()} if n else {}
+    if hooks:
+        model, step = state.model(), int(state.step)
+        for hook in hooks:
+            out.update({f"eval/{k}": v for k, v in hook(model, step).items()})
+    return out
+
+
+def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], loss_fn: LossFn, data, *,
+        eval_data: Optional[Callable[[], Iterator]] = None, eval_hooks: Sequence[Callable] = (),
+        forward_flops: Optional[Callable[[dict], float]] = None, mesh=None,
+        rules: shd.Rules = shd.DEFAULT_RULES) -> FitResult:
+    """Trains ``model`` (a module or a constructor) for ``cfg.train.steps`` steps, resuming from
+    the newest good checkpoint in the run's checkpoint dir if there is one.
+
+    ``forward_flops(global batch shapes) -> FLOPs`` enables MFU; ``eval_data()`` returns a fresh
+    eval iterator each time the eval hook runs (every ``train.eval_every`` steps).
+    """
+    tc = cfg.train
+    primary = jax.process_index() == 0
+    run_dir = Path(tc.run_dir)
+    mesh = mesh if mesh is not None else shd.make_mesh(*cfg.mesh.shape)
+    tx, schedule = build_optimizer(tc.optim, tc.steps)
+    ckpt = Checkpointer(tc.checkpoint.dir or run_dir / "checkpoints", tc.checkpoint)
+    cfg_dict = to_dict(cfg)
+    if primary:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    abstract, shardings = abstract_train_state(model, tx, tc.optim, mesh, rules)
+    restored = ckpt.restore(abstract)
+    if restored is not None:
+        state, data_state, start = restored
+        if data_state is not None:
+            data.set_state(data_state)
+        log.info("resumed from %s at step %d", ckpt.step_dir(start), start)
+    else:
+        state, _ = create_train_state(model, tx, tc.optim, mesh, seed=tc.seed, rules=rules)
+        if tc.init_from:
+            from mllm_jax.train.stages import load_params_into
+            state = load_params_into(state, shardings, find_checkpoint_dir(tc.init_from))
+    del model
+
+    writer = MetricsWriter(run_dir, enabled=primary, tensorboard=tc.tensorboard)
+    progress = Progress(tc.steps, int(state.step), enabled=primary and tc.progress)
+    train_step = jit_train_step(make_train_step(loss_fn, tx, schedule, grad_accum=tc.optim.grad_accum,
+                                                mesh=mesh, rules=rules), shardings, mesh)
+    eval_step = jax.jit(make_eval_step(loss_fn, mesh, rules)) if eval_data or eval_hooks else None
+    history, eval_history = [], []
+    step = int(state.step)
+    last_saved = step if restored is not None else None
+    thr = Throughput(_mesh_peak_flops(cfg, mesh))
+    cost = _step_cost(forward_flops, count_params(abstract.all_params()))
+    pending: Optional[tuple[int, Any, tuple[int, float]]] = None
+
+    def drain(p):
+        s, m, (tokens, flops) = p
+        m = {k: v.item() for k, v in jax.device_get(m).items()}
+        history.append({"step": s, **m})
+        if m["bad_streak"] >= tc.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{m['bad_streak']} consecutive steps (up to step {s}) had a non-finite loss or gradient "
+                f"(loss={m['loss']}, grad_norm={m['grad_norm']}); each was skipped, params are unchanged "
+                f"since step {s - m['bad_streak']}. Lower train.optim.lr, check the data feeding those steps, "
+                f"or raise train.max_bad_steps (now {tc.max_bad_steps}).")
+        if not m["finite"]:
+            log.warning("step %d: non-finite loss/grad (loss=%s, grad_norm=%s): update skipped (%d skipped so far)",
+                        s, m["loss"], m["grad_norm"], m["skipped"])
+        if len(history) == 1:
+            thr.reset()  # the first step includes compilation
+        else:
+            thr.tick(tokens, flops)
+        if s % tc.log_every == 0 or s == tc.steps:
+            m.update(thr.measure())
+            writer.write(s, m)
+        progress.update(1, m)
+
+    status, signum = "completed", None
+    try:
+        with StopSignal() as stop:
+            while step < tc.steps:
+                batch = distributed.global_batch(next(data), mesh, rules)
+                state, metrics = train_step(state, batch)
+                step += 1
+                if pending is not None:
+                    drain(pending)
+                pending = (step, metrics, cost(batch))
+                step_eval = None
+                if eval_step is not None and tc.eval_every and step % tc.eval_every == 0:
+                    drain(pending)
+                    pending = None
+                    step_eval = evaluate(eval_step, state, eval_data() if eval_data else iter(()),
+                                         tc.eval_steps, mesh, rules, eval_hooks)
+                    eval_history.append({"step": step, **step_eval})
+                    writer.write(step, step_eval)
+                    thr.reset()
+                stopping = stop.requested()
+                if stopping or (tc.checkpoint.every_steps and step % tc.checkpoint.every_steps == 0):
+                    ckpt.save(state, data_state=data.get_state(), config=cfg_dict, metrics=step_eval)
+                    last_saved = step
+                if stopping:
+                    status, signum = "preempted", stop.signum
+                    break
+            if pending is not None:
+                drain(pending)
+            if last_saved != step:
+                ckpt.save(state, data_state=data.get_state(), config=cfg_dict)
+    finally:
+        ckpt.close()
+        writer.close()
+        progress.close()
+    if status == "preempted":
+        log.warning("stopped by signal %s at step %d; checkpoint saved in %s", signum, step, ckpt.directory)
+    return FitResult(state, history, eval_history, status, signum, ckpt.directory)
+
+
+def _step_cost(forward_flops, n_params: int):
+    """``batch -> (tokens, training FLOPs)`` from the global batch's shapes (buckets may change
+    them from step to step); without ``forward_flops`` the forward pass is ``2 * params * tokens``."""
+    def cost(batch):
+        shapes = {k: tuple(v.shape) for k, v in batch.items()}
+        tokens = int(np.prod(shapes["input_ids"])) if "input_ids" in shapes else next(iter(shapes.values()))[0]
+        return tokens, train_flops(forward_flops(shapes) if forward_flops else 2.0 * n_params * tokens)
+    return cost
+
+
+def _mesh_peak_flops(cfg: ExperimentConfig, mesh) -> Optional[float]:
+    peak = cfg.train.peak_flops
+    if peak is None:
+        try:
+            peak, _ = device_peak_flops(mesh.devices.flat[0])
+        except KeyError as e:
+            log.warning("%s", e)
+            return None
+    return peak * mesh.size
+
+
+__all__ = ["make_train_step", "make_eval_step", "jit_train_step", "fit", "evaluate", "FitResult",
+           "NonFiniteLossError", "StopSignal"]

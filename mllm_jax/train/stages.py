@@ -1,0 +1,171 @@
+"""Multi-stage recipes as configs, each stage starting from the previous stage's checkpoint.
+
+A recipe is ``ExperimentConfig.stages``: a tuple of ``StageConfig(name, updates)`` where
+``updates`` are dotted-key config changes (what trains, which data, which LoRA, how long).
+Stage ``k`` runs in ``<train.run_dir>/<name>`` with ``train.init_from`` set to stage ``k-1``'s
+run dir, so its params start where the last stage ended (its optimiser starts fresh). Running
+the recipe again after an interruption resumes the stage that was running; finished stages
+are restored and return at once.
+
+``load_params_into`` does the hand-over and checks it strictly: every param of the new model
+must be in the checkpoint except new adapters (LoRA factors, soft prompts), which keep their
+fresh init (LoRA's ``b`` starts at zero, so nothing changes); a LoRA adapter in the checkpoint
+that the new model does not have is merged into its base kernel (``kernel += alpha/rank *
+a @ b``, with alpha and rank from the saved config); anything else is an error naming it.
+
+InfMLLM's three stages (METHODS.md §3) — ViT ``vision.*``, pool-adapter ``projector.*``,
+LLM ``decoder.*``:
+
+=======================  =========  ============  ============================  =====================
+stage                    ViT        adapter       LLM                           data
+=======================  =========  ============  ============================  =====================
+1 ``align``              frozen     trained       frozen                        image-caption pairs
+2 ``multitask``          trained    trained       frozen + LoRA on q, v         VQA / caption / grounding
+3 ``instruct``           frozen     trained       full (or LoRA by config)      instruction mix
+=======================  =========  ============  ============================  =====================
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mllm_jax.config import ConfigError, ExperimentConfig, StageConfig, apply_updates
+from mllm_jax.convert.hf import flat_params
+from mllm_jax.train.checkpoint import Checkpointer
+from mllm_jax.train.optim import LORA_ONLY, PROJECTOR_ONLY, VISION
+from mllm_jax.train.state import TrainState, unflatten_like
+
+log = logging.getLogger(__name__)
+
+NEW_ADAPTERS = (r"\.lora\.(a|b)$", r"(^|\.)soft_prompt\.")
+_LORA = re.compile(r"^(.*)\.lora\.(a|b)$")
+
+
+class StageHandoverError(ValueError):
+    """The checkpoint a stage starts from does not fit the stage's model."""
+
+
+# ---- recipes ------------------------------------------------------------------------------------
+
+def infmllm_stages(*, steps: Sequence[int] = (1000, 2000, 2000), lr: Sequence[float] = (1e-3, 1e-4, 2e-5),
+                   data: Sequence[dict] = ({}, {}, {}), lora_rank: int = 8, lora_alpha: float = 16.0,
+                   stage3_lora: bool = False) -> tuple[StageConfig, ...]:
+    """InfMLLM's recipe. ``data[k]`` are stage ``k``'s data updates (e.g. ``{"data.tasks":
+    ["caption_short:1", "caption_long:1"]}``). ``stage3_lora`` keeps training the stage-2 LoRA
+    (plus the adapter) in stage 3 instead of fine-tuning the whole LLM (into which the LoRA is
+    then merged)."""
+    lora_qv = r"decoder\..*(q_proj|v_proj)$"
+    stage1 = {"train.optim.trainable": list(PROJECTOR_ONLY), "train.optim.frozen": [], "model.lora.rank": 0}
+    stage2 = {"train.optim.trainable": [*VISION, *PROJECTOR_ONLY, *LORA_ONLY], "train.optim.frozen": [],
+              "model.lora.rank": lora_rank, "model.lora.alpha": lora_alpha, "model.lora.target": lora_qv}
+    if stage3_lora:
+        stage3 = {"train.optim.trainable": [*PROJECTOR_ONLY, *LORA_ONLY], "train.optim.frozen": [],
+                  "model.lora.rank": lora_rank, "model.lora.alpha": lora_alpha, "model.lora.target": lora_qv}
+    else:
+        stage3 = {"train.optim.trainable": [*PROJECTOR_ONLY, r"^decoder\."], "train.optim.frozen": [],
+                  "model.lora.rank": 0}
+    out = []
+    for i, (name, upd) in enumerate((("align", stage1), ("multitask", stage2), ("instruct", stage3))):
+        out.append(StageConfig(name, {**upd, "train.steps": steps[i], "train.optim.lr": lr[i], **data[i]},
+                               init_from_previous=i > 0))
+    return tuple(out)
+
+
+def stage_config(base: ExperimentConfig, stage: StageConfig, previous_run_dir: Optional[str]) -> ExperimentConfig:
+    """The config one stage runs with (its own run dir, its init from the previous stage)."""
+    cfg = apply_updates(dataclasses.replace(base, stages=()), stage.updates)
+    init_from = previous_run_dir if stage.init_from_previous and previous_run_dir else cfg.train.init_from
+    train = dataclasses.replace(cfg.train, run_dir=str(Path(base.train.run_dir) / stage.name), init_from=init_from,
+                                checkpoint=dataclasses.replace(cfg.train.checkpoint, dir=None))
+    return dataclasses.replace(cfg, name=f"{base.name}/{stage.name}", train=train)
+
+
+def run_stages(cfg: ExperimentConfig, run_one: Callable[[ExperimentConfig], object],
+               only: Optional[str] = None) -> list:
+    """Runs every stage of ``cfg.stages`` in order (or just ``only``) with ``run_one(stage_cfg)``."""
+    names = [s.name for s in cfg.stages]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"stages: names must be unique, got {names}")
+    if only is not None and only not in names:
+        raise ConfigError(f"--stage {only!r}: no such stage; the recipe has {names}")
+    results, prev = [], None
+    for stage in cfg.stages:
+        scfg = stage_config(cfg, stage, prev)
+        if only is None or stage.name == only:
+            log.info("stage %s: run dir %s, init from %s", stage.name, scfg.train.run_dir, scfg.train.init_from)
+            results.append(run_one(scfg))
+        prev = scfg.train.run_dir
+    return results
+
+
+# ---- hand-over between stages -------------------------------------------------------------------
+
+def load_params_into(state: TrainState, shardings: TrainState, ckpt_dir: str | Path) -> TrainState:
+    """``state`` with its params replaced by the newest good checkpoint's in ``ckpt_dir``
+    (strict: see the module docstring); each array lands in ``state``'s sharding."""
+    ours = flat_params(state.all_params())
+    our_shardings = {**flat_params(shardings.params), **flat_params(shardings.frozen)}
+    mesh = next(iter(our_shardings.values())).mesh
+    new_ok = [re.compile(r) for r in NEW_ADAPTERS]
+    plan: dict = {}
+
+    def make_target(meta):
+        merge, unexpected, misshaped = [], [], []
+        for k, (shape, _) in meta.items():
+            if k in ours:
+                if tuple(ours[k].shape) != shape:
+                    misshaped.append(f"{k}: checkpoint {shape} vs model {tuple(ours[k].shape)}")
+            elif (m := _LORA.match(k)) and f"{m.group(1)}.kernel" in ours:
+                merge.append(k)
+            else:
+                unexpected.append(f"{k} {shape}")
+        missing = [k for k in ours if k not in meta and not any(r.search(k) for r in new_ok)]
+        if missing or unexpected or misshaped:
+            lines = [f"{ckpt_dir}: checkpoint does not fit this model ({len(missing)} missing, "
+                     f"{len(unexpected)} unexpected, {len(misshaped)} mis-shaped)"]
+            lines += [f"  missing:    {k}" for k in missing[:20]]
+            lines += [f"  unexpected: {k}" for k in unexpected[:20]]
+            lines += [f"  mis-shaped: {k}" for k in misshaped[:20]]
+            raise StageHandoverError("\n".join(lines))
+        plan["merge"] = merge
+        rep = NamedSharding(mesh, P())
+        return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=our_shardings.get(k, rep))
+                for k, (shape, dtype) in meta.items()}
+
+    found = Checkpointer(ckpt_dir, read_only=True).restore_params(make_target)
+    if found is None:
+        raise StageHandoverError(f"train.init_from: no checkpoint in {ckpt_dir}")
+    loaded, saved_cfg, step = found
+    merged = _merge_lora(loaded, plan["merge"], saved_cfg, ckpt_dir)
+    fresh = [k for k in ours if k not in loaded]
+    new = {k: merged.get(k, v) for k, v in ours.items()}
+    log.info("init from %s step %d: %d params loaded, %d fresh adapters, %d LoRA adapters merged",
+             ckpt_dir, step, len(ours) - len(fresh), len(fresh), len(plan["merge"]) // 2)
+    put = lambda like, sh: jax.device_put(unflatten_like(like, new), sh)  # noqa: E731
+    return state.replace(params=put(state.params, shardings.params), frozen=put(state.frozen, shardings.frozen))
+
+
+def _merge_lora(loaded: dict, keys: list[str], saved_cfg: Optional[dict], where) -> dict:
+    if not keys:
+        return loaded
+    try:
+        lora = saved_cfg["model"]["lora"]
+        scale = float(lora["alpha"]) / int(lora["rank"])
+    except (TypeError, KeyError, ZeroDivisionError):
+        raise StageHandoverError(f"{where}: has LoRA factors to merge but no saved model.lora config "
+                                 "(alpha, rank) to scale them") from None
+    out = {k: v for k, v in loaded.items() if k not in keys}
+    for base in sorted({_LORA.match(k).group(1) for k in keys}):
+        kern = f"{base}.kernel"
+        out[kern] = jax.jit(lambda w, a, b: w + scale * (a @ b), out_shardings=loaded[kern].sharding)(
+            loaded[kern], loaded[f"{base}.lora.a"], loaded[f"{base}.lora.b"])
+    return out
+
+
+__all__ = ["infmllm_stages", "stage_config", "run_stages", "load_params_into", "StageHandoverError", "NEW_ADAPTERS"]

@@ -1,0 +1,38 @@
+"""``python -m mllm_jax``: every subcommand explains itself; ``eval`` restores a run."""
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from mllm_jax.cli import main
+from mllm_jax.config import to_dict
+from tests.toy import fit_toy, tiny_experiment
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "convert", "demo", "plan"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        rc = main([command, "--help"])
+        raise SystemExit(rc)
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python -m mllm_jax {command}")
+
+
+def test_top_level_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for c in ("train", "eval", "generate", "convert", "demo", "plan", "--coordinator"):
+        assert c in out
+
+
+def test_eval_restores_the_newest_checkpoint_onto_this_machines_mesh(tmp_path, capsys):
+    cfg = tiny_experiment(**{"train.run_dir": str(tmp_path / "r"), "train.steps": 2})
+    fit_toy(cfg)  # trained on one device
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert main(["eval", "--config", str(path), "--steps", "2", "mesh.fsdp=-1"]) == 0  # 8 devices
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["step"] == 2 and np.isfinite(out["eval/loss"]) and out["eval/loss"] == out["eval/loss/ntp"]

@@ -1,0 +1,160 @@
+"""The jitted train step and ``fit``: sharding parity, accumulation, NaN guard, freeze masks,
+metrics files, eval hook and best-by-metric retention. Toy model and data: ``tests/toy.py``."""
+import json
+import struct
+
+import jax
+import numpy as np
+import pytest
+import yaml
+from flax import nnx
+
+from mllm_jax import sharding as shd
+from mllm_jax.config import ExperimentConfig, LoRAConfig, from_dict
+from mllm_jax.models.lora import LoRAParam, apply_lora
+from mllm_jax.train.loop import NonFiniteLossError
+from mllm_jax.train.optim import LORA_ONLY
+from tests.toy import TOY_LM, ToyLM, fit_toy, params_np, tiny_experiment
+
+
+def _close(a: dict, b: dict, tol: float):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=tol, rtol=0, err_msg=k)
+
+
+def _init_params(cfg, model_fn=None):
+    """The params ``fit`` starts from (initialised under jit exactly as ``fit`` does)."""
+    from mllm_jax.train.optim import build_optimizer
+    from mllm_jax.train.state import create_train_state
+    from tests.toy import one_device_mesh
+    model_fn = model_fn or (lambda: TOY_LM.build(cfg, nnx.Rngs(cfg.train.seed)))
+    tx, _ = build_optimizer(cfg.train.optim, cfg.train.steps)
+    state, _ = create_train_state(model_fn, tx, cfg.train.optim, one_device_mesh(), seed=cfg.train.seed)
+    return params_np(state)
+
+
+def _tb_scalar_tags(folder) -> set[str]:
+    """Scalar tags in TensorBoard event files (TFRecord framing: u64 length, u32 crc, data, u32 crc)."""
+    from tensorboardX.proto import event_pb2
+    tags = set()
+    for f in folder.rglob("events.out.tfevents.*"):
+        raw = f.read_bytes()
+        i = 0
+        while i + 12 <= len(raw):
+            (n,) = struct.unpack("<Q", raw[i:i + 8])
+            ev = event_pb2.Event.FromString(raw[i + 12:i + 12 + n])
+            tags.update(v.tag for v in ev.summary.value)
+            i += 12 + n + 4
+    return tags
+
+
+def test_sharded_2x2x2_matches_one_device(tmp_path):
+    """5 steps on 8 devices as (data, fsdp, tensor) = (2, 2, 2) == 5 steps on 1 device; also
+    checks the run's files: config.yaml round-trips, metrics.jsonl names every loss part, the
+    TensorBoard events hold the same scalars. The 1-device run is given a built module (moved
+    onto the mesh), the sharded one a constructor (params created in their shards)."""
+    cfg8 = tiny_experiment(**{"train.run_dir": str(tmp_path / "r8"), "train.tensorboard": True})
+    r8 = fit_toy(cfg8, mesh=shd.make_mesh(2, 2, 2), forward_flops=lambda s: TOY_LM.forward_flops(cfg8, s))
+    cfg1 = tiny_experiment(**{"train.run_dir": str(tmp_path / "r1")})
+    r1 = fit_toy(cfg1, model_fn=TOY_LM.build(cfg1, nnx.Rngs(cfg1.train.seed)))
+    assert len(r8.history) == len(r1.history) == 5
+    np.testing.assert_allclose([h["loss"] for h in r8.history], [h["loss"] for h in r1.history], atol=1e-5, rtol=0)
+    _close(params_np(r8.state), params_np(r1.state), 1e-5)
+    assert r8.history[-1]["loss"] < r8.history[0]["loss"]
+    # the sharded run really is sharded
+    kernel = r8.state.params["layers"][0]["mlp"]["gate_proj"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+
+    run = tmp_path / "r8"
+    assert from_dict(ExperimentConfig, yaml.safe_load((run / "config.yaml").read_text())) == cfg8
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4, 5]
+    for key in ("loss", "loss/ntp", "lr", "grad_norm", "skipped"):
+        assert all(key in x for x in lines), key
+    assert all(k in lines[-1] for k in ("tokens_per_s", "mfu", "step_time_s"))
+    assert lines[-1]["loss"] == pytest.approx(r8.history[-1]["loss"])
+    assert {"loss", "loss/ntp", "lr", "grad_norm", "mfu"} <= _tb_scalar_tags(run / "tensorboard")
+
+
+def test_grad_accumulation_matches_full_batch(tmp_path):
+    """grad_accum=2 (two micro-batches scanned inside the step) == one full batch (equal token
+    counts per micro-batch, so the mean of means is the mean)."""
+    base = {"train.steps": 3}
+    r1 = fit_toy(tiny_experiment(**base, **{"train.run_dir": str(tmp_path / "a")}))
+    r2 = fit_toy(tiny_experiment(**base, **{"train.run_dir": str(tmp_path / "b"), "train.optim.grad_accum": 2}))
+    np.testing.assert_allclose([h["loss"] for h in r1.history], [h["loss"] for h in r2.history], atol=1e-5, rtol=0)
+    _close(params_np(r1.state), params_np(r2.state), 1e-5)
+
+
+def test_nan_batch_is_skipped_counted_and_changes_nothing(tmp_path):
+    """A NaN in batch 2 skips step 3 and counts it; training continues. The result equals a run
+    that never saw that batch (bit for bit): the skipped step changed no param and no optimiser
+    state."""
+    # (tiny_experiment's lr is constant, so the two runs' lengths do not change their updates)
+    nan = fit_toy(tiny_experiment(**{"train.run_dir": str(tmp_path / "nan"), "data_options": {"nan_batches": [2]}}))
+    assert [h["finite"] for h in nan.history] == [True, True, False, True, True]
+    assert nan.history[-1]["skipped"] == 1 and nan.history[-1]["bad_streak"] == 0
+    assert int(nan.state.skipped) == 1 and np.isfinite(nan.history[-1]["loss"])
+    clean = fit_toy(tiny_experiment(**{"train.run_dir": str(tmp_path / "drop"), "train.steps": 4,
+                                       "data_options": {"drop_batches": [2]}}))
+    a, b = params_np(nan.state), params_np(clean.state)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_too_many_bad_steps_stop_with_a_clear_error(tmp_path):
+    cfg = tiny_experiment(**{"train.run_dir": str(tmp_path / "r"), "train.max_bad_steps": 2,
+                             "data_options": {"nan_batches": [1, 2]}})
+    with pytest.raises(NonFiniteLossError, match="2 consecutive steps .* non-finite"):
+        fit_toy(cfg)
+
+
+def test_frozen_params_are_bit_identical(tmp_path):
+    cfg = tiny_experiment(**{"train.run_dir": str(tmp_path / "r"), "train.steps": 3,
+                             "train.optim.trainable": [r"^layers\.0\."], "train.optim.weight_decay": 0.1})
+    res = fit_toy(cfg)
+    before, after = _init_params(cfg), params_np(res.state)
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert changed and all(k.startswith("layers.0.") for k in changed)
+    assert {k for k in before if k.startswith("layers.0.") and k.endswith("kernel")} <= changed
+    # no optimiser state for frozen params
+    assert all(p.startswith("layers.0.") for p in
+               [".".join(map(str, q)) for q, _ in nnx.to_flat_state(res.state.params)])
+
+
+def test_lora_only_touches_only_lora(tmp_path):
+    """LoRA (with dropout, so the model carries an RNG stream through the step) on q, v:
+    base params stay bit-identical, every LoRA factor trains."""
+    cfg = tiny_experiment(**{"train.run_dir": str(tmp_path / "r"), "train.steps": 3,
+                             "train.optim.trainable": list(LORA_ONLY)})
+
+    def model_fn():
+        m = ToyLM(cfg.model.decoder, rngs=nnx.Rngs(0))
+        apply_lora(m, LoRAConfig(rank=4, alpha=8, dropout=0.1, target=r"(q_proj|v_proj)$"), nnx.Rngs(1))
+        return m
+
+    res = fit_toy(cfg, model_fn=model_fn)
+    before, after = _init_params(cfg, model_fn), params_np(res.state)
+    lora = {k for k in before if ".lora." in k}
+    assert len(lora) == cfg.model.decoder.num_layers * 2 * 2  # layers x (q, v) x (a, b)
+    for k in before:
+        same = np.array_equal(before[k], after[k])
+        assert same != (k in lora), k
+    assert all(isinstance(v, LoRAParam) for _, v in nnx.to_flat_state(nnx.state(model_fn(), LoRAParam)))
+    assert len(jax.tree.leaves(res.state.extra)) > 0  # the dropout RNG stream is threaded through
+
+
+def test_eval_hook_and_best_checkpoint_retention(tmp_path):
+    """Eval every step; keep the last 1 and the best 1 by eval/loss in 'max' mode, so the
+    first eval (highest loss) survives next to the last step."""
+    cfg = tiny_experiment(**{"train.run_dir": str(tmp_path / "r"), "train.eval_every": 1, "train.eval_steps": 2,
+                             "train.checkpoint.every_steps": 1, "train.checkpoint.keep_last": 1,
+                             "train.checkpoint.keep_best": 1, "train.checkpoint.best_mode": "max"})
+    from tests.toy import toy_data
+    res = fit_toy(cfg, eval_data=lambda: toy_data(cfg, split="eval"),
+                  eval_hooks=[lambda model, step: {"hook_step": step}])
+    losses = [e["eval/loss"] for e in res.eval_history]
+    assert [e["eval/hook_step"] for e in res.eval_history] == [1, 2, 3, 4, 5]
+    best = 1 + int(np.argmax(losses))
+    kept = sorted(int(p.name) for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == sorted({best, 5})

@@ -1,0 +1,64 @@
+"""Optimisers, schedules, weight-decay and freeze masks."""
+import math
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from mllm_jax import sharding as shd
+from mllm_jax.config import OptimConfig
+from mllm_jax.train.optim import FreezeMaskError, build_optimizer, check_freeze_mask, decay_mask, make_schedule
+from mllm_jax.train.state import abstract_train_state
+from tests.toy import TOY_LM, fit_toy, tiny_experiment
+
+
+def test_warmup_cosine_and_linear_schedules():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    s = make_schedule(cfg, 110)
+    for step, want in [(0, 0.0), (5, 0.5), (10, 1.0), (60, 0.1 + 0.9 * 0.5), (110, 0.1)]:
+        assert float(s(step)) == pytest.approx(want, abs=1e-6), step
+    assert float(s(35)) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 25 / 100)), abs=1e-6)
+    lin = make_schedule(OptimConfig(lr=2.0, warmup_ratio=0.1, schedule="linear"), 100)
+    assert [float(lin(k)) for k in (0, 10, 55, 100)] == pytest.approx([0.0, 2.0, 1.0, 0.0], abs=1e-6)
+    assert float(make_schedule(OptimConfig(lr=0.3, schedule="constant"), 5)(4)) == pytest.approx(0.3)
+
+
+def test_freeze_mask_errors_name_the_pattern():
+    paths = ["vision.a.kernel", "projector.linear_1.kernel", "decoder.layers.0.q_proj.kernel"]
+    assert check_freeze_mask(paths, OptimConfig(trainable=(r"^projector\.",))) == ["projector.linear_1.kernel"]
+    assert check_freeze_mask(paths, OptimConfig(frozen=(r"^vision\.",))) == paths[1:]
+    with pytest.raises(FreezeMaskError, match=r"'\^projecter\\\\\.' matches no parameter"):
+        check_freeze_mask(paths, OptimConfig(trainable=(r"^projecter\.",)))
+    with pytest.raises(FreezeMaskError, match="no parameter is trainable"):
+        check_freeze_mask(paths, OptimConfig(frozen=(".",)))
+
+
+def test_weight_decay_skips_biases_and_norm_scales():
+    params = nnx.State({"dense": {"kernel": np.ones((2, 2)), "bias": np.ones(2)}, "norm": {"scale": np.ones(2)}})
+    mask = decay_mask(OptimConfig())(params)
+    assert mask["dense"]["kernel"] is True and mask["dense"]["bias"] is False and mask["norm"]["scale"] is False
+    tx, _ = build_optimizer(OptimConfig(name="sgd", lr=0.1, momentum=0.0, weight_decay=0.5, clip_norm=0), 10)
+    grads = jax.tree.map(np.zeros_like, params)
+    upd, _ = tx.update(grads, tx.init(params), params)
+    new = optax.apply_updates(params, upd)
+    assert np.allclose(new["dense"]["kernel"], 1 - 0.1 * 0.5) and np.allclose(new["dense"]["bias"], 1.0)
+
+
+def test_adafactor_factored_moments_are_replicated_not_misnamed(tmp_path):
+    """Adafactor keeps per-row/column moments of a 128x128 matrix; they cannot inherit the
+    matrix's 2-D logical names, so they are replicated (and nothing raises)."""
+    cfg = tiny_experiment(**{"model.decoder.vocab_size": 128, "model.decoder.hidden_size": 128,
+                             "train.optim.name": "adafactor"})
+    tx, _ = build_optimizer(cfg.train.optim, 5)
+    abstract, shardings = abstract_train_state(lambda: TOY_LM.build(cfg, nnx.Rngs(0)), tx, cfg.train.optim,
+                                               shd.make_mesh(2, 2, 2))
+    shapes = {tuple(x.shape) for x in jax.tree.leaves(abstract.opt_state)}
+    assert (128,) in shapes  # a factored moment of the 128x128 embedding
+    for x in jax.tree.leaves(abstract.opt_state):
+        if x.shape == (128,):
+            assert all(axis is None for axis in x.sharding.spec), x.sharding
+    res = fit_toy(tiny_experiment(**{"train.run_dir": str(tmp_path / "r"), "train.steps": 2,
+                                     "train.optim.name": "adafactor"}))
+    assert res.history[-1]["loss"] < res.history[0]["loss"]

@@ -1,0 +1,105 @@
+"""``plan``: a 7B-LLM + ViT-L run sized for 256 chips on this machine, parameter count checked
+against transformers' LLaVA (meta device: nothing allocated, nothing downloaded)."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from mllm_jax.cli import main
+from mllm_jax.config import ExperimentConfig, apply_overrides, load_config
+from mllm_jax.sharding import ShardingError
+from mllm_jax.train import flops as F
+from mllm_jax.train.plan import abstract_params, make_plan
+from tests.toy import TOY_LM, tiny_experiment
+
+ROOT = Path(__file__).resolve().parents[2]
+VILA = ROOT / "experiments/configs/vila7b_sugar.yaml"
+
+
+@pytest.fixture(scope="module")
+def vila():
+    return load_config(VILA, ExperimentConfig)
+
+
+def _hf_llava_7b_count() -> int:
+    """LLaVA-1.5-7B's architecture (LLaMA-2-7B + CLIP ViT-L/14-336, 2-layer MLP projector),
+    written out from the published configs, counted by transformers on the meta device."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    text = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32)
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                              num_attention_heads=16, image_size=336, patch_size=14)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+                                                          image_token_index=32000, vision_feature_layer=-2))
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_vila7b_param_count_agrees_with_transformers(vila):
+    specs = F.mllm_params(vila.model)
+    base = sum(int(np.prod(s.shape)) for s in specs if ".lora." not in s.path)
+    lora = sum(int(np.prod(s.shape)) for s in specs if ".lora." in s.path)
+    hf = _hf_llava_7b_count()
+    assert abs(base - hf) / hf < 0.01, (base, hf)
+    assert lora == 32 * 2 * (4096 * 128 + 128 * 4096)  # rank-128 LoRA on q and v of 32 layers
+
+
+def test_plan_vila7b_on_256_chips(vila, capsys):
+    plan = make_plan(vila, (1, 256, 1), global_batch=256, mfu=0.4)
+    total = sum(int(np.prod(s.shape)) for s in F.mllm_params(vila.model))
+    assert plan.total_params == total and plan.source == "arithmetic parameter table"
+    assert plan.trainable_params == sum(int(np.prod(s.shape)) for s in F.mllm_params(vila.model)
+                                        if ".lora." in s.path or s.path.startswith("projector."))
+    # fsdp over 256 splits every matrix 256 ways along its embed dim; only vectors (norm scales,
+    # biases) may stay whole. Without LoRA that is all:
+    no_lora_cfg = apply_overrides(vila, ["model.lora.rank=0", "train.optim.trainable=['^projector']"])
+    no_lora = make_plan(no_lora_cfg, (1, 256, 1), global_batch=256)
+    n = no_lora.total_params
+    vectors = sum(s.shape[0] for s in F.mllm_params(no_lora_cfg.model) if len(s.shape) == 1)
+    assert 4 * n / 256 <= no_lora.bytes_per_device["params"] <= 4 * n / 256 + 4 * vectors
+    # LoRA's a [embed, r] is split along embed; b [r, heads] has no fsdp-sharded dim (r = 128 <
+    # 256 devices, heads go to the tensor axis): replicated on every device
+    a = 32 * 2 * 4096 * 128
+    assert plan.bytes_per_device["params"] - no_lora.bytes_per_device["params"] == 4 * (a / 256 + a)
+    # Adam: two float32 moments of the trainable params only, at most replicated
+    assert plan.bytes_per_device["opt_state"] <= 2 * 4 * plan.trainable_params + 64
+    tokens = 256 * max(vila.data.seq_buckets)
+    assert plan.tokens_per_step == tokens
+    six_n = 6 * 7.0e9 * tokens  # PaLM's 6N per token, plus attention and the ViT on top
+    assert six_n < plan.flops_per_step < 1.3 * six_n
+    assert plan.step_time_s["h100"] == pytest.approx(plan.flops_per_step / (256 * 989e12 * 0.4))
+    assert main(["plan", "--config", str(VILA), "--mesh", "1,256,1", "--global-batch", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "decoder.layers" in out and "vision.encoder" in out and "tpu-v5p" in out and "h200" in out
+
+
+def test_plan_names_the_param_a_mesh_does_not_divide(vila, capsys):
+    with pytest.raises(ShardingError, match=r"decoder\..* does not divide"):
+        make_plan(vila, (1, 1, 3))
+    assert main(["plan", "--config", str(VILA), "--mesh", "1,1,3"]) == 2
+    assert "mesh axis 'tensor' of size 3 does not divide" in capsys.readouterr().err
+    # 8 KV heads over a tensor axis of 16: the sizes divide (8 x 128 = 1024) but a head would be cut
+    gqa = apply_overrides(vila, ["model.decoder.num_kv_heads=8"])
+    with pytest.raises(ShardingError, match=r"k_proj.kernel: .* packs 8 heads"):
+        make_plan(gqa, (1, 16, 16), global_batch=256)
+
+
+def test_plan_uses_eval_shape_of_a_buildable_model():
+    cfg = tiny_experiment()
+    plan = make_plan(cfg, (1, 4, 2))
+    model = TOY_LM.build(cfg, nnx.Rngs(0))
+    assert plan.source == "jax.eval_shape of the model"
+    assert plan.total_params == sum(x.size for x in __import__("jax").tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_mllm_eval_shape_matches_the_arithmetic_table(vila):
+    """Runs once mllm_jax/models/mllm.py has landed: the real model's abstract params (eval_shape)
+    against the table ``plan`` used until then."""
+    pytest.importorskip("mllm_jax.models.mllm")
+    _, params, _, source = abstract_params(vila)
+    assert source == "jax.eval_shape of the model"
+    got = sum(int(np.prod(x.shape)) for _, x in nnx.to_flat_state(nnx.as_pure(params)))
+    want = sum(int(np.prod(s.shape)) for s in F.mllm_params(vila.model))
+    assert abs(got - want) / want < 0.01, (got, want)

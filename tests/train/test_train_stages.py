@@ -1,0 +1,104 @@
+"""Multi-stage recipes: InfMLLM's three stages on the toy MLLM (vision -> projector -> decoder),
+each starting from the previous stage's checkpoint, with what trains checked param by param."""
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from mllm_jax.config import ExperimentConfig, load_config
+from mllm_jax.train.checkpoint import Checkpointer
+from mllm_jax.train.experiment import train_recipe
+from mllm_jax.train.optim import build_optimizer
+from mllm_jax.train.stages import StageHandoverError, infmllm_stages, load_params_into, stage_config
+from mllm_jax.train.state import create_train_state
+from tests.toy import TOY_LM, TOY_MLLM, one_device_mesh, params_np, tiny_experiment, tiny_mllm_experiment, toy_data
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _fresh_state(cfg, spec):
+    tx, _ = build_optimizer(cfg.train.optim, cfg.train.steps)
+    return create_train_state(lambda: spec.build(cfg, nnx.Rngs(cfg.train.seed)), tx, cfg.train.optim,
+                              one_device_mesh(), seed=cfg.train.seed)
+
+
+def _group(params, prefix):
+    return {k: v for k, v in params.items() if k.startswith(prefix) and ".lora." not in k}
+
+
+def _same(a, b):
+    return all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _all_changed(a, b, suffix=".kernel"):
+    return all(not np.array_equal(a[k], b[k]) for k in a if k.endswith(suffix))
+
+
+def test_infmllm_three_stages_train_what_each_stage_says(tmp_path):
+    """Each stage trains exactly what the recipe says; at the stage 2 -> 3 hand-over the LoRA
+    is folded into the LLM exactly (same logits)."""
+    stages = infmllm_stages(steps=(2, 2, 2), lr=(1e-2, 1e-2, 1e-2), lora_rank=4, lora_alpha=8)
+    cfg = dataclasses.replace(tiny_mllm_experiment(**{"train.run_dir": str(tmp_path / "run")}), stages=stages)
+    s1, s2, s3 = train_recipe(cfg, mesh=one_device_mesh())
+    p0 = params_np(_fresh_state(stage_config(cfg, stages[0], None), TOY_MLLM)[0])
+    p1, p2, p3 = params_np(s1.state), params_np(s2.state), params_np(s3.state)
+
+    # stage 1: only the adapter moves
+    assert _same(_group(p0, "vision."), _group(p1, "vision.")) and _same(_group(p0, "decoder."), _group(p1, "decoder."))
+    assert _all_changed(_group(p0, "projector."), _group(p1, "projector."))
+    # stage 2: ViT + adapter + LoRA on q, v; the LLM's own weights are those stage 1 ended with
+    lora = {k for k in p2 if ".lora." in k}
+    assert lora and all(k.startswith("decoder.") and (".q_proj." in k or ".v_proj." in k) for k in lora)
+    assert all(np.any(p2[k] != 0) for k in lora if k.endswith(".b"))  # b starts at 0
+    assert _same(_group(p1, "decoder."), _group(p2, "decoder."))
+    assert _all_changed(_group(p1, "vision."), _group(p2, "vision."))
+    assert _all_changed(_group(p1, "projector."), _group(p2, "projector."))
+    # stage 3: ViT frozen, LLM fully trained, the LoRA merged away
+    assert not any(".lora." in k for k in p3)
+    assert _same(_group(p2, "vision."), _group(p3, "vision."))
+    assert _all_changed(_group(p2, "decoder.layers"), _group(p3, "decoder.layers"))
+    assert s3.checkpoint_dir == tmp_path / "run" / "instruct" / "checkpoints"
+
+    # the hand-over: stage 3's model as initialised from stage 2's checkpoint computes stage 2's logits
+    cfg3 = stage_config(cfg, stages[2], str(tmp_path / "run" / "multitask")).resolved()
+    fresh, shardings = _fresh_state(cfg3, TOY_MLLM)
+    merged = load_params_into(fresh, shardings, tmp_path / "run" / "multitask" / "checkpoints")
+    batch = next(toy_data(cfg3, split="eval"))
+
+    def logits(state):
+        return np.asarray(state.model()(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits)
+    np.testing.assert_allclose(logits(merged), logits(s2.state), atol=1e-5, rtol=0)
+    assert not np.allclose(logits(fresh), logits(s2.state), atol=1e-3)
+
+
+def test_handover_to_a_different_model_names_what_does_not_fit(tmp_path):
+    mllm = TOY_MLLM.build(tiny_mllm_experiment(), nnx.Rngs(0))
+    ck = Checkpointer(tmp_path / "mllm")
+    ck.save_params(0, {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(mllm, nnx.Param))})
+    ck.close()
+    state, shardings = _fresh_state(tiny_experiment(), TOY_LM)
+    with pytest.raises(StageHandoverError, match=r"missing:\s+embed_tokens.embedding(.|\n)*unexpected:\s+decoder\."):
+        load_params_into(state, shardings, tmp_path / "mllm")
+
+
+def test_infmllm_yaml_recipe_resolves_to_its_three_stages():
+    cfg = load_config(ROOT / "experiments/configs/infmllm_3stage.yaml", ExperimentConfig)
+    assert [s.name for s in cfg.stages] == ["align", "multitask", "instruct"]
+    resolved, prev = [], None
+    for s in cfg.stages:
+        resolved.append(stage_config(cfg, s, prev))
+        prev = resolved[-1].train.run_dir
+    a, m, i = resolved
+    assert a.train.init_from is None and m.train.init_from == "runs/infmllm/align"
+    assert i.train.run_dir == "runs/infmllm/instruct" and i.train.init_from == "runs/infmllm/multitask"
+    assert a.train.optim.trainable == (r"^projector\.",) and a.model.lora.rank == 0
+    assert m.model.lora.rank == 8 and r"\.lora\." in m.train.optim.trainable
+    assert i.model.lora.rank == 0 and r"^decoder\." in i.train.optim.trainable
+    assert i.model.projector.kind == "pool" and i.model.tokens_per_image == 64
+    # the recipe in code says the same
+    code = infmllm_stages(steps=(2000, 10000, 5000), lr=(1e-3, 1e-4, 2e-5))
+    for s_yaml, s_code in zip(cfg.stages, code):
+        assert list(s_yaml.updates["train.optim.trainable"]) == list(s_code.updates["train.optim.trainable"])
+        assert s_yaml.updates["model.lora.rank"] == s_code.updates["model.lora.rank"]

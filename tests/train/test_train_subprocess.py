@@ -1,0 +1,147 @@
+"""Whole-process behaviour through the CLI (``python -m mllm_jax train``) on the toy model:
+``kill -9`` + resume is bit-identical to an uninterrupted run, SIGTERM leaves a restorable
+checkpoint at the current step, and a 2-process ``jax.distributed`` run on CPU matches the
+1-process run."""
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import yaml
+from flax import nnx
+
+from mllm_jax.config import to_dict
+from mllm_jax.train.checkpoint import Checkpointer
+from mllm_jax.train.optim import build_optimizer
+from mllm_jax.train.state import abstract_train_state
+from tests.toy import TOY_LM, fit_toy, one_device_mesh, params_np, tiny_experiment
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _config(tmp_path, **updates) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(to_dict(tiny_experiment(**updates)), sort_keys=False))
+    return path
+
+
+def _launch(cfg: Path, run: Path, *args, devices: int = 1, env_extra=None) -> subprocess.Popen:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    cmd = [sys.executable, "-m", "mllm_jax", "train", "--config", str(cfg), f"train.run_dir={run}", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(p: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, _ = p.communicate()
+        raise AssertionError(f"timed out:\n{out[-4000:]}")
+    return p.returncode, out
+
+
+def _ok(p: subprocess.Popen) -> str:
+    rc, out = _finish(p)
+    assert rc == 0, out[-4000:]
+    return out
+
+
+def _final_params(run: Path) -> dict[str, np.ndarray]:
+    ck = Checkpointer(run / "checkpoints", read_only=True)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params, _, _ = ck.restore_params(lambda meta: {k: jax.ShapeDtypeStruct(s, d, sharding=one)
+                                                   for k, (s, d) in meta.items()})
+    return {k: np.asarray(v) for k, v in params.items()}
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def _steps(run: Path) -> list[int]:
+    d = run / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def test_kill_9_then_resume_is_bit_identical(tmp_path, cache_env):
+    steps = 10
+    cfg = _config(tmp_path, **{"train.steps": steps, "train.checkpoint.every_steps": 1,
+                               "train.checkpoint.async_save": True, "train.checkpoint.keep_last": 2})
+    reference = _launch(cfg, tmp_path / "ref", env_extra=cache_env)
+    victim_run = tmp_path / "victim"
+    kill_at = random.randint(2, steps - 4)  # the newest checkpoint when killed; it may be one or two on
+    victim = _launch(cfg, victim_run, env_extra=cache_env)
+    deadline = time.time() + 240
+    while not any(s >= kill_at for s in _steps(victim_run)):
+        assert victim.poll() is None, f"finished before step {kill_at}:\n{victim.communicate()[0][-3000:]}"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = max(_steps(victim_run))
+    assert killed_at < steps, f"the run finished (step {killed_at}) before it was killed"
+    out = _ok(_launch(cfg, victim_run, env_extra=cache_env))
+    assert json.loads(out.strip().splitlines()[-1])["step"] == steps
+    _ok(reference)
+    a, b = _final_params(victim_run), _final_params(tmp_path / "ref")
+    bad = [k for k in b if not np.array_equal(a[k], b[k])]
+    assert not bad, f"killed at step >= {kill_at} (last checkpoint {killed_at}); params differ: {bad}"
+    ref_losses, resumed_losses = _losses(tmp_path / "ref"), _losses(victim_run)
+    assert all(resumed_losses[s] == ref_losses[s] for s in range(killed_at + 1, steps + 1))
+
+
+def test_sigterm_leaves_a_restorable_checkpoint_at_the_current_step(tmp_path, cache_env):
+    cfg = _config(tmp_path, **{"train.steps": 10_000, "train.checkpoint.every_steps": 0})
+    run = tmp_path / "run"
+    p = _launch(cfg, run, env_extra=cache_env)
+    deadline = time.time() + 240
+    while not (run / "metrics.jsonl").exists() or len((run / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert p.poll() is None, p.communicate()[0][-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    rc, out = _finish(p)
+    assert rc == 128 + signal.SIGTERM, out[-3000:]
+    last_logged = max(_losses(run))
+    assert _steps(run) == [last_logged], out[-3000:]
+    cfg_obj = tiny_experiment()
+    tx, _ = build_optimizer(cfg_obj.train.optim, 10_000)
+    abstract, _ = abstract_train_state(lambda: TOY_LM.build(cfg_obj, nnx.Rngs(0)), tx, cfg_obj.train.optim,
+                                       one_device_mesh())
+    state, data, step = Checkpointer(run / "checkpoints").restore(abstract)
+    assert step == int(state.step) == last_logged and data["index"] == last_logged
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_run_matches_one_process(tmp_path, cache_env):
+    """2 processes x 2 CPU devices (gloo collectives, localhost coordinator) on a (data, fsdp,
+    tensor) = (2, 2, 1) mesh, each loading its half of every batch, == one process on one
+    device (this one), 3 steps."""
+    updates = {"train.steps": 3, "mesh.data": 2, "mesh.fsdp": 2}
+    cfg = _config(tmp_path, **updates, **{"data.batch_size": 4})  # per process: 2 x 4 = the 8 rows below
+    port = _free_port()
+    multi = [_launch(cfg, tmp_path / "multi", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                     "--process-id", str(i), devices=2, env_extra=cache_env) for i in range(2)]
+    single = fit_toy(tiny_experiment(**{"train.steps": 3, "train.run_dir": str(tmp_path / "single")}))
+    for p in multi:
+        _ok(p)
+    lm = _losses(tmp_path / "multi")
+    assert sorted(lm) == [1, 2, 3]
+    np.testing.assert_allclose([lm[s] for s in (1, 2, 3)], [h["loss"] for h in single.history], atol=1e-5, rtol=0)
+    a, b = _final_params(tmp_path / "multi"), params_np(single.state)
+    for k in b:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=0, err_msg=k)
