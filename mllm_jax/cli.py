@@ -111,7 +111,7 @@ def _delegate(module: str, what: str, argv: Sequence[str]) -> int:
 
 
 def cmd_generate(args) -> int:
-    return _delegate("mllm_jax.generate", "generate", args.rest)
+    return _delegate("mllm_jax.generate_cli", "generate", args.rest)
 
 
 def cmd_convert(args) -> int:
@@ -169,9 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distributed(p)
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("generate", help="decode text from a model (mllm_jax/generate.py)", add_help=False,
+    p = sub.add_parser("generate", help="decode text from a run or a Hugging Face model (mllm_jax/generate_cli.py)", add_help=False,
                        description="Greedy or sampled decoding with a KV cache; options are those of "
-                                   "mllm_jax.generate.main (see `generate --help` once it has landed).")
+                                   "mllm_jax/generate_cli.py (see `generate --help`).")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_generate)
 
@@ -232,7 +232,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _available(command: str) -> bool:
     import importlib.util
-    return importlib.util.find_spec({"generate": "mllm_jax.generate", "demo": "mllm_jax.demo"}[command]) is not None
+    return importlib.util.find_spec({"generate": "mllm_jax.generate_cli", "demo": "mllm_jax.demo"}[command]) is not None
 
 
 def _stub_help(parser: argparse.ArgumentParser, command: str) -> None:

@@ -1,0 +1,128 @@
+"""``python -m mllm_jax generate``: decode text from a trained run or a Hugging Face model.
+
+    python -m mllm_jax generate --run runs/tiny --prompt "Describe the image briefly." --image img.png
+    python -m mllm_jax generate --hf path/to/hf_dir --prompt "The capital of France is"
+    python -m mllm_jax generate --hf assets/SmolLM2-135M-Instruct --gguf SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --chat --prompt "What is the capital of France?"
+
+A run's tokenizer is its config's ``data.tokenizer``; an HF dir's is its own tokenizer files
+(GGUF: the tokenizer inside the file, read by transformers). ``--chat`` wraps the prompt in the
+chat template. Images (``--image``, repeatable) go where the prompt says ``<image>``, or in front.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mllm_jax generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="a training run directory (its newest good checkpoint)")
+    src.add_argument("--hf", help="a Hugging Face model directory (config.json + safetensors, or --gguf)")
+    p.add_argument("--gguf", help="GGUF file name inside --hf")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    p.add_argument("--image", action="append", default=[], help="image file for a multimodal model (repeatable)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _hf_tokenizer(path: str, gguf: str | None):
+    from transformers import AutoTokenizer
+    kw = {"gguf_file": gguf} if gguf else {}
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
+
+    def encode(text: str, chat: bool) -> list[int]:
+        if chat:
+            return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=False))
+        return tok(text)["input_ids"]
+    return encode, lambda ids: tok.decode(ids, skip_special_tokens=True), tok.eos_token_id
+
+
+def _run_model(run: str):
+    from mllm_jax.data.tokenize import TextTokenizer
+    from mllm_jax.train.experiment import restore_run
+    state, step = restore_run(run)
+    from mllm_jax.config import ExperimentConfig, load_config
+    cfg = load_config(Path(run) / "config.yaml", ExperimentConfig)
+    if not cfg.data.tokenizer:
+        raise SystemExit(f"{run}/config.yaml has no data.tokenizer: cannot encode prompts")
+    tok = TextTokenizer.from_dir(cfg.data.tokenizer)
+    return state.model(), tok, step
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    import jax
+
+    from mllm_jax.models.mllm import MLLM
+    if args.run:
+        model, tok, step = _run_model(args.run)
+        t = tok.template
+
+        def encode(text, chat):
+            body = text if not chat else t.turn_start.format(role="user") + text + t.turn_end + t.after_turn \
+                + t.turn_start.format(role="assistant")
+            return list(tok.encode(body))
+        decode, eos = (lambda ids: tok.decode(ids, skip_special_tokens=True)), tok.token_id(t.turn_end)
+        print(f"# {args.run} step {step}", file=sys.stderr)
+    else:
+        from mllm_jax.convert.hf import load_pretrained
+        model = load_pretrained(args.hf, gguf_file=args.gguf)
+        encode, decode, eos = _hf_tokenizer(args.hf, args.gguf)
+    prompts = [encode(p, args.chat) for p in args.prompt]
+    width = max(len(p) for p in prompts)
+    ids = np.zeros((len(prompts), width), np.int32)
+    mask = np.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding: every row ends at the last column
+        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+              temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
+              key=jax.random.key(args.seed), stop_tokens=() if eos is None else (eos,))
+    if isinstance(model, MLLM):
+        out = _generate_mllm(model, ids, mask, args.image, kw)
+    else:
+        if args.image:
+            raise SystemExit("--image needs a multimodal model (LLaVA / an MLLM run)")
+        from mllm_jax.generate import generate
+        out = generate(model, ids, attention_mask=mask, **kw)
+    for i, row in enumerate(np.asarray(out.tokens)):
+        print(decode(row[: int(out.lengths[i])].tolist()))
+    return 0
+
+
+def _generate_mllm(model, ids, mask, images, kw):
+    from PIL import Image
+
+    from mllm_jax.data.pipeline import ImageSpec
+    cfg = model.config
+    k = cfg.tokens_per_image
+    if not images:
+        return model.generate(ids, attention_mask=mask, **kw)
+    spec = ImageSpec.from_vision(cfg.vision)
+    pix = np.stack([spec(np.asarray(Image.open(f).convert("RGB"))) for f in images])
+    rows = []
+    for r in range(len(ids)):  # each prompt gets all images, in front of its text
+        real = ids[r][mask[r].astype(bool)]
+        rows.append(np.concatenate([np.full(k * len(images), cfg.image_token_id, np.int32), real]))
+    width = max(len(r) for r in rows)
+    ids2 = np.zeros((len(rows), width), np.int32)
+    mask2 = np.zeros_like(ids2)
+    for i, r in enumerate(rows):
+        ids2[i, width - len(r):], mask2[i, width - len(r):] = r, 1
+    pixel_values = np.broadcast_to(pix, (len(rows),) + pix.shape).copy()
+    return model.generate(ids2, attention_mask=mask2, pixel_values=pixel_values, **kw)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,30 @@
+"""`python -m mllm_jax generate --hf DIR`: same text as transformers' generate on the same dir."""
+import torch
+import transformers
+
+from mllm_jax import generate_cli
+from mllm_jax.data.tokenize import train_tokenizer
+
+
+def test_generate_cli_matches_transformers(tmp_path, capsys):
+    tok = train_tokenizer(["a red circle left of a blue square", "two green triangles", "is there a cross?"] * 20,
+                          tmp_path, vocab_size=300, min_frequency=1)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, eos_token_id=None)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(torch.randn_like(p) * (1.0 if p.ndim == 1 else p.shape[-1] ** -0.5))
+    hf.save_pretrained(tmp_path)
+    prompts = ["a red circle", "is there a blue"]
+    assert generate_cli.main(["--hf", str(tmp_path), "--max-new-tokens", "6"]
+                             + sum((["--prompt", p] for p in prompts), [])) == 0
+    printed = capsys.readouterr().out
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    expected = []
+    for p in prompts:
+        ids = torch.tensor([hf_tok(p)["input_ids"]])
+        out = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=hf_tok.eos_token_id)
+        expected.append(hf_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    assert printed == "".join(e + "\n" for e in expected)
