@@ -5,11 +5,13 @@ so every cell of anti-diagonal ``t = i + j`` depends only on diagonals ``t-1`` a
 sweep the ``n + m - 1`` diagonals with ``lax.scan``; each step updates a whole diagonal of every
 pair of the batch at once.
 
-Layout ("pair-minor", time-major). The tables of a batch, ``C[i, j, b]`` (``n <= m``), are
-*skewed* to ``S[t, i, b] = C[i, t - i, b]`` (``[n + m - 1, n, B]``) by padding, reshaping and
-transposing (no gather): diagonal ``t`` is the slab ``S[t]``, indexed by the row ``i``, and
-the pairs are the minor axis. So XLA vectorises along the batch, the shifts ``i -> i - 1`` of the
-recursion are whole-row offsets, and every layout change is a copy of contiguous blocks.
+Layout. The tables of a batch are kept in their natural order with the pairs last,
+``C[i, j, b]`` (``[n, m, B]``, ``n <= m``), so XLA vectorises along the batch and the shifts
+``i -> i - 1`` of the recursion are whole-row offsets. Diagonal ``t`` is read without any skewed
+copy: cell ``(i, t - i)`` sits at flat row ``i (m - 1) + t`` of ``C.reshape(n m, B)``, so in
+the view ``V = C.reshape(K, m - 1, B)`` (padded) diagonal ``t`` is the slab
+``V[a + t // (m-1) : b + t // (m-1), t % (m-1)]``: one dynamic slice. Rows of the slab that
+fall outside the table alias other cells and are masked. Gradients are accumulated the same way.
 
 XLA:CPU emits scalar code for a fusion that slices a ``lax.scan`` input inside the loop body but
 vectorises slices of loop carries. So scan inputs are used whole, and carried diagonals use an
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,30 +52,11 @@ def compute_dtype(*dtypes) -> jnp.dtype:
     return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
 
 
-# ---- skew ------------------------------------------------------------------------------------
-
-def skew(c: Array, fill) -> Array:
-    """``float[n, m, B] -> float[n+m-1, n, B]`` with ``out[t, i, b] = c[i, t-i, b]``;
-    out-of-table cells get ``fill``. Pad, reshape, transpose: copies, no gather."""
-    n, m, b = c.shape
-    t = n + m - 1
-    cp = jnp.pad(c, ((0, 0), (0, n), (0, 0)), constant_values=fill)
-    cp = cp.reshape(n * (m + n), b)[: n * t].reshape(n, t, b)
-    return jnp.swapaxes(cp, 0, 1)
-
-
-def unskew(s: Array, m: int) -> Array:
-    """Inverse of ``skew``: ``float[n+m-1, n, B] -> float[n, m, B]``."""
-    t, n, b = s.shape
-    flat = jnp.pad(jnp.swapaxes(s, 0, 1).reshape(n * t, b), ((0, n), (0, 0)))
-    return flat.reshape(n, m + n, b)[:, :m]
-
-
 # ---- windows ---------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Chunk:
-    """Diagonals ``[t0, t1)`` swept over the rows ``[a, b)`` of the skewed layout."""
+    """Diagonals ``[t0, t1)`` swept over the rows ``[a, b)``."""
     t0: int
     t1: int
     a: int
@@ -102,10 +85,21 @@ def diagonal_ranges(n: int, m: int, band: tuple[int, int] | None = None) -> np.n
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """How to sweep an ``n x m`` table (``n <= m``): its chunks, in diagonal order."""
+    """How to sweep an ``n x m`` table (``n <= m``): its chunks, in diagonal order, and the
+    strided view ``[rows, stride, B]`` its diagonals are read from."""
     n: int
     m: int
     chunks: tuple[Chunk, ...]
+
+    @property
+    def stride(self) -> int:
+        return max(self.m - 1, 1)
+
+    @property
+    def rows(self) -> int:
+        """Rows of the view: every slab ``[a + t // stride, b + t // stride)`` fits."""
+        need = max((ch.t1 - 1) // self.stride + ch.b for ch in self.chunks)
+        return max(need, -(-self.n * self.m // self.stride))
 
 
 # Chunking pays when the sweep is long and wide; each chunk is one more scan to compile.
@@ -177,76 +171,162 @@ def lengths_from_mask(mask: Array | None, n: int, name: str) -> Array | None:
     return jnp.sum(mask, -1).astype(jnp.int32)
 
 
-def validity(n: int, m: int, x_len, y_len, band_lo, band_hi) -> Array | None:
-    """``bool[..., n, m]`` of the cells a path may use (inside both lengths and the band), or
-    ``None`` when every cell is valid. Lengths / band bounds are ``[...]`` arrays or ``None``."""
-    i = jnp.arange(n)[:, None]
-    j = jnp.arange(m)[None, :]
-    ok = None
+class Limits(NamedTuple):
+    """Per-pair bounds of the valid cells, in the swept orientation (rows = the shorter side).
+    ``None`` fields mean "no constraint"."""
+    t_end: Array               # int32[B]: diagonal of the pair's last cell
+    i_end: Array               # int32[B]: its row
+    nl: Array | None = None    # int32[B]: valid rows (padding beyond)
+    ml: Array | None = None    # int32[B]: valid columns
+    blo: Array | None = None   # int32[B]: band, lowest allowed j - i
+    bhi: Array | None = None   # int32[B]: band, highest allowed j - i
 
-    def conj(a, b):
-        return b if a is None else a & b
-
-    if x_len is not None:
-        ok = conj(ok, i < jnp.asarray(x_len)[..., None, None])
-    if y_len is not None:
-        ok = conj(ok, j < jnp.asarray(y_len)[..., None, None])
-    if band_lo is not None:
-        ok = conj(ok, (j - i) >= jnp.asarray(band_lo)[..., None, None])
-        ok = conj(ok, (j - i) <= jnp.asarray(band_hi)[..., None, None])
-    return ok
+    @property
+    def ragged(self) -> bool:
+        """Pairs end on different diagonals (so their values are picked up on the way)."""
+        return self.nl is not None
 
 
-def prepare(table: Array, x_len, y_len, band, fill) -> tuple:
+@dataclasses.dataclass(frozen=True)
+class Cells:
+    """How the raw entries read from the table become what the recursion uses, inside the
+    scan step (so that e.g. a Gaussian kernel's exp/log run on one diagonal at a time, in cache,
+    and the table is produced by cheap elementwise code fused into its matrix product).
+
+    ``f``: elementwise ``raw -> value`` (a module-level function, so that it hashes);
+    ``kind``: ``"cost"`` (invalid cells ``+big``; ``log`` of the triangular weight subtracted)
+    or ``"logk"`` (a log-kernel: invalid ``-big``, triangular weight added);
+    ``tri``: Cuturi's triangular band ``T`` (0: none).
+    """
+    f: Callable
+    kind: str = "cost"
+    tri: int = 0
+
+
+def identity(v):
+    return v
+
+
+def cell_mask(cells: Cells, plan: Plan, ch: Chunk, t: Array, lim: Limits, dtype):
+    """Which cells of diagonal ``t`` (rows of the chunk's window) are valid, ``bool[width, B]``
+    (or ``[width, 1]``), and the log triangular weights ``float[width, 1]`` (None when
+    ``cells.tri == 0``)."""
+    rows = jnp.arange(ch.a, ch.b, dtype=jnp.int32)[:, None]
+    ok = (t - rows >= 0) & (t - rows < plan.m)             # inside the table
+    if lim.nl is not None:
+        ok = ok & (rows < lim.nl[None]) & (t - rows < lim.ml[None])
+    if lim.blo is not None:
+        diff = t - 2 * rows                                 # j - i
+        ok = ok & (diff >= lim.blo[None]) & (diff <= lim.bhi[None])
+    if not cells.tri:
+        return ok, None
+    dist = jnp.abs(t - 2 * rows)                            # |i - j|
+    logw = jnp.log1p(-jnp.minimum(dist, cells.tri - 1).astype(dtype) / cells.tri)
+    return ok & (dist < cells.tri), logw
+
+
+def cell_values(cells: Cells, plan: Plan, ch: Chunk, t: Array, raw: Array,
+                lim: Limits) -> Array:
+    """The table entries of diagonal ``t`` inside the window of ``ch`` (``raw`` from
+    ``diagonal``): ``float[width, B]``, invalid cells (outside the table, the lengths or the
+    band) set to ``+big`` for costs, ``-big`` for log-kernels."""
+    v = cells.f(raw)
+    ok, logw = cell_mask(cells, plan, ch, t, lim, v.dtype)
+    if logw is not None:
+        v = v + (logw if cells.kind == "logk" else -logw)
+    return jnp.where(ok, v, big(v.dtype) if cells.kind == "cost" else -big(v.dtype))
+
+
+def cell_slope(cells: Cells, raw: Array) -> Array | None:
+    """``d f / d raw`` elementwise (None for the identity)."""
+    if cells.f is identity:
+        return None
+    return jax.jvp(cells.f, (raw,), (jnp.ones_like(raw),))[1]
+
+
+def prepare(table: Array, x_len, y_len, band, fill, pairs_last: bool = False,
+            plan_band: tuple[int, int] | None = None) -> tuple:
     """Shared front end of the soft-DTW and GAK recursions.
 
-    ``table: float[..., n, m]`` (costs or log-kernels), lengths ``int[...]`` or ``None``,
-    ``band = (dlo, dhi)`` bounds on ``j - i`` (ints, or arrays broadcasting to ``[...]``).
-    Fills invalid cells with ``fill``, puts the shorter side on the rows and the pairs last,
-    skews, and returns ``(S [T, n, B], t_end [B], i_end [B], plan, finish)``: pair ``b`` ends on
-    diagonal ``t_end[b]`` at row ``i_end[b]``; ``finish`` maps a per-pair ``[B]`` result back to
-    ``[...]`` and a ``[T, n, B]`` table to ``[..., n, m]``.
+    ``table: float[..., n, m]`` (or ``float[n, m, ...]`` with ``pairs_last``, the layout the
+    sweep wants: the pairwise costs are built that way to skip a scattered transpose): raw
+    entries, mapped by ``Cells.f`` inside the sweep. Lengths ``int[...]`` or ``None``,
+    ``band = (dlo, dhi)`` bounds on ``j - i`` (ints, or arrays broadcasting to ``[...]``),
+    ``fill``: a raw value that ``Cells.f`` maps to an invalid entry; ``plan_band``: a static band
+    that only narrows the swept windows (``band`` masks cells). Puts the shorter side on
+    the rows and the pairs last, and returns ``(view, limits, plan, finish)``: ``view`` is the
+    strided ``[rows, stride, B]`` view of the table the sweep reads diagonals from, ``finish``
+    maps a per-pair ``[B]`` result back to ``[...]``.
     """
-    *lead, n, m = table.shape
+    if pairs_last:
+        n, m, *lead = table.shape
+    else:
+        *lead, n, m = table.shape
     lead = tuple(lead)
-    static_band = band is not None and all(isinstance(v, (int, np.integer)) for v in band)
-    ok = validity(n, m, x_len, y_len, *(band if band is not None else (None, None)))
-    if ok is not None:
-        table = jnp.where(ok, table, fill)
-    nl = jnp.broadcast_to(jnp.asarray(n if x_len is None else x_len, jnp.int32), lead)
-    ml = jnp.broadcast_to(jnp.asarray(m if y_len is None else y_len, jnp.int32), lead)
     b = int(np.prod(lead))
-    table, nl, ml = table.reshape(b, n, m), nl.reshape(b), ml.reshape(b)
-    plan_band = (int(band[0]), int(band[1])) if static_band else None
-    swap = n > m  # the diagonal runs along the shorter side: less skew padding
+
+    def flat(v, default):
+        if v is None:
+            return None if default is None else jnp.full((b,), default, jnp.int32)
+        return jnp.broadcast_to(jnp.asarray(v, jnp.int32), lead).reshape(b)
+
+    ragged = x_len is not None or y_len is not None
+    nl, ml = flat(x_len, n if ragged else None), flat(y_len, m if ragged else None)
+    blo, bhi = (None, None) if band is None else (flat(band[0], None), flat(band[1], None))
+    if band is not None and all(isinstance(v, (int, np.integer)) for v in band):
+        plan_band = (int(band[0]), int(band[1]))
+    swap = n > m  # the diagonal runs along the shorter side: shorter slabs, fewer steps
+    if pairs_last:
+        table = table.reshape(n, m, b)
+        if swap:
+            table = jnp.swapaxes(table, 0, 1)
+    else:
+        table = jnp.transpose(table.reshape(b, n, m), (2, 1, 0) if swap else (1, 2, 0))
     if swap:
         nl, ml, n, m = ml, nl, m, n
+        blo, bhi = (None, None) if band is None else (-bhi, -blo)
         plan_band = None if plan_band is None else (-plan_band[1], -plan_band[0])
-    table = jnp.transpose(table, (2, 1, 0) if swap else (1, 2, 0))    # [n, m, B]
+    if ragged:
+        t_end, i_end = nl + ml - 2, nl - 1
+    else:
+        t_end, i_end = jnp.full((b,), n + m - 2, jnp.int32), jnp.full((b,), n - 1, jnp.int32)
     chunks = MAX_CHUNKS if b * n * m >= MIN_CELLS_TO_CHUNK else 1
     plan = plan_chunks(n, m, plan_band, max_chunks=chunks)
 
     def finish(v):
-        if v.ndim == 1:
-            return v.reshape(lead)
-        v = unskew(v, m)                                                # [n, m, B]
-        v = jnp.transpose(v, (2, 1, 0) if swap else (2, 0, 1))
-        return v.reshape(lead + v.shape[1:])
+        return v.reshape(lead)
 
-    return skew(table, fill), nl + ml - 2, nl - 1, plan, finish
+    return table_view(table, plan, fill), Limits(t_end, i_end, nl, ml, blo, bhi), plan, finish
 
 
-# ---- per-chunk views -------------------------------------------------------------------------
+# ---- reading and writing diagonals -------------------------------------------------------------
 
-def chunk_view(st: Array, ch: Chunk) -> Array:
-    """``[T, n, B]`` -> the chunk's scan inputs ``[t1-t0, width, B]``."""
-    return st[ch.t0:ch.t1, ch.a:ch.b]
+def table_view(table: Array, plan: Plan, fill) -> Array:
+    """``float[n, m, B]`` -> the padded strided view ``float[rows, stride, B]``."""
+    n, m, b = table.shape
+    flat = table.reshape(n * m, b)
+    flat = jnp.pad(flat, ((0, plan.rows * plan.stride - n * m), (0, 0)), constant_values=fill)
+    return flat.reshape(plan.rows, plan.stride, b)
 
 
-def assemble(parts: Sequence[Array], plan: Plan) -> Array:
-    """Per-chunk scan outputs ``[t1-t0, width, B]`` -> ``[T, n, B]`` (zero outside windows)."""
-    return jnp.concatenate([jnp.pad(p, ((0, 0), (ch.a, plan.n - ch.b), (0, 0)))
-                            for p, ch in zip(parts, plan.chunks)], axis=0)
+def _slab_start(plan: Plan, ch: Chunk, t: Array):
+    t = jnp.asarray(t, jnp.int32)
+    return (ch.a + t // plan.stride, t % plan.stride, jnp.zeros((), jnp.int32))
+
+
+def diagonal(view: Array, plan: Plan, ch: Chunk, t: Array) -> Array:
+    """Entries ``(i, t - i)`` for the rows ``i`` of the chunk's window: ``float[width, B]``
+    (rows outside the table hold other cells' entries: mask them)."""
+    return jax.lax.dynamic_slice(view, _slab_start(plan, ch, t),
+                                 (ch.width, 1, view.shape[2]))[:, 0]
+
+
+def add_diagonal(view: Array, plan: Plan, ch: Chunk, t: Array, g: Array) -> Array:
+    """``view`` with ``g: float[width, B]`` added to the entries of diagonal ``t`` (``g`` must
+    be zero on rows outside the table, which alias other cells)."""
+    start = _slab_start(plan, ch, t)
+    cur = jax.lax.dynamic_slice(view, start, (ch.width, 1, view.shape[2]))
+    return jax.lax.dynamic_update_slice(view, cur + g[:, None], start)
 
 
 def rewindow(v: Array, old: Chunk, new: Chunk, fill, ext: int = 0) -> Array:

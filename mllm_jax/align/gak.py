@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from mllm_jax.align import _wavefront as wf
-from mllm_jax.align.kernels import gak_log_kernel, triangular_log_weights
+from mllm_jax.align.kernels import gak_log_kernel_of_z, sqeuclidean
 from mllm_jax.align.softdtw import sdtw_core
 
 Array = jax.Array
@@ -45,92 +45,114 @@ def _rescale(u: Array):
     return u * (1 / c), jnp.log(c)
 
 
-def _linear_forward(kt: Array, kap: Array, t_end: Array, i_end: Array, plan: wf.Plan,
-                    save: bool, capture: bool):
-    """Rescaled linear-space sweep. ``kt: [T, n, B]`` local kernels divided by their per-diagonal
-    maximum ``exp(kap)`` (``kap: [T, B]``). Returns ``(log K: [B], saved)``; ``saved`` (with
-    ``save``) holds per chunk the normalised diagonals ``[steps, width, B]`` and their log
-    scales ``[steps, B]``."""
-    _, _, bsz = kt.shape
-    dt = kt.dtype
+def _local_kernel(view, cells, plan, ch, t, lim):
+    """``(k / e^kap, kap)`` for diagonal ``t``: ``[W, B]`` and ``[B]``, with ``kap`` the
+    largest log local kernel of the diagonal (0 when it has no valid cell), so that no valid
+    kernel value underflows unless it is ~1e-38 times the largest of its diagonal."""
+    raw = wf.diagonal(view, plan, ch, t)
+    if cells.f is not gak_log_kernel_of_z:
+        lk = wf.cell_values(cells, plan, ch, t, raw, lim)
+        kap = jnp.max(lk, axis=0)
+        kap = jnp.where(kap > -0.5 * wf.big(lk.dtype), kap, 0)
+        return jnp.exp(lk - kap), kap
+    # raw = z = |a-b|^2 / (2 sigma^2), k = w e^-z / (2 - e^-z): with e1 = e^(zmin - z) and
+    # em = e^-zmin, k / k(zmin) = w e1 (2 - em) / (2 - e1 em): one exp and one divide per cell
+    ok, logw = wf.cell_mask(cells, plan, ch, t, lim, raw.dtype)
+    inf = wf.big(raw.dtype)
+    z = jnp.where(ok, raw, inf)
+    zmin = jnp.min(z, axis=0)
+    zmin = jnp.where(zmin < 0.5 * inf, zmin, 0)
+    em = jnp.exp(-zmin)
+    e1 = jnp.exp(zmin - z)
+    k = e1 * ((2 - em) / (2 - e1 * em))
+    if logw is not None:
+        k = k * jnp.exp(logw)
+    return jnp.where(ok, k, 0), -zmin - jnp.log(2 - em)
+
+
+def _slope(view, cells, plan, ch, t, lim, k, kap):
+    """``d log k / d raw`` for diagonal ``t`` (None for an identity map)."""
+    if cells.f is not gak_log_kernel_of_z:
+        return wf.cell_slope(cells, wf.diagonal(view, plan, ch, t))
+    # d/dz [-z - log(2 - e^-z)] = -1 - e^-z / (2 - e^-z) = -1 - k / w
+    kk = k * jnp.exp(kap)
+    if cells.tri:
+        kk = kk * jnp.exp(-wf.cell_mask(cells, plan, ch, t, lim, k.dtype)[1])
+    return -1 - kk
+
+
+def _forward(view: Array, lim: wf.Limits, plan: wf.Plan, cells: wf.Cells, save: bool):
+    """Rescaled linear-space sweep over the strided table view (``wf.prepare``) of raw entries
+    (``cells.f`` makes them log local kernels). Returns ``(log K: [B], saved)``; with ``save``,
+    per chunk the normalised diagonals ``m`` and local kernels ``k`` (``[steps, width, B]``)
+    and the log scales ``s``, ``kap`` (``[steps, B]``)."""
+    bsz, dt = view.shape[2], view.dtype
     m1 = jnp.zeros((plan.chunks[0].width + 1, bsz), dt)    # diagonal -1 (ext layout)
     m2 = m1.at[0].set(1)                                   # diagonal -2: M[-1, -1] = 1
     zero = jnp.zeros((bsz,), dt)
 
-    def step(ch, carry, x):
+    def step(ch, carry, t):
         (m1, m2), (s1, s2, val) = carry
-        k, kp, t = x
+        k, kap = _local_kernel(view, cells, plan, ch, t, lim)
         ref = jnp.maximum(s1, s2)
         u = k * ((m1[:-1] + m1[1:]) * jnp.exp(s1 - ref) + m2[:-1] * jnp.exp(s2 - ref))
         m, logc = _rescale(u)
-        s = ref + kp + logc
-        if capture:
-            val = jnp.where(t == t_end, jnp.log(wf.take_rows(m, i_end - ch.a)) + s, val)
-        return ((wf.pad_front(m, 0), m1), (s, s1, val)), ((m, s) if save else None)
+        s = ref + kap + logc
+        if lim.ragged:
+            val = jnp.where(t == lim.t_end, jnp.log(wf.take_rows(m, lim.i_end - ch.a)) + s, val)
+        return ((wf.pad_front(m, 0), m1), (s, s1, val)), ((m, k, s, kap) if save else None)
 
     (m1, _), (s1, _, val), saved = wf.sweep(
         step, (m1, m2), (zero, zero, zero),
-        lambda ch: (wf.chunk_view(kt, ch), kap[ch.t0:ch.t1], jnp.arange(ch.t0, ch.t1)),
-        plan, fills=(0, 0), exts=(1, 1))
-    if not capture:
+        lambda ch: jnp.arange(ch.t0, ch.t1), plan, fills=(0, 0), exts=(1, 1))
+    if not lim.ragged:
         val = jnp.log(m1[plan.n - plan.chunks[-1].a]) + s1
     return val, saved
 
 
-def _linear_backward(kt, kap, saved, logk_end, t_end, i_end, plan, g):
-    """``g[b] * d log K[b] / d log k`` (``g``: per-pair weights) in the skewed layout
-    ``[T, n, B]``."""
-    dt = kt.dtype
-    bsz = kt.shape[2]
+def _backward(view, saved, log_k, lim, plan, cells):
+    """``d log K / d view``: the cell posteriors times the slope of ``cells.f``."""
+    bsz, dt = view.shape[2], view.dtype
     by_chunk = dict(zip(plan.chunks, saved))
     init = (jnp.zeros((plan.chunks[-1].width, bsz), dt),) * 2
 
     def step(ch, carry, x):
-        # a: backward sums B[t] reaching this diagonal; q: pending for diagonal t-1 (from t+1);
-        # both in the scale exp(sig)
-        (a, q), sig = carry
-        k, kp, (m, s), t = x
-        a = a + wf.end_onehot(ch, i_end, dt) * jnp.where(t == t_end, jnp.exp(-sig), 0)
-        e = m * a * (g * jnp.exp(s + sig - logk_end))
+        # a: backward path sums B[t] reaching this diagonal; q: pending for diagonal t-1
+        # (from t+1); both in the scale exp(sig)
+        (a, q), (sig, grad) = carry
+        (m, k, s, kap), t = x
+        a = a + wf.end_onehot(ch, lim.i_end, dt) * jnp.where(t == lim.t_end, jnp.exp(-sig), 0)
+        post = m * a * jnp.exp(s + sig - log_k)
+        slope = _slope(view, cells, plan, ch, t, lim, k, kap)
+        grad = wf.add_diagonal(grad, plan, ch, t, post if slope is None else post * slope)
         u, logc = _rescale(k * a)
-        sig_t = sig + kp + logc
+        sig_t = sig + kap + logc
         ref = jnp.maximum(sig, sig_t)
         ft, fq = jnp.exp(sig_t - ref), jnp.exp(sig - ref)
         up = wf.shift_up(u)
-        return (((up + u) * ft + q * fq, up * ft), ref), e
+        return (((up + u) * ft + q * fq, up * ft), (ref, grad)), None
 
-    _, _, es = wf.sweep(
-        step, init, jnp.zeros((bsz,), dt),
-        lambda ch: (wf.chunk_view(kt, ch), kap[ch.t0:ch.t1], by_chunk[ch],
-                    jnp.arange(ch.t0, ch.t1)),
+    _, (_, grad), _ = wf.sweep(
+        step, init, (jnp.zeros((bsz,), dt), jnp.zeros_like(view)),
+        lambda ch: (by_chunk[ch], jnp.arange(ch.t0, ch.t1)),
         plan, fills=(0, 0), exts=(0, 0), reverse=True)
-    return wf.assemble(es, plan)
+    return grad
 
 
-def _split_kernel(lt: Array):
-    """Skewed log-kernel ``[T, n, B]`` -> ``(k / max_diag, log max_diag [T, B])``."""
-    neg = -0.5 * wf.big(lt.dtype)
-    kap = jnp.max(lt, axis=1)
-    kap = jnp.where(kap > neg, kap, 0)          # diagonals with no valid cell for this pair
-    return jnp.exp(lt - kap[:, None, :]), kap
-
-
-@partial(jax.custom_jvp, nondiff_argnums=(3, 4))
-def log_gak_core(lt: Array, t_end: Array, i_end: Array, plan: wf.Plan, capture: bool) -> Array:
-    """``log K`` from the skewed log local kernel ``lt: float[T, n, B]`` (invalid cells hold
-    ``-big``) by the rescaled linear-space sweep. Differentiable in both modes: the tangent is
-    ``<P, d log k>`` with the cell posteriors ``P`` (see ``softdtw.sdtw_core``)."""
-    kt, kap = _split_kernel(lt)
-    return _linear_forward(kt, kap, t_end, i_end, plan, save=False, capture=capture)[0]
+@partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def log_gak_core(view: Array, lim: wf.Limits, plan: wf.Plan, cells: wf.Cells) -> Array:
+    """``log K`` for the log local kernel ``cells.f(view)`` (``view``: ``wf.prepare``'s strided
+    table) by the rescaled linear-space sweep. Differentiable in both modes: the tangent is
+    ``<P f'(view), d view>`` with the cell posteriors ``P`` (see ``softdtw.sdtw_core``)."""
+    return _forward(view, lim, plan, cells, save=False)[0]
 
 
 @log_gak_core.defjvp
-def _core_jvp(plan, capture, primals, tangents):
-    lt, t_end, i_end = primals
-    kt, kap = _split_kernel(lt)
-    val, saved = _linear_forward(kt, kap, t_end, i_end, plan, save=True, capture=capture)
-    post = _linear_backward(kt, kap, saved, val, t_end, i_end, plan, jnp.ones_like(val))
-    return val, jnp.sum(post * tangents[0], axis=(0, 1))
+def _core_jvp(plan, cells, primals, tangents):
+    view, lim = primals
+    val, saved = _forward(view, lim, plan, cells, save=True)
+    grad = _backward(view, saved, val, lim, plan, cells)
+    return val, jnp.sum(grad * tangents[0], axis=(0, 1))
 
 
 # ---- public API ------------------------------------------------------------------------------
@@ -138,32 +160,51 @@ def _core_jvp(plan, capture, primals, tangents):
 METHODS = ("linear", "log")
 
 
-def gak_from_log_kernel(log_kernel: Array, x_len: Array | None = None,
-                        y_len: Array | None = None, method: str = "linear") -> Array:
-    """``log K`` (unnormalised) from a local log-kernel matrix ``float[..., n, m]`` -> ``float[...]``.
+def _neg_log_kernel_of_z(z):
+    return -gak_log_kernel_of_z(z)
 
-    ``x_len``, ``y_len``: ``int[...]`` true lengths (or None). Entries ``<= -big`` (or ``-inf``)
-    exclude a cell. Differentiable in ``log_kernel``.
-    """
+
+def _neg(v):
+    return -v
+
+
+def _log_gak(raw: Array, x_len, y_len, triangular: int, method: str, of_z: bool,
+             pairs_last: bool = False) -> Array:
+    """``log K`` from raw entries ``float[..., n, m]`` (``[n, m, ...]`` with ``pairs_last``):
+    ``z`` values (``of_z``) or log-kernels."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {METHODS}")
-    dt = wf.compute_dtype(log_kernel.dtype)
-    neg = -wf.big(dt)
-    lk = jnp.maximum(log_kernel.astype(dt), neg)
-    capture = x_len is not None or y_len is not None
+    dt = wf.compute_dtype(raw.dtype)
+    inf = wf.big(dt)
+    raw = raw.astype(dt)
+    band = (-(triangular - 1), triangular - 1) if triangular else None
+    # a raw value that every cell map below sends to an excluded cell
+    fill = inf if of_z else -inf
+    if not of_z:
+        raw = jnp.maximum(raw, -inf)            # -inf log-kernels (excluded cells) -> -big
+    view, lim, plan, finish = wf.prepare(raw, x_len, y_len, None, fill, pairs_last,
+                                         plan_band=band)
     if method == "log":
-        st, t_end, i_end, plan, finish = wf.prepare(-lk, x_len, y_len, None, -neg)
-        return -finish(sdtw_core(st, t_end, i_end, plan, capture))
-    lt, t_end, i_end, plan, finish = wf.prepare(lk, x_len, y_len, None, neg)
-    return finish(log_gak_core(lt, t_end, i_end, plan, capture))
+        cells = wf.Cells(_neg_log_kernel_of_z if of_z else _neg, "cost", triangular)
+        return -finish(sdtw_core(view, lim, plan, cells))
+    cells = wf.Cells(gak_log_kernel_of_z if of_z else wf.identity, "logk", triangular)
+    return finish(log_gak_core(view, lim, plan, cells))
 
 
-def _log_kernel(x, y, sigma, triangular, pairwise):
-    lk = gak_log_kernel(x, y, sigma, pairwise)
-    if triangular:
-        n, m = x.shape[-2], y.shape[-2]
-        lk = lk + triangular_log_weights(n, m, triangular, lk.dtype, -jnp.inf)
-    return lk
+def gak_from_log_kernel(log_kernel: Array, x_len: Array | None = None,
+                        y_len: Array | None = None, triangular: int = 0,
+                        method: str = "linear") -> Array:
+    """``log K`` (unnormalised) from a local log-kernel matrix ``float[..., n, m]`` -> ``float[...]``.
+
+    ``x_len``, ``y_len``: ``int[...]`` true lengths (or None). ``-inf`` entries exclude a cell.
+    Differentiable in ``log_kernel``.
+    """
+    return _log_gak(log_kernel, x_len, y_len, triangular, method, of_z=False)
+
+
+def _z(x, y, sigma, pairwise):
+    """``|x_i - y_j|^2 / (2 sigma^2)`` in the sweep's pairs-last layout."""
+    return sqeuclidean(x, y, pairwise, pairs_last=True) / (2 * jnp.square(sigma))
 
 
 def _check_triangular(triangular, x_len, y_len, n, m, out):
@@ -184,13 +225,14 @@ def gak(x: Array, y: Array, sigma=1.0, triangular: int = 0, x_mask: Array | None
     ``normalize``: ``K(x,y) / sqrt(K(x,x) K(y,y))`` (tslearn's ``gak``; in ``[0, 1]``, 1 for
     ``x = y``), else the raw kernel (tslearn's ``unnormalized_gak``). ``log``: return the
     logarithm (use it for long sequences: the normalised kernel underflows float32 quickly).
-    Masks ``bool[B, n]`` / ``bool[B, m]`` mark valid elements (a prefix).
+    ``triangular``: Cuturi's ``T`` (0: none). Masks ``bool[B, n]`` / ``bool[B, m]`` mark valid
+    elements (a prefix). ``method``: ``"linear"`` (rescaled, fast) or ``"log"`` (log-sum-exp).
     """
     xl = lengths_from_mask(x_mask, x.shape[-2], "x_mask")
     yl = lengths_from_mask(y_mask, y.shape[-2], "y_mask")
 
     def lg(a, b, al, bl):
-        out = gak_from_log_kernel(_log_kernel(a, b, sigma, triangular, False), al, bl, method)
+        out = _log_gak(_z(a, b, sigma, False), al, bl, triangular, method, True, True)
         return _check_triangular(triangular, al, bl, a.shape[-2], b.shape[-2], out)
 
     val = lg(x, y, xl, yl)
@@ -210,11 +252,10 @@ def gak_pairwise(X: Array, Y: Array | None = None, sigma=1.0, triangular: int = 
         Y, y_mask = X, x_mask
     xl = lengths_from_mask(x_mask, X.shape[-2], "x_mask")
     yl = lengths_from_mask(y_mask, Y.shape[-2], "y_mask")
-    lk = _log_kernel(X, Y, sigma, triangular, True)
     xlp = None if xl is None else xl[:, None]
     ylp = None if yl is None else yl[None, :]
-    val = _check_triangular(triangular, xlp, ylp, X.shape[-2], Y.shape[-2],
-                            gak_from_log_kernel(lk, xlp, ylp, method))
+    val = _log_gak(_z(X, Y, sigma, True), xlp, ylp, triangular, method, True, True)
+    val = _check_triangular(triangular, xlp, ylp, X.shape[-2], Y.shape[-2], val)
     if normalize:
         if same:
             dx = dy = jnp.diagonal(val)

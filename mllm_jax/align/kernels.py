@@ -29,83 +29,91 @@ TEXT, IMAGE = 0, 1  # slice modality codes used by ``triple_kernel``
 
 # ---- costs -----------------------------------------------------------------------------------
 
-def _dots(x: Array, y: Array, pairwise: bool) -> Array:
-    if pairwise:
-        return jnp.einsum("pid,qjd->pqij", x, y)
-    return jnp.einsum("...id,...jd->...ij", x, y)
+def _dots(x: Array, y: Array, pairwise: bool, pairs_last: bool) -> Array:
+    if pairwise:  # [n, P, m, Q] is what one matrix product gives; a Q-block swap gives pairs last
+        d = jnp.einsum("pid,qjd->ipjq", x, y)
+        return jnp.swapaxes(d, 1, 2) if pairs_last else jnp.transpose(d, (1, 3, 0, 2))
+    return jnp.einsum("...id,...jd->ij..." if pairs_last else "...id,...jd->...ij", x, y)
 
 
-def _outer_sum(a: Array, b: Array, pairwise: bool) -> Array:
-    """``a: [..., n]``, ``b: [..., m]`` -> ``a_i + b_j`` in the batched or pairwise layout."""
+def _outer_sum(a: Array, b: Array, pairwise: bool, pairs_last: bool) -> Array:
+    """``a: [..., n]``, ``b: [..., m]`` -> ``a_i + b_j`` in the layout of ``_dots``."""
+    if pairwise and pairs_last:
+        return a.T[:, None, :, None] + b.T[None, :, None, :]
     if pairwise:
         return a[:, None, :, None] + b[None, :, None, :]
+    if pairs_last:
+        return jnp.moveaxis(a, -1, 0)[:, None] + jnp.moveaxis(b, -1, 0)[None, :]
     return a[..., :, None] + b[..., None, :]
 
 
-def sqeuclidean(x: Array, y: Array, pairwise: bool = False) -> Array:
-    """Squared Euclidean distances ``|x_i - y_j|^2`` (``|x|^2 + |y|^2 - 2 x.y``, clipped at 0)."""
-    d = _outer_sum(jnp.sum(x * x, -1), jnp.sum(y * y, -1), pairwise) - 2 * _dots(x, y, pairwise)
+def sqeuclidean(x: Array, y: Array, pairwise: bool = False, pairs_last: bool = False) -> Array:
+    """Squared Euclidean distances ``|x_i - y_j|^2`` (``|x|^2 + |y|^2 - 2 x.y``, clipped at 0).
+
+    ``pairs_last`` (internal layout of the alignment sweeps): ``[n, m, ...]`` instead of
+    ``[..., n, m]``."""
+    d = (_outer_sum(jnp.sum(x * x, -1), jnp.sum(y * y, -1), pairwise, pairs_last)
+         - 2 * _dots(x, y, pairwise, pairs_last))
     return jnp.maximum(d, 0)
 
 
-def cosine_distance(x: Array, y: Array, pairwise: bool = False, eps: float = 1e-12) -> Array:
+def cosine_distance(x: Array, y: Array, pairwise: bool = False, pairs_last: bool = False,
+                    eps: float = 1e-12) -> Array:
     """``1 - cos(x_i, y_j)``, in ``[0, 2]``."""
     xn = x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), eps))
     yn = y * jax.lax.rsqrt(jnp.maximum(jnp.sum(y * y, -1, keepdims=True), eps))
-    return 1 - _dots(xn, yn, pairwise)
+    return 1 - _dots(xn, yn, pairwise, pairs_last)
+
+
+def gak_log_kernel_of_z(z: Array) -> Array:
+    """tslearn's GAK log local kernel of ``z = |a-b|^2 / (2 sigma^2)``: ``-z - log(2 - e^-z)``
+    (tslearn's own formula, so rounding matches too)."""
+    return -z - jnp.log(2 - jnp.exp(-z))
 
 
 def gak_log_kernel_from_sqdist(sqdist: Array, sigma) -> Array:
     """``log k = -phi_sigma`` from squared distances (tslearn's GAK local kernel)."""
-    z = sqdist / (2 * jnp.square(sigma))
-    return -z - jnp.log1p(-jnp.expm1(-z))  # log(2 - e^-z) = log1p(1 - e^-z), exact near z = 0
+    return gak_log_kernel_of_z(sqdist / (2 * jnp.square(sigma)))
 
 
-def gak_log_kernel(x: Array, y: Array, sigma, pairwise: bool = False) -> Array:
+def gak_log_kernel(x: Array, y: Array, sigma, pairwise: bool = False,
+                   pairs_last: bool = False) -> Array:
     """``log k_sigma(x_i, y_j)`` of tslearn's GAK (always ``<= 0``; ``k(a, a) = 1``)."""
-    return gak_log_kernel_from_sqdist(sqeuclidean(x, y, pairwise), sigma)
+    return gak_log_kernel_from_sqdist(sqeuclidean(x, y, pairwise, pairs_last), sigma)
 
 
-def neg_log_kernel(x: Array, y: Array, sigma, pairwise: bool = False) -> Array:
+def neg_log_kernel(x: Array, y: Array, sigma, pairwise: bool = False,
+                   pairs_last: bool = False) -> Array:
     """``phi_sigma = -log k_sigma``: the negative log Gaussian (GAK) kernel as a soft-DTW cost.
 
     With this cost and ``gamma = 1``, ``softdtw = -log(unnormalised GAK)``.
     """
-    return -gak_log_kernel(x, y, sigma, pairwise)
+    return -gak_log_kernel(x, y, sigma, pairwise, pairs_last)
 
 
 COSTS = ("sqeuclidean", "cosine", "neg_log_kernel")
 
 
 def cost_matrix(x: Array, y: Array, cost: str | Callable = "sqeuclidean", *,
-                pairwise: bool = False, sigma=None) -> Array:
-    """The local cost matrix for soft-DTW: ``float[..., n, m]`` (or ``[P, Q, n, m]``).
+                pairwise: bool = False, sigma=None, pairs_last: bool = False) -> Array:
+    """The local cost matrix for soft-DTW: ``float[..., n, m]`` (or ``[P, Q, n, m]``; with
+    ``pairs_last``, ``[n, m, ...]``).
 
-    ``cost`` is one of ``COSTS`` or a callable ``cost(x, y, pairwise) -> matrix`` with the same
-    shape contract. ``neg_log_kernel`` needs ``sigma``.
+    ``cost`` is one of ``COSTS`` or a callable ``cost(x, y, pairwise) -> [..., n, m]`` (or
+    ``[P, Q, n, m]``). ``neg_log_kernel`` needs ``sigma``.
     """
     if callable(cost):
-        return cost(x, y, pairwise)
+        c = cost(x, y, pairwise)
+        return jnp.moveaxis(c, (-2, -1), (0, 1)) if pairs_last else c
     if cost == "sqeuclidean":
-        return sqeuclidean(x, y, pairwise)
+        return sqeuclidean(x, y, pairwise, pairs_last)
     if cost == "cosine":
-        return cosine_distance(x, y, pairwise)
+        return cosine_distance(x, y, pairwise, pairs_last)
     if cost == "neg_log_kernel":
         if sigma is None:
             raise ValueError("cost='neg_log_kernel' needs sigma= (the Gaussian bandwidth)")
-        return neg_log_kernel(x, y, sigma, pairwise)
+        return neg_log_kernel(x, y, sigma, pairwise, pairs_last)
     raise ValueError(f"unknown cost {cost!r}: expected one of {COSTS} or a callable")
-
-
-def triangular_log_weights(n: int, m: int, triangular: int, dtype, neg_big: float) -> Array:
-    """Cuturi's triangular kernel ``log(1 - |i-j|/T)`` for ``|i-j| < T``, else ``neg_big``
-    (``float[n, m]``); ``T = 0`` means no triangular kernel (all zeros)."""
-    if triangular <= 0:
-        return jnp.zeros((n, m), dtype)
-    diff = np.abs(np.arange(n)[:, None] - np.arange(m)[None, :])
-    with np.errstate(divide="ignore"):
-        w = np.where(diff < triangular, np.log1p(-diff / triangular), neg_big)
-    return jnp.asarray(w, dtype)
 
 
 def sigma_gak(x: Array, mask: Array | None = None) -> Array:
@@ -174,10 +182,8 @@ def triple_kernel(features: Mapping[str, Array], modality: Array, mask: Array,
     from mllm_jax.align.gak import gak_from_log_kernel, lengths_from_mask  # no import cycle
 
     logk = triple_log_kernel(features, modality, sigma)
-    b, s = mask.shape
-    length = lengths_from_mask(mask, s, "mask")
-    logk = logk + triangular_log_weights(s, s, triangular, logk.dtype, -jnp.inf)
-    log_kxy = gak_from_log_kernel(logk, length[:, None], length[None, :])
+    length = lengths_from_mask(mask, mask.shape[1], "mask")
+    log_kxy = gak_from_log_kernel(logk, length[:, None], length[None, :], triangular)
     if not normalize:
         return jnp.exp(log_kxy)
     diag = jnp.diagonal(log_kxy)

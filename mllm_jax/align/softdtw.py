@@ -43,82 +43,85 @@ def sakoe_chiba_offsets(n, m, radius: int):
 
 # ---- the recursion at gamma = 1 --------------------------------------------------------------
 
-def _forward(st: Array, t_end: Array, i_end: Array, plan: wf.Plan, save: bool, capture: bool):
-    """Soft-DTW forward sweep over skewed costs ``st: [T, n, B]`` (already divided by gamma).
+def _forward(view: Array, lim: wf.Limits, plan: wf.Plan, cells: wf.Cells, save: bool):
+    """Soft-DTW forward sweep over the strided table view (``wf.prepare``) of raw entries
+    (``cells.f`` makes them costs / gamma).
 
     Returns ``(R[end]: [B], logw)``. With ``save``, ``logw`` holds per chunk the log soft-min
     weights of each cell's up, left and diagonal predecessor (three ``[steps, width, B]``).
-    ``capture``: pairs end on different diagonals (padding), so ``R[end]`` is picked up on the
-    way; otherwise every pair ends in the last cell.
     """
-    _, _, bsz = st.shape
-    dt = st.dtype
+    bsz, dt = view.shape[2], view.dtype
     inf = wf.big(dt)
     r1 = jnp.full((plan.chunks[0].width + 1, bsz), inf, dt)   # diagonal -1 (ext layout)
     r2 = r1.at[0].set(0)                          # diagonal -2: the virtual start R[-1, -1] = 0
 
-    def step(ch, carry, x):
+    def step(ch, carry, t):
         (r1, r2), val = carry
-        c, t = x
+        c = wf.cell_values(cells, plan, ch, t, wf.diagonal(view, plan, ch, t), lim)
         up, left, dg = r1[:-1], r1[1:], r2[:-1]
         mn = jnp.minimum(jnp.minimum(up, left), dg)
         lse = jnp.log(jnp.exp(mn - up) + jnp.exp(mn - left) + jnp.exp(mn - dg))
         r = jnp.minimum(c + (mn - lse), inf)
-        if capture:
-            val = jnp.where(t == t_end, wf.take_rows(r, i_end - ch.a), val)
+        if lim.ragged:
+            val = jnp.where(t == lim.t_end, wf.take_rows(r, lim.i_end - ch.a), val)
         # log-weights as (mn - pred) - lse: never subtract two large numbers' rounded sum
         y = ((mn - up) - lse, (mn - left) - lse, (mn - dg) - lse) if save else None
         return ((wf.pad_front(r, inf), r1), val), y
 
     (r1, _), val, logw = wf.sweep(step, (r1, r2), jnp.zeros((bsz,), dt),
-                                  lambda ch: (wf.chunk_view(st, ch), jnp.arange(ch.t0, ch.t1)),
-                                  plan, fills=(inf, inf), exts=(1, 1))
-    if not capture:
+                                  lambda ch: jnp.arange(ch.t0, ch.t1), plan,
+                                  fills=(inf, inf), exts=(1, 1))
+    if not lim.ragged:
         val = r1[plan.n - plan.chunks[-1].a]
     return val, logw
 
 
-def _backward(logw: list, t_end: Array, i_end: Array, plan: wf.Plan, g: Array) -> Array:
-    """Expected alignment times per-pair weights, ``g[b] * E[b]``, skewed ``[T, n, B]``:
-    ``E[p] = sum over successors q of E[q] w[p -> q]``, swept from the last diagonal."""
-    dt = logw[0][0].dtype
-    bsz = logw[0][0].shape[2]
+def _backward(view: Array, logw: list, lim: wf.Limits, plan: wf.Plan, cells: wf.Cells) -> Array:
+    """``d R[end] / d view``: the expected alignment ``E[p] = sum over successors q of
+    E[q] w[p -> q]`` (swept from the last diagonal) times the slope of ``cells.f``."""
+    bsz, dt = view.shape[2], view.dtype
     by_chunk = dict(zip(plan.chunks, logw))
     init = (jnp.zeros((plan.chunks[-1].width, bsz), dt),) * 2
 
     def step(ch, carry, x):
-        (e, pend), _ = carry
+        (e, pend), grad = carry
         (lu, ll, ld), t = x
-        e = e + wf.end_onehot(ch, i_end, dt) * (t == t_end).astype(dt)
+        e = e + wf.end_onehot(ch, lim.i_end, dt) * (t == lim.t_end).astype(dt)
         e_prev = wf.shift_up(e * jnp.exp(lu)) + e * jnp.exp(ll) + pend
-        return ((e_prev, wf.shift_up(e * jnp.exp(ld))), None), e
+        slope = wf.cell_slope(cells, wf.diagonal(view, plan, ch, t))
+        grad = wf.add_diagonal(grad, plan, ch, t, e if slope is None else e * slope)
+        return ((e_prev, wf.shift_up(e * jnp.exp(ld))), grad), None
 
-    _, _, es = wf.sweep(step, init, None, lambda ch: (by_chunk[ch], jnp.arange(ch.t0, ch.t1)),
-                        plan, fills=(0, 0), exts=(0, 0), reverse=True)
-    return wf.assemble(es, plan) * g
+    _, grad, _ = wf.sweep(step, init, jnp.zeros_like(view),
+                          lambda ch: (by_chunk[ch], jnp.arange(ch.t0, ch.t1)),
+                          plan, fills=(0, 0), exts=(0, 0), reverse=True)
+    return grad
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(3, 4))
-def sdtw_core(st: Array, t_end: Array, i_end: Array, plan: wf.Plan, capture: bool) -> Array:
-    """Soft-DTW at ``gamma = 1`` of skewed costs ``st: float[T, n, B]``; ``R`` read at
-    diagonal ``t_end[b]``, row ``i_end[b]``.
+@partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def sdtw_core(view: Array, lim: wf.Limits, plan: wf.Plan, cells: wf.Cells) -> Array:
+    """Soft-DTW at ``gamma = 1`` of the table ``cells.f(view)`` (``view``: ``wf.prepare``'s
+    strided ``float[rows, stride, B]``); ``R`` read at diagonal ``lim.t_end[b]``, row
+    ``lim.i_end[b]``.
 
-    Differentiable in ``st`` in both modes: the derivative is linear in the cost tangent,
-    ``<E, dC>`` with the expected alignment ``E`` (``custom_jvp``; JAX transposes it for
-    reverse mode, so ``grad`` costs one forward and one backward sweep).
+    Differentiable in ``view`` in both modes: the derivative is linear in the tangent,
+    ``<E f'(view), d view>`` with the expected alignment ``E`` (``custom_jvp``; JAX transposes it
+    for reverse mode, so ``grad`` costs one forward and one backward sweep).
     """
-    return _forward(st, t_end, i_end, plan, save=False, capture=capture)[0]
+    return _forward(view, lim, plan, cells, save=False)[0]
 
 
 @sdtw_core.defjvp
-def _core_jvp(plan, capture, primals, tangents):
-    st, t_end, i_end = primals
-    val, logw = _forward(st, t_end, i_end, plan, save=True, capture=capture)
-    e = _backward(logw, t_end, i_end, plan, jnp.ones_like(val))
-    return val, jnp.sum(e * tangents[0], axis=(0, 1))
+def _core_jvp(plan, cells, primals, tangents):
+    view, lim = primals
+    val, logw = _forward(view, lim, plan, cells, save=True)
+    return val, jnp.sum(_backward(view, logw, lim, plan, cells) * tangents[0], axis=(0, 1))
 
 
 # ---- public API ------------------------------------------------------------------------------
+
+_COST = wf.Cells(wf.identity, "cost")
+
 
 def softdtw_from_cost(cost: Array, gamma=1.0, x_len: Array | None = None,
                       y_len: Array | None = None, band: int | None = None,
@@ -132,7 +135,11 @@ def softdtw_from_cost(cost: Array, gamma=1.0, x_len: Array | None = None,
       return_alignment: also return the expected alignment ``E = d sdtw / d cost``
         (``float[..., n, m]``).
     """
-    *_, n, m = cost.shape
+    return _softdtw(cost, gamma, x_len, y_len, band, return_alignment, pairs_last=False)
+
+
+def _softdtw(cost, gamma, x_len, y_len, band, return_alignment, pairs_last):
+    n, m = cost.shape[:2] if pairs_last else cost.shape[-2:]
     dt = wf.compute_dtype(cost.dtype)
     inf = wf.big(dt)
     if band is not None:
@@ -145,14 +152,15 @@ def softdtw_from_cost(cost: Array, gamma=1.0, x_len: Array | None = None,
     gamma = jnp.asarray(gamma, dt)
 
     def value(c):
-        st, t_end, i_end, plan, finish = wf.prepare(c.astype(dt) / gamma, x_len, y_len, band, inf)
-        capture = x_len is not None or y_len is not None
-        return finish(sdtw_core(st, t_end, i_end, plan, capture)) * gamma
+        view, lim, plan, finish = wf.prepare(c.astype(dt) / gamma, x_len, y_len, band, inf,
+                                             pairs_last)
+        return finish(sdtw_core(view, lim, plan, _COST)) * gamma
 
     if not return_alignment:
         return value(cost)
     val, vjp = jax.vjp(value, cost)
-    return val, vjp(jnp.ones_like(val))[0]
+    e = vjp(jnp.ones_like(val))[0]
+    return val, (jnp.moveaxis(e, (0, 1), (-2, -1)) if pairs_last else e)
 
 
 def softdtw(x: Array, y: Array, gamma=1.0, x_mask: Array | None = None,
@@ -165,10 +173,10 @@ def softdtw(x: Array, y: Array, gamma=1.0, x_mask: Array | None = None,
     ``"neg_log_kernel"`` (with ``sigma``) or a callable (see ``kernels.cost_matrix``).
     ``band``: Sakoe-Chiba radius. ``return_alignment``: also return ``E: float[B, n, m]``.
     """
-    c = cost_matrix(x, y, cost, sigma=sigma)
-    return softdtw_from_cost(c, gamma, wf.lengths_from_mask(x_mask, x.shape[-2], "x_mask"),
-                             wf.lengths_from_mask(y_mask, y.shape[-2], "y_mask"), band,
-                             return_alignment)
+    c = cost_matrix(x, y, cost, sigma=sigma, pairs_last=True)
+    return _softdtw(c, gamma, wf.lengths_from_mask(x_mask, x.shape[-2], "x_mask"),
+                    wf.lengths_from_mask(y_mask, y.shape[-2], "y_mask"), band, return_alignment,
+                    pairs_last=True)
 
 
 def softdtw_pairwise(X: Array, Y: Array | None = None, gamma=1.0, x_mask: Array | None = None,
@@ -179,11 +187,11 @@ def softdtw_pairwise(X: Array, Y: Array | None = None, gamma=1.0, x_mask: Array 
     when requested, is ``float[P, Q, n, m]``."""
     if Y is None:
         Y, y_mask = X, x_mask
-    c = cost_matrix(X, Y, cost, pairwise=True, sigma=sigma)
+    c = cost_matrix(X, Y, cost, pairwise=True, sigma=sigma, pairs_last=True)
     xl = wf.lengths_from_mask(x_mask, X.shape[-2], "x_mask")
     yl = wf.lengths_from_mask(y_mask, Y.shape[-2], "y_mask")
-    return softdtw_from_cost(c, gamma, None if xl is None else xl[:, None],
-                             None if yl is None else yl[None, :], band, return_alignment)
+    return _softdtw(c, gamma, None if xl is None else xl[:, None],
+                    None if yl is None else yl[None, :], band, return_alignment, pairs_last=True)
 
 
 def softdtw_divergence(x: Array, y: Array, gamma=1.0, x_mask: Array | None = None,
