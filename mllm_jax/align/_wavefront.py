@@ -90,16 +90,17 @@ class Plan:
     n: int
     m: int
     chunks: tuple[Chunk, ...]
+    cols: int = 0  # columns the table is stored with (>= m: extra ones are never valid)
 
     @property
     def stride(self) -> int:
-        return max(self.m - 1, 1)
+        return max(max(self.cols, self.m) - 1, 1)
 
     @property
     def rows(self) -> int:
         """Rows of the view: every slab ``[a + t // stride, b + t // stride)`` fits."""
         need = max((ch.t1 - 1) // self.stride + ch.b for ch in self.chunks)
-        return max(need, -(-self.n * self.m // self.stride))
+        return max(need, -(-self.n * max(self.cols, self.m) // self.stride))
 
 
 # Chunking pays when the sweep is long and wide; each chunk is one more scan to compile.
@@ -117,8 +118,8 @@ def plan_chunks(n: int, m: int, band: tuple[int, int] | None = None, *,
     nt = len(rng)
     ok = rng[:, 0] <= rng[:, 1]
 
-    def window(t0, t1):
-        lo, hi = max(0, t0 - 2), min(nt, t1 + 2)
+    def window(t0, t1):  # margins: the sweeps carry diagonals t-1, t-2 (forward), t+1, t+2
+        lo, hi = max(0, t0 - 3), min(nt, t1 + 2)  # and load t-3 (backward)
         sel = ok[lo:hi]
         if not sel.any():
             return 0, 1
@@ -212,7 +213,7 @@ def cell_mask(cells: Cells, plan: Plan, ch: Chunk, t: Array, lim: Limits, dtype)
     (or ``[width, 1]``), and the log triangular weights ``float[width, 1]`` (None when
     ``cells.tri == 0``)."""
     rows = jnp.arange(ch.a, ch.b, dtype=jnp.int32)[:, None]
-    ok = (t - rows >= 0) & (t - rows < plan.m)             # inside the table
+    ok = in_table(plan, ch.a, ch.b, t)
     if lim.nl is not None:
         ok = ok & (rows < lim.nl[None]) & (t - rows < lim.ml[None])
     if lim.blo is not None:
@@ -245,7 +246,7 @@ def cell_slope(cells: Cells, raw: Array) -> Array | None:
 
 
 def prepare(table: Array, x_len, y_len, band, fill, pairs_last: bool = False,
-            plan_band: tuple[int, int] | None = None) -> tuple:
+            plan_band: tuple[int, int] | None = None, m_valid: int | None = None) -> tuple:
     """Shared front end of the soft-DTW and GAK recursions.
 
     ``table: float[..., n, m]`` (or ``float[n, m, ...]`` with ``pairs_last``, the layout the
@@ -253,7 +254,9 @@ def prepare(table: Array, x_len, y_len, band, fill, pairs_last: bool = False,
     entries, mapped by ``Cells.f`` inside the sweep. Lengths ``int[...]`` or ``None``,
     ``band = (dlo, dhi)`` bounds on ``j - i`` (ints, or arrays broadcasting to ``[...]``),
     ``fill``: a raw value that ``Cells.f`` maps to an invalid entry; ``plan_band``: a static band
-    that only narrows the swept windows (``band`` masks cells). Puts the shorter side on
+    that only narrows the swept windows (``band`` masks cells); ``m_valid``: the table's true
+    number of columns when it carries extra dummy ones (with ``n == m_valid``, one dummy column
+    makes the strided view a plain reshape, saving a copy). Puts the shorter side on
     the rows and the pairs last, and returns ``(view, limits, plan, finish)``: ``view`` is the
     strided ``[rows, stride, B]`` view of the table the sweep reads diagonals from, ``finish``
     maps a per-pair ``[B]`` result back to ``[...]``.
@@ -264,6 +267,10 @@ def prepare(table: Array, x_len, y_len, band, fill, pairs_last: bool = False,
         *lead, n, m = table.shape
     lead = tuple(lead)
     b = int(np.prod(lead))
+    cols = m
+    m = cols if m_valid is None else m_valid
+    if m_valid is not None and n > m_valid:
+        raise ValueError(f"dummy columns need n <= m_valid, got n={n}, m_valid={m_valid}")
 
     def flat(v, default):
         if v is None:
@@ -277,13 +284,13 @@ def prepare(table: Array, x_len, y_len, band, fill, pairs_last: bool = False,
         plan_band = (int(band[0]), int(band[1]))
     swap = n > m  # the diagonal runs along the shorter side: shorter slabs, fewer steps
     if pairs_last:
-        table = table.reshape(n, m, b)
+        table = table.reshape(n, cols, b)
         if swap:
             table = jnp.swapaxes(table, 0, 1)
     else:
-        table = jnp.transpose(table.reshape(b, n, m), (2, 1, 0) if swap else (1, 2, 0))
+        table = jnp.transpose(table.reshape(b, n, cols), (2, 1, 0) if swap else (1, 2, 0))
     if swap:
-        nl, ml, n, m = ml, nl, m, n
+        nl, ml, n, m, cols = ml, nl, m, n, n
         blo, bhi = (None, None) if band is None else (-bhi, -blo)
         plan_band = None if plan_band is None else (-plan_band[1], -plan_band[0])
     if ragged:
@@ -291,7 +298,7 @@ def prepare(table: Array, x_len, y_len, band, fill, pairs_last: bool = False,
     else:
         t_end, i_end = jnp.full((b,), n + m - 2, jnp.int32), jnp.full((b,), n - 1, jnp.int32)
     chunks = MAX_CHUNKS if b * n * m >= MIN_CELLS_TO_CHUNK else 1
-    plan = plan_chunks(n, m, plan_band, max_chunks=chunks)
+    plan = dataclasses.replace(plan_chunks(n, m, plan_band, max_chunks=chunks), cols=cols)
 
     def finish(v):
         return v.reshape(lead)
@@ -299,32 +306,68 @@ def prepare(table: Array, x_len, y_len, band, fill, pairs_last: bool = False,
     return table_view(table, plan, fill), Limits(t_end, i_end, nl, ml, blo, bhi), plan, finish
 
 
+def pad_square(y: Array, n: int):
+    """For ``n == m`` tables: ``y: [..., m, d]`` with one extra zero element, and ``m``, so that
+    the table is built with ``m + 1`` columns and the strided view needs no padded copy
+    (``prepare(..., m_valid=m)``). Otherwise ``(y, None)``."""
+    if y.shape[-2] != n:
+        return y, None
+    return jnp.pad(y, [(0, 0)] * (y.ndim - 2) + [(0, 1), (0, 0)]), n
+
+
 # ---- reading and writing diagonals -------------------------------------------------------------
 
 def table_view(table: Array, plan: Plan, fill) -> Array:
-    """``float[n, m, B]`` -> the padded strided view ``float[rows, stride, B]``."""
-    n, m, b = table.shape
-    flat = table.reshape(n * m, b)
-    flat = jnp.pad(flat, ((0, plan.rows * plan.stride - n * m), (0, 0)), constant_values=fill)
+    """``float[n, cols, B]`` -> the strided view ``float[rows, stride, B]`` (a plain reshape
+    when the sizes match, else padded with ``fill``)."""
+    n, cols, b = table.shape
+    flat = table.reshape(n * cols, b)
+    extra = plan.rows * plan.stride - n * cols
+    if extra:
+        flat = jnp.pad(flat, ((0, extra), (0, 0)), constant_values=fill)
     return flat.reshape(plan.rows, plan.stride, b)
 
 
-def _slab_start(plan: Plan, ch: Chunk, t: Array):
+def _slab_start(plan: Plan, a: int, t: Array):
     t = jnp.asarray(t, jnp.int32)
-    return (ch.a + t // plan.stride, t % plan.stride, jnp.zeros((), jnp.int32))
+    return (a + t // plan.stride, t % plan.stride, jnp.zeros((), jnp.int32))
+
+
+def in_table(plan: Plan, a: int, b: int, t: Array) -> Array:
+    """``bool[b - a, 1]``: rows ``[a, b)`` of diagonal ``t`` that are cells of the table."""
+    rows = jnp.arange(a, b, dtype=jnp.int32)[:, None]
+    return (t - rows >= 0) & (t - rows < plan.m)
 
 
 def diagonal(view: Array, plan: Plan, ch: Chunk, t: Array) -> Array:
     """Entries ``(i, t - i)`` for the rows ``i`` of the chunk's window: ``float[width, B]``
-    (rows outside the table hold other cells' entries: mask them)."""
-    return jax.lax.dynamic_slice(view, _slab_start(plan, ch, t),
+    (rows outside the table hold other cells' entries: mask them with ``in_table``)."""
+    return jax.lax.dynamic_slice(view, _slab_start(plan, ch.a, t),
                                  (ch.width, 1, view.shape[2]))[:, 0]
+
+
+def diagonal_ext(view: Array, plan: Plan, ch: Chunk, t: Array, fill) -> Array:
+    """Rows ``[a - 1, b)`` of diagonal ``t`` (the ext layout), ``fill`` outside the table."""
+    if ch.a == 0:
+        v = pad_front(diagonal(view, plan, ch, jnp.maximum(t, 0)), fill)
+    else:
+        v = jax.lax.dynamic_slice(view, _slab_start(plan, ch.a - 1, jnp.maximum(t, 0)),
+                                  (ch.width + 1, 1, view.shape[2]))[:, 0]
+    return jnp.where(in_table(plan, ch.a - 1, ch.b, t), v, fill)
+
+
+def write_diagonal(view: Array, plan: Plan, ch: Chunk, t: Array, old: Array,
+                   new: Array) -> Array:
+    """``view`` with the cells of diagonal ``t`` in the window set to ``new`` (``old``: what
+    ``diagonal`` read there; rows outside the table alias other cells and keep it)."""
+    v = jnp.where(in_table(plan, ch.a, ch.b, t), new, old)
+    return jax.lax.dynamic_update_slice(view, v[:, None], _slab_start(plan, ch.a, t))
 
 
 def add_diagonal(view: Array, plan: Plan, ch: Chunk, t: Array, g: Array) -> Array:
     """``view`` with ``g: float[width, B]`` added to the entries of diagonal ``t`` (``g`` must
     be zero on rows outside the table, which alias other cells)."""
-    start = _slab_start(plan, ch, t)
+    start = _slab_start(plan, ch.a, t)
     cur = jax.lax.dynamic_slice(view, start, (ch.width, 1, view.shape[2]))
     return jax.lax.dynamic_update_slice(view, cur + g[:, None], start)
 

@@ -45,11 +45,11 @@ def _rescale(u: Array):
     return u * (1 / c), jnp.log(c)
 
 
-def _local_kernel(view, cells, plan, ch, t, lim):
-    """``(k / e^kap, kap)`` for diagonal ``t``: ``[W, B]`` and ``[B]``, with ``kap`` the
-    largest log local kernel of the diagonal (0 when it has no valid cell), so that no valid
-    kernel value underflows unless it is ~1e-38 times the largest of its diagonal."""
-    raw = wf.diagonal(view, plan, ch, t)
+def _local_kernel(raw, cells, plan, ch, t, lim):
+    """``(k / e^kap, kap)`` for diagonal ``t`` (``raw`` read from the view): ``[W, B]`` and
+    ``[B]``, with ``kap`` the largest log local kernel of the diagonal (0 when it has no valid
+    cell), so that no valid kernel value underflows unless it is ~1e-38 times the largest of
+    its diagonal."""
     if cells.f is not gak_log_kernel_of_z:
         lk = wf.cell_values(cells, plan, ch, t, raw, lim)
         kap = jnp.max(lk, axis=0)
@@ -84,35 +84,40 @@ def _slope(view, cells, plan, ch, t, lim, k, kap):
 def _forward(view: Array, lim: wf.Limits, plan: wf.Plan, cells: wf.Cells, save: bool):
     """Rescaled linear-space sweep over the strided table view (``wf.prepare``) of raw entries
     (``cells.f`` makes them log local kernels). Returns ``(log K: [B], saved)``; with ``save``,
-    per chunk the normalised diagonals ``m`` and local kernels ``k`` (``[steps, width, B]``)
-    and the log scales ``s``, ``kap`` (``[steps, B]``)."""
+    the view with each cell replaced by its normalised ``M`` (written in place) and, per chunk,
+    the normalised local kernels ``k`` (``[steps, width, B]``) and the log scales ``s``,
+    ``kap`` (``[steps, B]``)."""
     bsz, dt = view.shape[2], view.dtype
     m1 = jnp.zeros((plan.chunks[0].width + 1, bsz), dt)    # diagonal -1 (ext layout)
     m2 = m1.at[0].set(1)                                   # diagonal -2: M[-1, -1] = 1
     zero = jnp.zeros((bsz,), dt)
 
     def step(ch, carry, t):
-        (m1, m2), (s1, s2, val) = carry
-        k, kap = _local_kernel(view, cells, plan, ch, t, lim)
+        (m1, m2), (s1, s2, val, mview) = carry
+        raw = wf.diagonal(mview if save else view, plan, ch, t)
+        k, kap = _local_kernel(raw, cells, plan, ch, t, lim)
         ref = jnp.maximum(s1, s2)
         u = k * ((m1[:-1] + m1[1:]) * jnp.exp(s1 - ref) + m2[:-1] * jnp.exp(s2 - ref))
         m, logc = _rescale(u)
         s = ref + kap + logc
         if lim.ragged:
             val = jnp.where(t == lim.t_end, jnp.log(wf.take_rows(m, lim.i_end - ch.a)) + s, val)
-        return ((wf.pad_front(m, 0), m1), (s, s1, val)), ((m, k, s, kap) if save else None)
+        if save:
+            mview = wf.write_diagonal(mview, plan, ch, t, raw, m)
+        return ((wf.pad_front(m, 0), m1), (s, s1, val, mview)), ((k, s, kap) if save else None)
 
-    (m1, _), (s1, _, val), saved = wf.sweep(
-        step, (m1, m2), (zero, zero, zero),
+    (m1, _), (s1, _, val, mview), saved = wf.sweep(
+        step, (m1, m2), (zero, zero, zero, view if save else None),
         lambda ch: jnp.arange(ch.t0, ch.t1), plan, fills=(0, 0), exts=(1, 1))
     if not lim.ragged:
         val = jnp.log(m1[plan.n - plan.chunks[-1].a]) + s1
-    return val, saved
+    return val, (mview, saved)
 
 
 def _backward(view, saved, log_k, lim, plan, cells):
     """``d log K / d view``: the cell posteriors times the slope of ``cells.f``."""
     bsz, dt = view.shape[2], view.dtype
+    mview, saved = saved
     by_chunk = dict(zip(plan.chunks, saved))
     init = (jnp.zeros((plan.chunks[-1].width, bsz), dt),) * 2
 
@@ -120,8 +125,9 @@ def _backward(view, saved, log_k, lim, plan, cells):
         # a: backward path sums B[t] reaching this diagonal; q: pending for diagonal t-1
         # (from t+1); both in the scale exp(sig)
         (a, q), (sig, grad) = carry
-        (m, k, s, kap), t = x
+        (k, s, kap), t = x
         a = a + wf.end_onehot(ch, lim.i_end, dt) * jnp.where(t == lim.t_end, jnp.exp(-sig), 0)
+        m = jnp.where(wf.in_table(plan, ch.a, ch.b, t), wf.diagonal(mview, plan, ch, t), 0)
         post = m * a * jnp.exp(s + sig - log_k)
         slope = _slope(view, cells, plan, ch, t, lim, k, kap)
         grad = wf.add_diagonal(grad, plan, ch, t, post if slope is None else post * slope)
@@ -169,7 +175,7 @@ def _neg(v):
 
 
 def _log_gak(raw: Array, x_len, y_len, triangular: int, method: str, of_z: bool,
-             pairs_last: bool = False) -> Array:
+             pairs_last: bool = False, m_valid: int | None = None) -> Array:
     """``log K`` from raw entries ``float[..., n, m]`` (``[n, m, ...]`` with ``pairs_last``):
     ``z`` values (``of_z``) or log-kernels."""
     if method not in METHODS:
@@ -183,7 +189,7 @@ def _log_gak(raw: Array, x_len, y_len, triangular: int, method: str, of_z: bool,
     if not of_z:
         raw = jnp.maximum(raw, -inf)            # -inf log-kernels (excluded cells) -> -big
     view, lim, plan, finish = wf.prepare(raw, x_len, y_len, None, fill, pairs_last,
-                                         plan_band=band)
+                                         plan_band=band, m_valid=m_valid)
     if method == "log":
         cells = wf.Cells(_neg_log_kernel_of_z if of_z else _neg, "cost", triangular)
         return -finish(sdtw_core(view, lim, plan, cells))
@@ -203,8 +209,10 @@ def gak_from_log_kernel(log_kernel: Array, x_len: Array | None = None,
 
 
 def _z(x, y, sigma, pairwise):
-    """``|x_i - y_j|^2 / (2 sigma^2)`` in the sweep's pairs-last layout."""
-    return sqeuclidean(x, y, pairwise, pairs_last=True) / (2 * jnp.square(sigma))
+    """``|x_i - y_j|^2 / (2 sigma^2)`` in the sweep's pairs-last layout, and ``m_valid``
+    (square tables get one dummy column: see ``wf.pad_square``)."""
+    y, m_valid = wf.pad_square(y, x.shape[-2])
+    return sqeuclidean(x, y, pairwise, pairs_last=True) / (2 * jnp.square(sigma)), m_valid
 
 
 def _check_triangular(triangular, x_len, y_len, n, m, out):
@@ -232,7 +240,8 @@ def gak(x: Array, y: Array, sigma=1.0, triangular: int = 0, x_mask: Array | None
     yl = lengths_from_mask(y_mask, y.shape[-2], "y_mask")
 
     def lg(a, b, al, bl):
-        out = _log_gak(_z(a, b, sigma, False), al, bl, triangular, method, True, True)
+        z, m_valid = _z(a, b, sigma, False)
+        out = _log_gak(z, al, bl, triangular, method, True, True, m_valid)
         return _check_triangular(triangular, al, bl, a.shape[-2], b.shape[-2], out)
 
     val = lg(x, y, xl, yl)
@@ -254,7 +263,8 @@ def gak_pairwise(X: Array, Y: Array | None = None, sigma=1.0, triangular: int = 
     yl = lengths_from_mask(y_mask, Y.shape[-2], "y_mask")
     xlp = None if xl is None else xl[:, None]
     ylp = None if yl is None else yl[None, :]
-    val = _log_gak(_z(X, Y, sigma, True), xlp, ylp, triangular, method, True, True)
+    z, m_valid = _z(X, Y, sigma, True)
+    val = _log_gak(z, xlp, ylp, triangular, method, True, True, m_valid)
     val = _check_triangular(triangular, xlp, ylp, X.shape[-2], Y.shape[-2], val)
     if normalize:
         if same:

@@ -43,12 +43,33 @@ def sakoe_chiba_offsets(n, m, radius: int):
 
 # ---- the recursion at gamma = 1 --------------------------------------------------------------
 
+_LN2 = float(np.log(2.0))
+
+
+def _log_1_3(s: Array) -> Array:
+    """``log(s)`` for ``s`` in ``[1, 3]`` (a soft-min's sum of exponentials). XLA:CPU's float64
+    ``log`` is scalar code, ~3x the cost of ``exp``; this series (one halving, then
+    ``2 atanh(u) = 2 (u + u^3/3 + ...)`` with ``|u| <= 0.2``) is within 1 ulp and vectorises.
+    float32 keeps ``jnp.log``, which is vectorised already."""
+    if s.dtype != jnp.float64:
+        return jnp.log(s)
+    half = s >= 1.5
+    s = jnp.where(half, 0.5 * s, s)
+    u = (s - 1) / (s + 1)
+    u2 = u * u
+    p = jnp.full_like(u, 1.0 / 23)
+    for k in range(10, -1, -1):
+        p = p * u2 + 1.0 / (2 * k + 1)
+    return 2 * u * p + jnp.where(half, _LN2, 0.0)
+
+
 def _forward(view: Array, lim: wf.Limits, plan: wf.Plan, cells: wf.Cells, save: bool):
     """Soft-DTW forward sweep over the strided table view (``wf.prepare``) of raw entries
     (``cells.f`` makes them costs / gamma).
 
-    Returns ``(R[end]: [B], logw)``. With ``save``, ``logw`` holds per chunk the log soft-min
-    weights of each cell's up, left and diagonal predecessor (three ``[steps, width, B]``).
+    Returns ``(R[end]: [B], rview)``. With ``save``, ``rview`` is the view with every cell's
+    cost replaced by its ``R`` (each cell is read once, so the sweep writes in place): all the
+    backward sweep needs.
     """
     bsz, dt = view.shape[2], view.dtype
     inf = wf.big(dt)
@@ -56,45 +77,63 @@ def _forward(view: Array, lim: wf.Limits, plan: wf.Plan, cells: wf.Cells, save: 
     r2 = r1.at[0].set(0)                          # diagonal -2: the virtual start R[-1, -1] = 0
 
     def step(ch, carry, t):
-        (r1, r2), val = carry
-        c = wf.cell_values(cells, plan, ch, t, wf.diagonal(view, plan, ch, t), lim)
+        (r1, r2), (val, rview) = carry
+        raw = wf.diagonal(rview if save else view, plan, ch, t)
+        c = wf.cell_values(cells, plan, ch, t, raw, lim)
         up, left, dg = r1[:-1], r1[1:], r2[:-1]
         mn = jnp.minimum(jnp.minimum(up, left), dg)
-        lse = jnp.log(jnp.exp(mn - up) + jnp.exp(mn - left) + jnp.exp(mn - dg))
-        r = jnp.minimum(c + (mn - lse), inf)
+        r = jnp.minimum(c + (mn - _log_1_3(jnp.exp(mn - up) + jnp.exp(mn - left)
+                                           + jnp.exp(mn - dg))), inf)
         if lim.ragged:
             val = jnp.where(t == lim.t_end, wf.take_rows(r, lim.i_end - ch.a), val)
-        # log-weights as (mn - pred) - lse: never subtract two large numbers' rounded sum
-        y = ((mn - up) - lse, (mn - left) - lse, (mn - dg) - lse) if save else None
-        return ((wf.pad_front(r, inf), r1), val), y
+        if save:
+            rview = wf.write_diagonal(rview, plan, ch, t, raw, r)
+        return ((wf.pad_front(r, inf), r1), (val, rview)), None
 
-    (r1, _), val, logw = wf.sweep(step, (r1, r2), jnp.zeros((bsz,), dt),
-                                  lambda ch: jnp.arange(ch.t0, ch.t1), plan,
-                                  fills=(inf, inf), exts=(1, 1))
+    (r1, _), (val, rview), _ = wf.sweep(
+        step, (r1, r2), (jnp.zeros((bsz,), dt), view if save else None),
+        lambda ch: jnp.arange(ch.t0, ch.t1), plan, fills=(inf, inf), exts=(1, 1))
     if not lim.ragged:
         val = r1[plan.n - plan.chunks[-1].a]
-    return val, logw
+    return val, rview
 
 
-def _backward(view: Array, logw: list, lim: wf.Limits, plan: wf.Plan, cells: wf.Cells) -> Array:
+def _backward(view: Array, rview: Array, lim: wf.Limits, plan: wf.Plan,
+              cells: wf.Cells) -> Array:
     """``d R[end] / d view``: the expected alignment ``E[p] = sum over successors q of
-    E[q] w[p -> q]`` (swept from the last diagonal) times the slope of ``cells.f``."""
-    bsz, dt = view.shape[2], view.dtype
-    by_chunk = dict(zip(plan.chunks, logw))
-    init = (jnp.zeros((plan.chunks[-1].width, bsz), dt),) * 2
+    E[q] w[p -> q]`` (swept from the last diagonal) times the slope of ``cells.f``.
 
-    def step(ch, carry, x):
-        (e, pend), grad = carry
-        (lu, ll, ld), t = x
+    The soft-min weights ``w`` of a cell are recomputed from its predecessors' ``R`` exactly as
+    the forward sweep computed them (never from ``R - C``, which cancels catastrophically in
+    float32 once ``|R| / gamma`` is large); ``R`` of diagonals ``t-1``, ``t-2`` is carried and
+    ``t-3`` loaded from ``rview`` at each step.
+    """
+    bsz, dt = view.shape[2], view.dtype
+    inf = wf.big(dt)
+
+    def load(ch, t):  # R of diagonal t in the ext layout; the virtual R[-1, -1] = 0
+        r = wf.diagonal_ext(rview, plan, ch, t, inf)
+        return r.at[0].set(jnp.where(t == -2, 0, r[0])) if ch.a == 0 else r
+
+    last = plan.chunks[-1]
+    t_last = plan.n + plan.m - 2
+    init = (load(last, t_last - 1), load(last, t_last - 2),
+            jnp.zeros((last.width, bsz), dt), jnp.zeros((last.width, bsz), dt))
+
+    def step(ch, carry, t):
+        (r1, r2, e, pend), grad = carry
+        up, left, dg = r1[:-1], r1[1:], r2[:-1]
+        mn = jnp.minimum(jnp.minimum(up, left), dg)
+        eu, el, ed = jnp.exp(mn - up), jnp.exp(mn - left), jnp.exp(mn - dg)
         e = e + wf.end_onehot(ch, lim.i_end, dt) * (t == lim.t_end).astype(dt)
-        e_prev = wf.shift_up(e * jnp.exp(lu)) + e * jnp.exp(ll) + pend
+        f = e / (eu + el + ed)
         slope = wf.cell_slope(cells, wf.diagonal(view, plan, ch, t))
         grad = wf.add_diagonal(grad, plan, ch, t, e if slope is None else e * slope)
-        return ((e_prev, wf.shift_up(e * jnp.exp(ld))), grad), None
+        carry = (r2, load(ch, t - 3), wf.shift_up(f * eu) + f * el + pend, wf.shift_up(f * ed))
+        return (carry, grad), None
 
-    _, grad, _ = wf.sweep(step, init, jnp.zeros_like(view),
-                          lambda ch: (by_chunk[ch], jnp.arange(ch.t0, ch.t1)),
-                          plan, fills=(0, 0), exts=(0, 0), reverse=True)
+    _, grad, _ = wf.sweep(step, init, jnp.zeros_like(view), lambda ch: jnp.arange(ch.t0, ch.t1),
+                          plan, fills=(inf, inf, 0, 0), exts=(1, 1, 0, 0), reverse=True)
     return grad
 
 
@@ -114,8 +153,8 @@ def sdtw_core(view: Array, lim: wf.Limits, plan: wf.Plan, cells: wf.Cells) -> Ar
 @sdtw_core.defjvp
 def _core_jvp(plan, cells, primals, tangents):
     view, lim = primals
-    val, logw = _forward(view, lim, plan, cells, save=True)
-    return val, jnp.sum(_backward(view, logw, lim, plan, cells) * tangents[0], axis=(0, 1))
+    val, rview = _forward(view, lim, plan, cells, save=True)
+    return val, jnp.sum(_backward(view, rview, lim, plan, cells) * tangents[0], axis=(0, 1))
 
 
 # ---- public API ------------------------------------------------------------------------------
@@ -138,8 +177,9 @@ def softdtw_from_cost(cost: Array, gamma=1.0, x_len: Array | None = None,
     return _softdtw(cost, gamma, x_len, y_len, band, return_alignment, pairs_last=False)
 
 
-def _softdtw(cost, gamma, x_len, y_len, band, return_alignment, pairs_last):
+def _softdtw(cost, gamma, x_len, y_len, band, return_alignment, pairs_last, m_valid=None):
     n, m = cost.shape[:2] if pairs_last else cost.shape[-2:]
+    m = m if m_valid is None else m_valid
     dt = wf.compute_dtype(cost.dtype)
     inf = wf.big(dt)
     if band is not None:
@@ -153,14 +193,15 @@ def _softdtw(cost, gamma, x_len, y_len, band, return_alignment, pairs_last):
 
     def value(c):
         view, lim, plan, finish = wf.prepare(c.astype(dt) / gamma, x_len, y_len, band, inf,
-                                             pairs_last)
+                                             pairs_last, m_valid=m_valid)
         return finish(sdtw_core(view, lim, plan, _COST)) * gamma
 
     if not return_alignment:
         return value(cost)
     val, vjp = jax.vjp(value, cost)
     e = vjp(jnp.ones_like(val))[0]
-    return val, (jnp.moveaxis(e, (0, 1), (-2, -1)) if pairs_last else e)
+    e = jnp.moveaxis(e, (0, 1), (-2, -1)) if pairs_last else e
+    return val, e[..., :m]
 
 
 def softdtw(x: Array, y: Array, gamma=1.0, x_mask: Array | None = None,
@@ -173,10 +214,11 @@ def softdtw(x: Array, y: Array, gamma=1.0, x_mask: Array | None = None,
     ``"neg_log_kernel"`` (with ``sigma``) or a callable (see ``kernels.cost_matrix``).
     ``band``: Sakoe-Chiba radius. ``return_alignment``: also return ``E: float[B, n, m]``.
     """
+    yl = wf.lengths_from_mask(y_mask, y.shape[-2], "y_mask")
+    y, m_valid = (y, None) if callable(cost) else wf.pad_square(y, x.shape[-2])
     c = cost_matrix(x, y, cost, sigma=sigma, pairs_last=True)
-    return _softdtw(c, gamma, wf.lengths_from_mask(x_mask, x.shape[-2], "x_mask"),
-                    wf.lengths_from_mask(y_mask, y.shape[-2], "y_mask"), band, return_alignment,
-                    pairs_last=True)
+    return _softdtw(c, gamma, wf.lengths_from_mask(x_mask, x.shape[-2], "x_mask"), yl, band,
+                    return_alignment, pairs_last=True, m_valid=m_valid)
 
 
 def softdtw_pairwise(X: Array, Y: Array | None = None, gamma=1.0, x_mask: Array | None = None,
@@ -187,11 +229,13 @@ def softdtw_pairwise(X: Array, Y: Array | None = None, gamma=1.0, x_mask: Array 
     when requested, is ``float[P, Q, n, m]``."""
     if Y is None:
         Y, y_mask = X, x_mask
-    c = cost_matrix(X, Y, cost, pairwise=True, sigma=sigma, pairs_last=True)
     xl = wf.lengths_from_mask(x_mask, X.shape[-2], "x_mask")
     yl = wf.lengths_from_mask(y_mask, Y.shape[-2], "y_mask")
+    Y, m_valid = (Y, None) if callable(cost) else wf.pad_square(Y, X.shape[-2])
+    c = cost_matrix(X, Y, cost, pairwise=True, sigma=sigma, pairs_last=True)
     return _softdtw(c, gamma, None if xl is None else xl[:, None],
-                    None if yl is None else yl[None, :], band, return_alignment, pairs_last=True)
+                    None if yl is None else yl[None, :], band, return_alignment, pairs_last=True,
+                    m_valid=m_valid)
 
 
 def softdtw_divergence(x: Array, y: Array, gamma=1.0, x_mask: Array | None = None,
