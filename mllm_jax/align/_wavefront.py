@@ -356,12 +356,13 @@ def diagonal_ext(view: Array, plan: Plan, ch: Chunk, t: Array, fill) -> Array:
     return jnp.where(in_table(plan, ch.a - 1, ch.b, t), v, fill)
 
 
-def write_diagonal(view: Array, plan: Plan, ch: Chunk, t: Array, old: Array,
-                   new: Array) -> Array:
-    """``view`` with the cells of diagonal ``t`` in the window set to ``new`` (``old``: what
-    ``diagonal`` read there; rows outside the table alias other cells and keep it)."""
+def write_diagonal(view: Array, plan: Plan, ch: Chunk, t: Array, new: Array) -> Array:
+    """``view`` with the cells of diagonal ``t`` in the window set to ``new``; rows outside the
+    table alias other cells and keep their values (read-modify-write of the slab)."""
+    start = _slab_start(plan, ch.a, t)
+    old = jax.lax.dynamic_slice(view, start, (ch.width, 1, view.shape[2]))[:, 0]
     v = jnp.where(in_table(plan, ch.a, ch.b, t), new, old)
-    return jax.lax.dynamic_update_slice(view, v[:, None], _slab_start(plan, ch.a, t))
+    return jax.lax.dynamic_update_slice(view, v[:, None], start)
 
 
 def add_diagonal(view: Array, plan: Plan, ch: Chunk, t: Array, g: Array) -> Array:

@@ -9,14 +9,17 @@ times Cuturi's triangular kernel ``1 - |i-j|/T`` (``triangular = T``; cells with
 ``|i - j| >= T`` are excluded).
 
 ``K`` sums over all alignment paths, so it grows or shrinks geometrically with the lengths
-(float64 overflows past ~400 steps). Two exact evaluations, both without over/underflow:
-- ``method="linear"`` (default): tslearn's cheap linear-space recursion (a multiply and two
-  adds per cell, no transcendental in the sweep), where each anti-diagonal is stored divided
-  by its maximum and the log of the scale is carried per pair. Values below
-  ``finfo.tiny`` times the largest cell *of the same anti-diagonal* flush to zero, which only
-  matters for alignments ~1e-38 (float32) less likely than the best one at that diagonal.
+(float64 overflows past ~400 steps). Evaluations, all without over/underflow of ``K`` itself:
+- ``method="linear"``: tslearn's cheap linear-space recursion (a multiply and two adds per
+  cell, no transcendental in the sweep), where each anti-diagonal is stored divided by its
+  maximum and the log of the scale is carried per pair. Values below ``finfo.tiny`` times the
+  largest cell *of the same anti-diagonal* flush to zero: harmless unless the local kernel
+  spans more than ~1e38 (float32) along a diagonal (a tiny ``sigma``), where ``K`` itself can
+  come out as 0.
 - ``method="log"``: ``log K = -softdtw_{gamma=1}(-log k)``: the soft-DTW sweep (log-sum-exp
   per cell), exact at any dynamic range.
+- ``method="auto"`` (default): linear, and the log sweep for the pairs (if any) whose linear
+  value is not finite: tslearn's own strategy.
 
 The backward pass of the linear method is the forward-backward identity
 ``d log K / d log k[c] = M[c] B[c] / K`` (the posterior probability that an alignment passes
@@ -28,6 +31,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mllm_jax.align import _wavefront as wf
 from mllm_jax.align.kernels import gak_log_kernel_of_z, sqeuclidean
@@ -70,6 +74,17 @@ def _local_kernel(raw, cells, plan, ch, t, lim):
     return jnp.where(ok, k, 0), -zmin - jnp.log(2 - em)
 
 
+def _posterior(m: Array, a: Array, h: Array) -> Array:
+    """``M B / K = m a e^h`` per cell (``m``, ``a``: forward and backward sums of a diagonal,
+    each divided by its own maximum; ``h: [B]`` the log of the rest). When ``M`` and ``B`` peak
+    at different cells ``h`` is large and ``m a`` tiny: their product can underflow while
+    ``e^h`` overflows, so that case goes through logs."""
+    lim = 0.8 * np.log(np.finfo(m.dtype).max)
+    h = jnp.where(jnp.isfinite(h), h, -jnp.inf)          # K = 0 (no alignment): no posterior
+    return jax.lax.cond(jnp.all(h < lim), lambda: m * a * jnp.exp(h),
+                        lambda: jnp.exp(jnp.log(m) + jnp.log(a) + h))
+
+
 def _slope(view, cells, plan, ch, t, lim, k, kap):
     """``d log k / d raw`` for diagonal ``t`` (None for an identity map)."""
     if cells.f is not gak_log_kernel_of_z:
@@ -84,7 +99,7 @@ def _slope(view, cells, plan, ch, t, lim, k, kap):
 def _forward(view: Array, lim: wf.Limits, plan: wf.Plan, cells: wf.Cells, save: bool):
     """Rescaled linear-space sweep over the strided table view (``wf.prepare``) of raw entries
     (``cells.f`` makes them log local kernels). Returns ``(log K: [B], saved)``; with ``save``,
-    the view with each cell replaced by its normalised ``M`` (written in place) and, per chunk,
+    every cell's normalised ``M`` in the view's strided layout and, per chunk,
     the normalised local kernels ``k`` (``[steps, width, B]``) and the log scales ``s``,
     ``kap`` (``[steps, B]``)."""
     bsz, dt = view.shape[2], view.dtype
@@ -94,7 +109,7 @@ def _forward(view: Array, lim: wf.Limits, plan: wf.Plan, cells: wf.Cells, save: 
 
     def step(ch, carry, t):
         (m1, m2), (s1, s2, val, mview) = carry
-        raw = wf.diagonal(mview if save else view, plan, ch, t)
+        raw = wf.diagonal(view, plan, ch, t)
         k, kap = _local_kernel(raw, cells, plan, ch, t, lim)
         ref = jnp.maximum(s1, s2)
         u = k * ((m1[:-1] + m1[1:]) * jnp.exp(s1 - ref) + m2[:-1] * jnp.exp(s2 - ref))
@@ -103,11 +118,11 @@ def _forward(view: Array, lim: wf.Limits, plan: wf.Plan, cells: wf.Cells, save: 
         if lim.ragged:
             val = jnp.where(t == lim.t_end, jnp.log(wf.take_rows(m, lim.i_end - ch.a)) + s, val)
         if save:
-            mview = wf.write_diagonal(mview, plan, ch, t, raw, m)
+            mview = wf.write_diagonal(mview, plan, ch, t, m)
         return ((wf.pad_front(m, 0), m1), (s, s1, val, mview)), ((k, s, kap) if save else None)
 
     (m1, _), (s1, _, val, mview), saved = wf.sweep(
-        step, (m1, m2), (zero, zero, zero, view if save else None),
+        step, (m1, m2), (zero, zero, zero, jnp.zeros_like(view) if save else None),
         lambda ch: jnp.arange(ch.t0, ch.t1), plan, fills=(0, 0), exts=(1, 1))
     if not lim.ragged:
         val = jnp.log(m1[plan.n - plan.chunks[-1].a]) + s1
@@ -128,7 +143,7 @@ def _backward(view, saved, log_k, lim, plan, cells):
         (k, s, kap), t = x
         a = a + wf.end_onehot(ch, lim.i_end, dt) * jnp.where(t == lim.t_end, jnp.exp(-sig), 0)
         m = jnp.where(wf.in_table(plan, ch.a, ch.b, t), wf.diagonal(mview, plan, ch, t), 0)
-        post = m * a * jnp.exp(s + sig - log_k)
+        post = _posterior(m, a, s + sig - log_k)
         slope = _slope(view, cells, plan, ch, t, lim, k, kap)
         grad = wf.add_diagonal(grad, plan, ch, t, post if slope is None else post * slope)
         u, logc = _rescale(k * a)
@@ -163,7 +178,7 @@ def _core_jvp(plan, cells, primals, tangents):
 
 # ---- public API ------------------------------------------------------------------------------
 
-METHODS = ("linear", "log")
+METHODS = ("auto", "linear", "log")
 
 
 def _neg_log_kernel_of_z(z):
@@ -190,16 +205,21 @@ def _log_gak(raw: Array, x_len, y_len, triangular: int, method: str, of_z: bool,
         raw = jnp.maximum(raw, -inf)            # -inf log-kernels (excluded cells) -> -big
     view, lim, plan, finish = wf.prepare(raw, x_len, y_len, None, fill, pairs_last,
                                          plan_band=band, m_valid=m_valid)
+    log_cells = wf.Cells(_neg_log_kernel_of_z if of_z else _neg, "cost", triangular)
     if method == "log":
-        cells = wf.Cells(_neg_log_kernel_of_z if of_z else _neg, "cost", triangular)
-        return -finish(sdtw_core(view, lim, plan, cells))
+        return -finish(sdtw_core(view, lim, plan, log_cells))
     cells = wf.Cells(gak_log_kernel_of_z if of_z else wf.identity, "logk", triangular)
-    return finish(log_gak_core(view, lim, plan, cells))
+    val = log_gak_core(view, lim, plan, cells)
+    if method == "auto":  # tslearn's strategy: redo in log space what the linear sweep lost
+        ok = jnp.isfinite(val)
+        val = jax.lax.cond(jnp.all(ok), lambda: val,
+                           lambda: jnp.where(ok, val, -sdtw_core(view, lim, plan, log_cells)))
+    return finish(val)
 
 
 def gak_from_log_kernel(log_kernel: Array, x_len: Array | None = None,
                         y_len: Array | None = None, triangular: int = 0,
-                        method: str = "linear") -> Array:
+                        method: str = "auto") -> Array:
     """``log K`` (unnormalised) from a local log-kernel matrix ``float[..., n, m]`` -> ``float[...]``.
 
     ``x_len``, ``y_len``: ``int[...]`` true lengths (or None). ``-inf`` entries exclude a cell.
@@ -226,7 +246,7 @@ def _check_triangular(triangular, x_len, y_len, n, m, out):
 
 def gak(x: Array, y: Array, sigma=1.0, triangular: int = 0, x_mask: Array | None = None,
         y_mask: Array | None = None, normalize: bool = True, log: bool = False,
-        method: str = "linear") -> Array:
+        method: str = "auto") -> Array:
     """Global alignment kernel between paired sequences ``x: float[B, n, d]``, ``y: float[B, m, d]``
     -> ``float[B]``.
 
@@ -234,7 +254,7 @@ def gak(x: Array, y: Array, sigma=1.0, triangular: int = 0, x_mask: Array | None
     ``x = y``), else the raw kernel (tslearn's ``unnormalized_gak``). ``log``: return the
     logarithm (use it for long sequences: the normalised kernel underflows float32 quickly).
     ``triangular``: Cuturi's ``T`` (0: none). Masks ``bool[B, n]`` / ``bool[B, m]`` mark valid
-    elements (a prefix). ``method``: ``"linear"`` (rescaled, fast) or ``"log"`` (log-sum-exp).
+    elements (a prefix). ``method``: ``"auto"``, ``"linear"`` or ``"log"`` (module docstring).
     """
     xl = lengths_from_mask(x_mask, x.shape[-2], "x_mask")
     yl = lengths_from_mask(y_mask, y.shape[-2], "y_mask")
@@ -252,7 +272,7 @@ def gak(x: Array, y: Array, sigma=1.0, triangular: int = 0, x_mask: Array | None
 
 def gak_pairwise(X: Array, Y: Array | None = None, sigma=1.0, triangular: int = 0,
                  x_mask: Array | None = None, y_mask: Array | None = None,
-                 normalize: bool = True, log: bool = False, method: str = "linear") -> Array:
+                 normalize: bool = True, log: bool = False, method: str = "auto") -> Array:
     """GAK between all pairs: ``X: float[P, n, d]``, ``Y: float[Q, m, d]`` -> ``float[P, Q]``
     (``Y=None``: ``Y = X``, symmetric, and the normalisation reuses the diagonal).
     Same options as ``gak``."""

@@ -36,12 +36,13 @@ Array = jax.Array
 
 def sakoe_chiba_offsets(n, m, radius: int):
     """tslearn's Sakoe-Chiba band as bounds on ``j - i``: ``[min(0, m-n) - r, max(0, m-n) + r]``
-    (works on Python ints and on arrays of lengths)."""
+    (Python ints stay ints, so a static band narrows the swept windows; arrays of lengths give
+    per-pair bounds)."""
+    if isinstance(n, int) and isinstance(m, int):
+        return min(0, m - n) - radius, max(0, m - n) + radius
     delta = m - n
     return jnp.minimum(0, delta) - radius, jnp.maximum(0, delta) + radius
 
-
-# ---- the recursion at gamma = 1 --------------------------------------------------------------
 
 _LN2 = float(np.log(2.0))
 
@@ -67,9 +68,8 @@ def _forward(view: Array, lim: wf.Limits, plan: wf.Plan, cells: wf.Cells, save: 
     """Soft-DTW forward sweep over the strided table view (``wf.prepare``) of raw entries
     (``cells.f`` makes them costs / gamma).
 
-    Returns ``(R[end]: [B], rview)``. With ``save``, ``rview`` is the view with every cell's
-    cost replaced by its ``R`` (each cell is read once, so the sweep writes in place): all the
-    backward sweep needs.
+    Returns ``(R[end]: [B], rview)``. With ``save``, ``rview`` holds every cell's ``R`` in the
+    same strided layout (one value per cell, no windows): all the backward sweep needs.
     """
     bsz, dt = view.shape[2], view.dtype
     inf = wf.big(dt)
@@ -78,7 +78,7 @@ def _forward(view: Array, lim: wf.Limits, plan: wf.Plan, cells: wf.Cells, save: 
 
     def step(ch, carry, t):
         (r1, r2), (val, rview) = carry
-        raw = wf.diagonal(rview if save else view, plan, ch, t)
+        raw = wf.diagonal(view, plan, ch, t)
         c = wf.cell_values(cells, plan, ch, t, raw, lim)
         up, left, dg = r1[:-1], r1[1:], r2[:-1]
         mn = jnp.minimum(jnp.minimum(up, left), dg)
@@ -86,12 +86,12 @@ def _forward(view: Array, lim: wf.Limits, plan: wf.Plan, cells: wf.Cells, save: 
                                            + jnp.exp(mn - dg))), inf)
         if lim.ragged:
             val = jnp.where(t == lim.t_end, wf.take_rows(r, lim.i_end - ch.a), val)
-        if save:
-            rview = wf.write_diagonal(rview, plan, ch, t, raw, r)
+        if save:  # a separate buffer: one written in place while also read gets copied
+            rview = wf.write_diagonal(rview, plan, ch, t, r)
         return ((wf.pad_front(r, inf), r1), (val, rview)), None
 
     (r1, _), (val, rview), _ = wf.sweep(
-        step, (r1, r2), (jnp.zeros((bsz,), dt), view if save else None),
+        step, (r1, r2), (jnp.zeros((bsz,), dt), jnp.zeros_like(view) if save else None),
         lambda ch: jnp.arange(ch.t0, ch.t1), plan, fills=(inf, inf), exts=(1, 1))
     if not lim.ragged:
         val = r1[plan.n - plan.chunks[-1].a]
@@ -184,7 +184,7 @@ def _softdtw(cost, gamma, x_len, y_len, band, return_alignment, pairs_last, m_va
     inf = wf.big(dt)
     if band is not None:
         if x_len is None and y_len is None:
-            band = tuple(int(v) for v in sakoe_chiba_offsets(n, m, int(band)))
+            band = sakoe_chiba_offsets(int(n), int(m), int(band))
         else:
             nl = n if x_len is None else x_len
             ml = m if y_len is None else y_len
