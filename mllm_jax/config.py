@@ -508,6 +508,9 @@ class MLLMConfig:
     vision_feature_select: str = "default" # default (drop CLS when present) | full
     num_soft_prompts: int = 0              # learned soft-prompt vectors (VladVA)
     soft_prompt_token_id: int = 4          # placeholder id; the j-th such token takes soft prompt j % num
+    embed_head: bool = False               # Sugar: an MLP head on slice embeddings (D -> D -> D)
+    contrastive_temperature: Optional[float] = None  # creates learned logit_scale (+ logit_bias) params
+    contrastive_bias: float = -10.0        # initial logit_bias (SigLIP)
 
     @property
     def tokens_per_image(self) -> int:
@@ -671,11 +674,64 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class StreamConfig:
+    """One named data stream of a multi-stream recipe: every train step draws one batch from
+    each stream and the loss receives ``{name: batch}`` (e.g. Sugar: ``gen`` + ``disc``)."""
+    name: str = "gen"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class StructureConfig:
+    """Sugar's structure-induced loss (``objectives/structure.py``); all [R] choices, METHODS.md §1."""
+    alignment: str = "gak"                 # gak | softdtw | pooled (the "w/o GAK" ablation)
+    sigma: float = 0.5                     # GAK bandwidth on unit-norm slice embeddings
+    gamma: float = 0.1                     # soft-DTW smoothing
+    softdtw_scale: float = 1.0             # S = exp(-divergence / scale) for soft-DTW
+    target_sigma: float = 0.5              # GAK bandwidth of the triple kernel (unit-norm teacher features)
+    image_teacher: str = "pixel"           # batch key teacher_<name> for image-image slice pairs
+    text_teacher: str = "minilm"           # ... text-text pairs
+    shared_teacher: str = "scene_graph"    # ... image-text pairs (a space both modalities live in)
+    layer: int = -1                        # hidden layer of the slice embeddings (-1 = last, normed)
+
+    def __post_init__(self):
+        if self.alignment not in ("gak", "softdtw", "pooled"):
+            raise ConfigError(f"objective.structure.alignment: {self.alignment!r}; expected gak, softdtw or pooled")
+
+
+@dataclasses.dataclass(frozen=True)
+class ContrastiveConfig:
+    """Contrastive loss of the VladVA recipe (``objectives/contrastive.py``)."""
+    kind: str = "infonce"                  # infonce | siglip
+    init_temperature: float = 0.05         # E5-V uses 0.05, VLM2Vec 0.02 [P]
+    learn_temperature: bool = True
+    init_bias: float = -10.0               # siglip
+    chunk: Optional[int] = None            # None: dense [B, B] logits
+    pooling: str = "prompt"                # mean | last | prompt (last token of the summary prompt)
+    layer: int = -1
+
+    def __post_init__(self):
+        if self.kind not in ("infonce", "siglip"):
+            raise ConfigError(f"objective.contrastive.kind: {self.kind!r}; expected infonce or siglip")
+
+
+@dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-    """The training loss: a name in ``mllm_jax.train.registry.OBJECTIVES`` (``ntp`` = masked
-    next-token loss, ``objectives/lm.py``) or ``"pkg.module:attr"``, and the builder's options
-    (``ntp``: ``z_loss``; recipes add their loss weights here)."""
+    """The training loss: a name in ``mllm_jax.train.registry.OBJECTIVES`` or ``"pkg.module:attr"``.
+
+    Built-in names (``objectives/recipes.py``): ``ntp`` (masked next-token loss on the single
+    data stream), ``generative``, ``sugar`` (``ntp_weight * L_g + structure_weight * L_d``),
+    ``vladva`` (``contrastive_weight * L_con + ntp_weight * L_ntp``), ``contrastive``.
+    ``options`` go to custom objectives.
+    """
     name: str = "ntp"
+    z_loss: float = 0.0
+    ntp_weight: float = 1.0                # weight of the next-token loss on the generative stream
+    structure_weight: float = 1.0          # Sugar's alpha
+    contrastive_weight: float = 1.0
+    disc_ntp_weight: float = 0.0           # next-token loss on the discriminative stream's documents
+    structure: StructureConfig = dataclasses.field(default_factory=StructureConfig)
+    contrastive: ContrastiveConfig = dataclasses.field(default_factory=ContrastiveConfig)
     options: dict = dataclasses.field(default_factory=dict)
 
 
@@ -789,6 +845,8 @@ class ExperimentConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     stages: tuple[StageConfig, ...] = ()
+    # several data streams (each step: one batch per stream); empty = the single stream `data`
+    streams: tuple[StreamConfig, ...] = ()
 
     def resolved(self) -> "ExperimentConfig":
         """Applies ``train.compute_dtype`` to every model part's ``dtype`` (the mixed-precision
@@ -809,5 +867,5 @@ def apply_updates(cfg, updates: dict):
     return cfg
 
 
-__all__ += ["MeshConfig", "ObjectiveConfig", "OptimConfig", "CheckpointConfig", "TrainConfig", "StageConfig",
+__all__ += ["MeshConfig", "StreamConfig", "StructureConfig", "ContrastiveConfig", "ObjectiveConfig", "OptimConfig", "CheckpointConfig", "TrainConfig", "StageConfig",
             "ExperimentConfig", "apply_updates"]

@@ -84,6 +84,8 @@ class Family:
     ignore: tuple[str, ...] = ()            # regexes of HF tensors that are fine to skip
     hf_prefixes: tuple[str, ...] = ()       # optional prefixes some checkpoints carry (e.g. "bert.")
     hf_rename: Optional[Callable[[str], str]] = None  # other naming schemes -> the table's names
+    local_params: tuple[str, ...] = ()      # regexes of our params with no HF counterpart: not
+                                            # exported, left at their init on load (e.g. soft prompts)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -202,7 +204,8 @@ def load_tensors_into(abstract_model: nnx.Module, family: Family, cfg, tensors: 
             continue
         values[e.ours] = x
     mapped = {e.ours for e in entries}
-    uncovered = [p for p in ours if p not in mapped]
+    local = [re.compile(r) for r in family.local_params]
+    uncovered = [p for p in ours if p not in mapped and not any(r.search(p) for r in local)]
     ignore = [re.compile(r) for r in family.ignore]
     unexpected = [n for n in by_hf if n not in used and not any(r.search(n) for r in ignore)]
     if unknown_ours:
@@ -275,6 +278,11 @@ def export_tensors(model: nnx.Module) -> tuple[Family, dict, dict[str, np.ndarra
         raise ValueError(f"model has LoRA adapters ({lora[:3]}...): call merge_lora(model, remove=True) "
                          "before save_pretrained")
     tensors = {e.hf: e.save(np.asarray(jax.device_get(flat[e.ours]))) for e in fam.entries(cfg)}
+    dropped = [k for k in flat if any(re.search(r, k) for r in fam.local_params)]
+    if dropped:
+        import logging
+        logging.getLogger(__name__).warning("save_pretrained: %d params have no %s counterpart and are not "
+                                            "exported: %s", len(dropped), fam.name, dropped[:6])
     return fam, fam.config_to_hf(cfg), tensors
 
 

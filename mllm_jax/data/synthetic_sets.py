@@ -12,6 +12,8 @@ pope               chat      user [image, "Is there a ... in the image?"] -> yes
 multi_image_qa     chat      user [image x 2..4, question] -> answer (a story's images)
 rag_qa             chat      user [memory image, memory text, image, question] -> made-up name
 pair               document  [image, short caption]            (Sugar: a 2-slice sequence)
+image              document  [image]                           (one slice, as retrieval embeds it)
+caption            document  [short caption]                   (one slice)
 story              document  [text, image, text, image, ...]   (interleaved, 2..4 images)
 vladva             views     {"image": user [image, summary prompt],
                               "text":  user [short caption, summary prompt]}
@@ -128,6 +130,18 @@ def task_pair(c: _Ctx) -> Sample:
     return c.sample([c.image(s), text_segment(W.short_caption(s, c.rng), scene=W.caption_graph(s))], s)
 
 
+def task_image(c: _Ctx) -> Sample:
+    """A one-slice document: an image alone (as retrieval embeds images)."""
+    s = c.scene()
+    return c.sample([c.image(s)], s)
+
+
+def task_caption(c: _Ctx) -> Sample:
+    """A one-slice document: a short caption alone (as retrieval embeds captions)."""
+    s = c.scene()
+    return c.sample([text_segment(W.short_caption(s, c.rng), scene=W.caption_graph(s))], s)
+
+
 def story_segments(c: _Ctx, s0: W.Scene, edits: list[T.Edit]) -> list[Segment]:
     segs = [text_segment(W.short_caption(s0, c.rng).capitalize() + ".", scene=W.caption_graph(s0)), c.image(s0)]
     for e in edits:
@@ -152,7 +166,8 @@ def task_vladva(c: _Ctx) -> dict[str, Sample]:
 TASKS: dict[str, Callable[[_Ctx], object]] = {
     "caption_short": task_caption_short, "caption_long": task_caption_long, "vqa": task_vqa,
     "pope": task_pope, "multi_image_qa": task_multi_image_qa, "rag_qa": task_rag_qa,
-    "pair": task_pair, "story": task_story, "vladva": task_vladva,
+    "pair": task_pair, "story": task_story, "image": task_image, "caption": task_caption,
+    "vladva": task_vladva,
 }
 
 

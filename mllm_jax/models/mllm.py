@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mllm_jax.config import MLLMConfig
+from mllm_jax.config import MLLMConfig, dtype_of
 from mllm_jax.models import pooling
+from mllm_jax.models.layers import MLP
 from mllm_jax.models.decoder import Decoder
 from mllm_jax.models.lora import SoftPrompt, apply_lora
 from mllm_jax.models.projector import MLPProjector, PoolAdapter
@@ -79,7 +80,8 @@ def _scatter_blocks(embeds: Array, is_slot: Array, values: Array, wrap: Optional
 
 class MLLM(nnx.Module):
     """``MLLM(cfg, rngs=nnx.Rngs(0))``: submodules ``vision``, ``projector``, ``decoder``
-    (and ``soft_prompt`` when ``cfg.num_soft_prompts``). LoRA from ``cfg.lora`` is attached at
+    (and ``soft_prompt`` when ``cfg.num_soft_prompts``, ``embed_head`` when ``cfg.embed_head``,
+    learned ``logit_scale``/``logit_bias`` when ``cfg.contrastive_temperature`` is set). LoRA from ``cfg.lora`` is attached at
     construction on the Dense layers whose path matches ``cfg.lora.target``."""
 
     hf_family = "llava"
@@ -94,6 +96,14 @@ class MLLM(nnx.Module):
             self.projector = PoolAdapter(d_vis, d_llm, cfg.vision.grid_size, cfg.projector, rngs=rngs)
         self.decoder = Decoder(cfg.decoder, rngs=rngs)
         self.soft_prompt = SoftPrompt(cfg.num_soft_prompts, d_llm, rngs=rngs) if cfg.num_soft_prompts else None
+        # Sugar's MLP head from slice hidden states to the embeddings compared by alignment
+        self.embed_head = MLP(d_llm, d_llm, act="gelu", dtype=dtype_of(cfg.decoder.dtype), rngs=rngs) \
+            if cfg.embed_head else None
+        if cfg.contrastive_temperature is not None:  # learned temperature (log scale) and bias
+            self.logit_scale = nnx.Param(jnp.asarray(-np.log(cfg.contrastive_temperature), jnp.float32))
+            self.logit_bias = nnx.Param(jnp.asarray(cfg.contrastive_bias, jnp.float32))
+        else:
+            self.logit_scale = self.logit_bias = None
         if cfg.lora.rank:
             apply_lora(self, cfg.lora, rngs)
 
@@ -185,9 +195,11 @@ def _embed_inputs_jit(graphdef, state, input_ids, pixel_values, image_mask):
 
 
 def slice_embeddings(out: MLLMOutput, slice_ids: Array, slice_is_image: Array, num_slices: int,
-                     layer: int = -1) -> Array:
-    """Sugar slice embeddings ``float[B, S, D]`` from a forward pass (see ``pooling.slice_pool``)."""
-    return pooling.slice_pool(MLLM.select_layer(out, layer), slice_ids, slice_is_image, num_slices)
+                     layer: int = -1, head: Optional[nnx.Module] = None) -> Array:
+    """Sugar slice embeddings ``float[B, S, D]`` from a forward pass (see ``pooling.slice_pool``),
+    through ``head`` (the model's ``embed_head``) when given."""
+    e = pooling.slice_pool(MLLM.select_layer(out, layer), slice_ids, slice_is_image, num_slices)
+    return e if head is None else head(e)
 
 
 __all__ = ["MLLM", "MLLMOutput", "ImageSlotError", "check_image_slots", "slice_embeddings"]

@@ -305,11 +305,24 @@ def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], los
 
 def _step_cost(forward_flops, n_params: int):
     """``batch -> (tokens, training FLOPs)`` from the global batch's shapes (buckets may change
-    them from step to step); without ``forward_flops`` the forward pass is ``2 * params * tokens``."""
+    them from step to step); without ``forward_flops`` the forward pass is ``2 * params * tokens``.
+    A multi-stream batch (``{stream: batch}``, views nested deeper) sums over its sub-batches."""
+    def leaves(batch):
+        if any(isinstance(v, dict) for v in batch.values()):
+            for v in batch.values():
+                if isinstance(v, dict):
+                    yield from leaves(v)
+        else:
+            yield batch
+
     def cost(batch):
-        shapes = {k: tuple(v.shape) for k, v in batch.items()}
-        tokens = int(np.prod(shapes["input_ids"])) if "input_ids" in shapes else next(iter(shapes.values()))[0]
-        return tokens, train_flops(forward_flops(shapes) if forward_flops else 2.0 * n_params * tokens)
+        tokens, flops = 0, 0.0
+        for b in leaves(batch):
+            shapes = {k: tuple(v.shape) for k, v in b.items()}
+            t = int(np.prod(shapes["input_ids"])) if "input_ids" in shapes else next(iter(shapes.values()))[0]
+            tokens += t
+            flops += forward_flops(shapes) if forward_flops else 2.0 * n_params * t
+        return tokens, train_flops(flops)
     return cost
 
 

@@ -5,7 +5,8 @@
 file). Registered names are import strings too: nothing heavy is imported until used.
 
     model    -> ModelSpec(build(cfg, rngs) -> nnx.Module, forward_flops(cfg, shapes) -> float)
-    objective-> builder(cfg) -> criterion(outputs, batch) -> (loss, {part: value})
+    objective-> builder(cfg) -> criterion(outputs, batch) -> (loss, {part: value}), or, for
+                builders marked ``takes_model`` (objectives/recipes.py), loss_fn(model, batch, rngs)
     data     -> builder(cfg, *, split, process_index, process_count) -> iterator of process-local
                 numpy batches with grain's get_state() / set_state(); split is "train" or "eval"
 """
@@ -54,7 +55,13 @@ MLLM_SPEC = ModelSpec(build=_build_mllm, forward_flops=_mllm_flops,
                       param_table=lambda cfg: F.mllm_params(cfg.model))
 
 MODELS: dict[str, Any] = {"mllm": "mllm_jax.train.registry:MLLM_SPEC"}
-OBJECTIVES: dict[str, Any] = {"ntp": "mllm_jax.train.registry:ntp_objective"}
+OBJECTIVES: dict[str, Any] = {
+    "ntp": "mllm_jax.train.registry:ntp_objective",
+    "generative": "mllm_jax.objectives.recipes:generative",
+    "sugar": "mllm_jax.objectives.recipes:sugar",
+    "vladva": "mllm_jax.objectives.recipes:vladva",
+    "contrastive": "mllm_jax.objectives.recipes:contrastive",
+}
 DATASETS: dict[str, Any] = {"grain": "mllm_jax.train.registry:grain_data"}
 
 
@@ -98,12 +105,23 @@ def register(table: dict, name: str, target) -> None:
 
 def grain_data(cfg: ExperimentConfig, *, split: str, process_index: int, process_count: int):
     """The project's grain pipeline (``mllm_jax.data.pipeline``) on ``cfg.data`` for training
-    and on ``cfg.eval_data`` (default: ``cfg.data`` on the ``val`` split, unshuffled) for eval."""
+    and on ``cfg.eval_data`` (default: ``cfg.data`` on the ``val`` split, unshuffled) for eval.
+    With ``cfg.streams``, a ``MixtureIterator`` over them (eval: each on its ``val`` split)."""
+    from mllm_jax.data.mixture import MixtureIterator
     from mllm_jax.data.pipeline import make_iterator
+
+    def one(data):
+        return make_iterator(data, cfg.model, shard=(process_index, process_count) if data.shard_by_process else (0, 1))
+
+    if cfg.streams:  # one batch per stream and step: {name: batch}
+        if split == "eval":
+            return MixtureIterator({s.name: one(dataclasses.replace(s.data, split="val", shuffle=False))
+                                    for s in cfg.streams})
+        return MixtureIterator({s.name: one(s.data) for s in cfg.streams})
     data = cfg.data
     if split == "eval":
         data = cfg.eval_data or dataclasses.replace(cfg.data, split="val", shuffle=False)
-    return make_iterator(data, cfg.model, shard=(process_index, process_count) if data.shard_by_process else (0, 1))
+    return one(data)
 
 
 # ---- forward + loss ----------------------------------------------------------------------------
@@ -135,9 +153,9 @@ def logits_of(outputs) -> jax.Array:
 
 def ntp_objective(cfg: Optional[ExperimentConfig]) -> Callable:
     """Masked next-token loss on ``labels`` / ``loss_mask`` (``mllm_jax.objectives.lm``), with
-    ``objective.options.z_loss`` (default 0)."""
+    ``objective.z_loss`` (default 0)."""
     from mllm_jax.objectives.lm import next_token_loss
-    z_loss = float((cfg.objective.options if cfg is not None else {}).get("z_loss", 0.0))
+    z_loss = float(cfg.objective.z_loss) if cfg is not None else 0.0
 
     def criterion(outputs, batch):
         return next_token_loss(logits_of(outputs), batch["labels"], batch["loss_mask"], z_loss=z_loss)
@@ -145,7 +163,11 @@ def ntp_objective(cfg: Optional[ExperimentConfig]) -> Callable:
 
 
 def build_loss_fn(cfg: ExperimentConfig) -> Callable:
-    return make_loss_fn(objective(cfg.objective.name)(cfg))
+    """``loss_fn(model, batch, rngs)``: builders marked ``takes_model`` (the recipes) return it
+    directly; the others return ``criterion(outputs, batch)``, called on the model's outputs."""
+    builder = objective(cfg.objective.name)
+    fn = builder(cfg)
+    return fn if getattr(builder, "takes_model", False) else make_loss_fn(fn)
 
 
 __all__ = ["ModelSpec", "MLLM_SPEC", "MODELS", "OBJECTIVES", "DATASETS", "model_spec", "objective", "dataset", "grain_data",

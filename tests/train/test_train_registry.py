@@ -11,7 +11,7 @@ def test_ntp_objective_is_the_objectives_next_token_loss_with_z_loss():
     rng = np.random.default_rng(0)
     batch = {"labels": rng.integers(0, 7, size=(2, 5)).astype(np.int32), "loss_mask": np.ones((2, 5), np.int32)}
     logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
-    cfg = apply_overrides(ExperimentConfig(), ["objective.options={z_loss: 0.01}"])
+    cfg = apply_overrides(ExperimentConfig(), ["objective.z_loss=0.01"])
     loss, parts = registry.ntp_objective(cfg)({"logits": logits}, batch)
     want, _ = next_token_loss(logits, batch["labels"], batch["loss_mask"], z_loss=0.01)
     assert float(loss) == float(want) and "z_loss" in parts and float(parts["z_loss"]) > 0

@@ -55,8 +55,6 @@ def _build(cfg: MLLMConfig, rngs: nnx.Rngs):
 
 
 def _config_to_hf(cfg: MLLMConfig) -> dict:
-    if cfg.num_soft_prompts:
-        raise ConfigError("LLaVA export: soft prompts have no HF counterpart; export without them")
     return cfg.to_hf()
 
 
@@ -64,4 +62,6 @@ FAMILY = register(Family(
     name="llava", architectures=("LlavaForConditionalGeneration",), model_types=("llava",),
     config_from_hf=_config_from_hf, config_to_hf=_config_to_hf, build=_build, entries=entries,
     ignore=(r"(^|\.)position_ids$", r"rotary_emb\.inv_freq$", r"^language_model\.lm_head\.weight$"),
-    hf_rename=_rename))
+    hf_rename=_rename,
+    # our additions with no LLaVA counterpart (exported without them, with a warning)
+    local_params=(r"^soft_prompt\.", r"^embed_head\.", r"^logit_(scale|bias)$")))
