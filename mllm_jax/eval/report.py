@@ -121,15 +121,18 @@ def plot_losses(runs: Mapping[str, str | Path], out: str | Path, *, prefix: str 
 
 
 def plot_similarity(model_sim: np.ndarray, target_sim: np.ndarray, out: str | Path, *,
-                    titles: Sequence[str] = ("model", "target"), labels: Optional[Sequence[str]] = None) -> Path:
-    """The model's and the target's similarity matrices of one batch, side by side."""
+                    titles: Sequence[str] = ("model", "target"), labels: Optional[Sequence[str]] = None,
+                    shared_scale: bool = True) -> Path:
+    """The model's and the target's similarity matrices of one batch, side by side (one colour
+    scale for both unless ``shared_scale=False``)."""
     a, b = np.asarray(model_sim, float), np.asarray(target_sim, float)
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(f"plot_similarity: model {a.shape} and target {b.shape} must be equal 2-D shapes")
     fig = _figure(figsize=(9, 4), layout="tight")
     axes = fig.subplots(1, 2)
+    lim = dict(vmin=min(a.min(), b.min()), vmax=max(a.max(), b.max())) if shared_scale else {}
     for ax, m, t in zip(axes, (a, b), titles):
-        im = ax.imshow(m, cmap="viridis")
+        im = ax.imshow(m, cmap="viridis", **lim)
         ax.set_title(t)
         fig.colorbar(im, ax=ax, fraction=0.046)
         if labels is not None:

@@ -2,17 +2,12 @@
 import pytest
 from flax import nnx
 
-from mllm_jax.config import DataConfig, DecoderConfig, MLLMConfig, ProjectorConfig, SceneConfig, VisionConfig
+from mllm_jax.config import SceneConfig
 from mllm_jax.data.synthetic import SceneWorld
 from mllm_jax.data.synthetic_sets import scene_corpus
 from mllm_jax.data.tokenize import train_tokenizer
 from mllm_jax.models.mllm import MLLM
-
-MODEL_CFG = MLLMConfig(
-    vision=VisionConfig(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64, num_heads=2),
-    projector=ProjectorConfig(kind="pool", pool_size=2),                       # 4 tokens per image
-    decoder=DecoderConfig(hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2))
-DATA_CFG = DataConfig(seq_buckets=(32, 64, 128), batch_size=8)
+from tests.eval.common import DATA_CFG, MODEL_CFG
 
 
 @pytest.fixture(scope="session")
