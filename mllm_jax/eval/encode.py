@@ -8,8 +8,10 @@ Every sample goes through the data pipeline's own ``EncodeTransform.encode`` (va
 tokenizer, chat template, pre-expanded image tokens, image preprocessing) and ``collate``
 (padding), so evaluation sees the bytes training sees. Shapes are bucketed so a jitted
 function compiles once per bucket: the batch size is fixed, the length is one of
-``data_cfg.seq_buckets`` and the image axis ``M`` is 0 (no images: ``pixel_values`` is None),
-or a power of two up to ``data_cfg.max_images``. Samples are grouped by bucket (sorted by
+``data_cfg.seq_buckets`` (extended by doubling up to the decoder's ``max_position_embeddings``,
+so that a long eval item is never dropped: padding does not change what the model computes)
+and the image axis ``M`` is 0 (no images: ``pixel_values`` is None), or a power of two up to
+``data_cfg.max_images``. Samples are grouped by bucket (sorted by
 length inside it); rows past the last real one repeat row 0 (a real prompt, so generation
 never sees an empty row) and are not returned in ``rows``.
 
@@ -50,6 +52,14 @@ def prompt_view(sample: Sample) -> Sample:
     return dataclasses.replace(sample, segments=tuple(segs) + (text_segment(prompt, "user"),))
 
 
+def length_buckets(seq_buckets: Sequence[int], max_length: int) -> tuple[int, ...]:
+    """``seq_buckets`` followed by doublings of the largest one that stay ``<= max_length``."""
+    out = list(seq_buckets)
+    while out[-1] * 2 <= max_length:
+        out.append(out[-1] * 2)
+    return tuple(out)
+
+
 def image_buckets(max_images: int) -> tuple[int, ...]:
     """``(1, 2, 4, ..., max_images)``: the image-axis sizes a batch may take."""
     out, m = [], 1
@@ -72,7 +82,8 @@ class BatchEncoder:
                              f"model.image_token_id={model_cfg.image_token_id}; set them equal")
         self.tokenizer, self.model_cfg, self.data_cfg = tokenizer, model_cfg, data_cfg
         self.batch_size = int(batch_size or data_cfg.batch_size)
-        self.limits = Limits(tuple(data_cfg.seq_buckets), data_cfg.max_images, data_cfg.max_slices)
+        buckets = length_buckets(data_cfg.seq_buckets, model_cfg.decoder.max_position_embeddings)
+        self.limits = Limits(buckets, data_cfg.max_images, data_cfg.max_slices)
         self.spec = ImageSpec.from_vision(model_cfg.vision)
         self.m_buckets = image_buckets(data_cfg.max_images)
 
@@ -120,9 +131,5 @@ class BatchEncoder:
                 rows = np.asarray(idx[lo:lo + self.batch_size])
                 yield rows, self.collate([exs[i] for i in rows], m)
 
-    def num_batches(self, samples: Sequence[Sample]) -> int:
-        """An upper bound used for progress bars (one group per bucket)."""
-        return -(-len(samples) // self.batch_size) + len(self.m_buckets) * len(self.limits.seq_buckets)
 
-
-__all__ = ["BatchEncoder", "document_view", "prompt_view", "image_buckets"]
+__all__ = ["BatchEncoder", "document_view", "prompt_view", "length_buckets", "image_buckets"]

@@ -10,7 +10,7 @@ from mllm_jax.data import pipeline as P
 from mllm_jax.data.schema import Sample, image_segment, text_segment
 from mllm_jax.data.synthetic_sets import (SceneSource, interleaved_retrieval_set, retrieval_set, vqa_set)
 from mllm_jax.data.tokenize import encode_sample
-from mllm_jax.eval.encode import BatchEncoder, document_view, image_buckets, prompt_view
+from mllm_jax.eval.encode import BatchEncoder, document_view, image_buckets, length_buckets, prompt_view
 
 from tests.eval.common import DATA_CFG, MODEL_CFG
 
@@ -68,7 +68,7 @@ def test_batches_have_bucketed_shapes_and_real_filler_rows(tok, world):
     shapes = set()
     for rows, batch in enc.batches(samples):
         B, T = batch["input_ids"].shape
-        assert B == 4 and T in DATA_CFG.seq_buckets and 1 <= len(rows) <= 4
+        assert B == 4 and T in enc.limits.seq_buckets and 1 <= len(rows) <= 4
         m = 0 if batch["pixel_values"] is None else batch["pixel_values"].shape[1]
         assert m == 0 or m in image_buckets(DATA_CFG.max_images)
         for r in range(len(rows), B):                       # filler rows repeat row 0: never empty
@@ -77,6 +77,15 @@ def test_batches_have_bucketed_shapes_and_real_filler_rows(tok, world):
         shapes.add((m, T))
     assert len(shapes) <= 3 * len(DATA_CFG.seq_buckets)
     assert image_buckets(4) == (1, 2, 4) and image_buckets(6) == (1, 2, 4, 6) and image_buckets(0) == ()
+    assert length_buckets((32, 64, 128), 2048) == (32, 64, 128, 256, 512, 1024, 2048)
+    assert length_buckets((48, 96), 200) == (48, 96, 192)
+
+
+def test_items_longer_than_the_training_buckets_get_a_longer_bucket(tok):
+    enc = BatchEncoder(tok, MODEL_CFG, DATA_CFG)
+    long = Sample("long", (text_segment(" ".join(["circle"] * 200)),))
+    (rows, batch), = enc.batches([long])
+    assert batch["input_ids"].shape[1] == 256 > DATA_CFG.seq_buckets[-1]
 
 
 def test_prompt_view_is_the_vladva_training_rendering(tok):
