@@ -33,6 +33,8 @@ from mllm_jax.eval.encode import BatchEncoder, document_view, prompt_view
 from mllm_jax.models.mllm import slice_embeddings
 
 ROW_CHUNK = 64        # rows of one all-pairs alignment call (fixed: one compile per column count)
+_BATCH_KEYS = ("input_ids", "attention_mask", "positions", "pixel_values", "image_mask", "slice_ids",
+               "slice_is_image")
 
 
 @dataclasses.dataclass
@@ -161,24 +163,21 @@ class Embedder:
         return document_view(sample)
 
     def encode(self, samples: Sequence[Sample]) -> Embeddings:
+        """``Embeddings`` of ``samples``: ``vectors`` (alignment ``none``) or ``slices`` trimmed to
+        the longest sample's segment count."""
+        if not samples:
+            raise ValueError("Embedder.encode: no samples")
         cfg = self.cfg
-        views = [self.view(s) for s in samples]
         num_slices = self.encoder.limits.max_slices if cfg.alignment != "none" else 0
-        out = None
-        for rows, batch in self.encoder.batches(views):
-            keys = ("input_ids", "attention_mask", "positions", "pixel_values", "image_mask", "slice_ids",
-                    "slice_is_image")
-            e = np.asarray(_embed_batch(self.graphdef, self.state, {k: batch[k] for k in keys},
+        out, masks = None, np.zeros((len(samples), num_slices), bool)
+        for rows, batch in self.encoder.batches([self.view(s) for s in samples]):
+            e = np.asarray(_embed_batch(self.graphdef, self.state, {k: batch[k] for k in _BATCH_KEYS},
                                         method=cfg.method, layer=cfg.layer, num_slices=num_slices,
                                         normalize=cfg.normalize))
             if out is None:
                 out = np.zeros((len(samples),) + e.shape[1:], np.float32)
-                masks = np.zeros((len(samples), num_slices), bool)
             out[rows] = e[:len(rows)]
-            if num_slices:
-                masks[rows] = batch["slice_mask"][:len(rows)]
-        if out is None:
-            raise ValueError("Embedder.encode: no samples")
+            masks[rows] = batch["slice_mask"][:len(rows), :num_slices]
         if not num_slices:
             return Embeddings(vectors=out)
         return Embeddings(None, *_trim(out, masks))

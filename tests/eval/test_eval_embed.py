@@ -142,9 +142,9 @@ def _direct(model, tok, view, method=None, slices=False):
 
 @pytest.mark.parametrize("method", ["prompt", "mean"])
 def test_embedder_equals_the_model_on_one_unpadded_sample(model, tok, world, method):
-    images, texts = retrieval_set(world, "test", 2)
+    images, texts = retrieval_set(world, "test", 1)
     queries, _, _ = interleaved_retrieval_set(world, "test", 1)
-    samples = images[:1] + texts + queries        # batched with others, sorted, padded, filler rows
+    samples = texts + images + queries            # three buckets (0, 1, 2+ images), padded, filler rows
     emb = Embedder(model, BatchEncoder(tok, MODEL_CFG, DATA_CFG), EmbedConfig(method=method))
     got = emb.encode(samples)
     assert got.vectors.shape == (len(samples), MODEL_CFG.decoder.hidden_size) and got.slices is None
