@@ -97,14 +97,16 @@ class EncodeTransform:
         try:
             raw = self.source[index]
             if isinstance(raw, dict):
-                return {k: self._encode(v, index) for k, v in raw.items()}
-            return self._encode(raw, index)
+                return {k: self.encode(v, index) for k, v in raw.items()}
+            return self.encode(raw, index)
         except DataError as e:
             if self.bad_input == "error":
                 raise
             return {"_skip": REASONS.index(e.reason), "_message": str(e)}
 
-    def _encode(self, sample: Sample, index: int) -> dict:
+    def encode(self, sample: Sample, index: int) -> dict:
+        """One sample -> its unpadded example dict (``collate``'s input); raises ``DataError``.
+        Public so that evaluation encodes samples exactly as training does."""
         full = validate_sample(sample)
         sample = full.prompt_only() if self.for_generation and full.is_chat else full
         lim = self.limits

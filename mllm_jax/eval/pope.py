@@ -1,0 +1,67 @@
+"""POPE object-hallucination probes: accuracy, precision, recall, F1 and yes-ratio of yes/no
+answers, per negative-sampling strategy (random, popular, adversarial) and overall.
+
+``mode="generate"``: the first word of the greedy answer, normalised, must be ``yes`` or ``no``;
+anything else is *unparsed*: wrong for accuracy, not a "yes" for precision/recall (the
+fraction is reported). ``mode="loglik"``: ``yes`` if ``log p(yes) >= log p(no)`` (always parsed).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from mllm_jax.data.schema import Sample
+from mllm_jax.eval.answer import Answerer, normalize_answer
+
+MODES = ("generate", "loglik")
+MAX_NEW_TOKENS = 4
+
+
+def parse_yes_no(text: str) -> Optional[str]:
+    """``"Yes, there is."`` -> ``"yes"``; ``"no"`` -> ``"no"``; anything else -> None."""
+    words = normalize_answer(text).split()
+    return words[0] if words and words[0] in ("yes", "no") else None
+
+
+def pope_metrics(predictions: Sequence[Optional[str]], labels: Sequence[str]) -> dict[str, float]:
+    """``predictions``: ``"yes" | "no" | None`` (unparsed); ``labels``: ``"yes" | "no"``.
+    "yes" is the positive class; precision is 0 when nothing is predicted "yes"."""
+    if len(predictions) != len(labels):
+        raise ValueError(f"{len(predictions)} predictions but {len(labels)} labels")
+    if not labels or any(lab not in ("yes", "no") for lab in labels):
+        raise ValueError("labels must be a non-empty list of 'yes' / 'no'")
+    pred = np.array([p == "yes" for p in predictions])
+    gold = np.array([lab == "yes" for lab in labels])
+    right = np.array([p == lab for p, lab in zip(predictions, labels)])
+    tp = int((pred & gold).sum())
+    precision = tp / pred.sum() if pred.any() else 0.0
+    recall = tp / gold.sum() if gold.any() else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"acc": float(right.mean()), "precision": float(precision), "recall": float(recall), "f1": float(f1),
+            "yes_ratio": float(pred.mean()), "unparsed": float(np.mean([p is None for p in predictions]))}
+
+
+def evaluate_pope(answerer: Answerer, sets: dict[str, Sequence[Sample]], *, mode: str = "generate",
+                  max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
+    """``sets``: strategy -> probes (``synthetic_sets.pope_set``). Returns the metrics per
+    strategy, ``overall`` (all probes pooled) and the ``mode``."""
+    if mode not in MODES:
+        raise ValueError(f"pope mode {mode!r}: expected one of {MODES}")
+    names = list(sets)
+    samples = [s for n in names for s in sets[n]]
+    if mode == "generate":
+        preds = [parse_yes_no(t) for t in answerer.generate(samples, max_new_tokens)]
+    else:
+        preds = answerer.choose(samples, [("yes", "no")] * len(samples))
+    labels = [s.meta["answer"] for s in samples]
+    out, lo = {"mode": mode}, 0
+    for n in names:
+        hi = lo + len(sets[n])
+        out[n] = pope_metrics(preds[lo:hi], labels[lo:hi])
+        lo = hi
+    out["overall"] = pope_metrics(preds, labels)
+    return out
+
+
+__all__ = ["MODES", "parse_yes_no", "pope_metrics", "evaluate_pope"]

@@ -1,0 +1,115 @@
+"""Metrics on hand-built inputs: R@K (ties, several relevant candidates), hard-negative
+accuracy, POPE metrics, answer normalisation and yes/no parsing."""
+import numpy as np
+import pytest
+
+from mllm_jax.eval.answer import normalize_answer
+from mllm_jax.eval.pope import parse_yes_no, pope_metrics
+from mllm_jax.eval.retrieval import (hard_negative_accuracy, hard_negative_accuracy_from_scores, ranks,
+                                     recall_at_k)
+from mllm_jax.eval.vqa import exact_match
+
+
+def test_recall_at_k_hand_built():
+    # query 0: target 0 is best (rank 0); query 1: target 2 is beaten by 0 and 1 (rank 2);
+    # query 2: target 1 is beaten by 2 only (rank 1); query 3: target 3 ranks last (rank 3)
+    sim = np.array([[0.9, 0.1, 0.2, 0.3],
+                    [0.8, 0.7, 0.5, 0.1],
+                    [0.1, 0.5, 0.6, 0.2],
+                    [0.4, 0.3, 0.2, 0.1]])
+    t = np.array([0, 2, 1, 3])
+    assert ranks(sim, t).tolist() == [0, 2, 1, 3]
+    assert recall_at_k(sim, t, ks=(1, 2, 3, 4)) == {1: 0.25, 2: 0.5, 3: 0.75, 4: 1.0}
+
+
+def test_recall_ties_count_against_the_query():
+    sim = np.ones((3, 3))
+    assert recall_at_k(sim, np.arange(3), ks=(1, 3)) == {1: 0.0, 3: 1.0}   # a constant scorer is not perfect
+    sim = np.array([[0.5, 0.5, 0.1]])
+    assert ranks(sim, [0]).tolist() == [1]
+
+
+def test_recall_with_several_relevant_candidates():
+    sim = np.array([[0.1, 0.9, 0.8, 0.2],
+                    [0.7, 0.6, 0.9, 0.5]])
+    rel = np.array([[True, False, True, False],     # best relevant = 0.8, beaten by 0.9 -> rank 1
+                    [False, True, True, False]])    # best relevant = 0.9 -> rank 0
+    assert ranks(sim, relevant=rel).tolist() == [1, 0]
+    assert recall_at_k(sim, relevant=rel, ks=(1, 2)) == {1: 0.5, 2: 1.0}
+
+
+def test_recall_input_errors():
+    with pytest.raises(ValueError, match="exactly one"):
+        ranks(np.eye(2))
+    with pytest.raises(ValueError, match="no relevant"):
+        ranks(np.eye(2), relevant=np.array([[True, False], [False, False]]))
+    with pytest.raises(ValueError, match=r"targets must be int\[2\]"):
+        ranks(np.eye(2), [0, 2])
+    with pytest.raises(ValueError, match="non-finite"):
+        ranks(np.array([[np.nan, 0.0]]), [0])
+
+
+def test_hard_negative_accuracy_from_scores():
+    pos = [0.9, 0.2, 0.5, 0.7, 0.3]
+    neg = [0.1, 0.3, 0.5, 0.6, 0.9]            # right, wrong, tie (wrong), right, wrong
+    cats = ["swap_att", "swap_att", "add_obj", "add_obj", "replace_rel"]
+    assert hard_negative_accuracy_from_scores(pos, neg, cats) == {
+        "overall": 0.4, "swap_att": 0.5, "add_obj": 0.5, "replace_rel": 0.0}
+
+
+class _TableEmbedder:
+    """An embedder whose "embedding" is the sample id and whose similarity is a hand-written table."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def encode(self, samples):
+        return [s.id for s in samples]
+
+    def similarity(self, a, b):
+        return np.array([[self.table.get((x, y), 0.0) for y in b] for x in a])
+
+
+def test_hard_negative_accuracy_shares_images_and_positives():
+    from mllm_jax.data.schema import Sample, text_segment
+    from mllm_jax.data.synthetic_sets import HardNegativeItem
+    s = lambda i: Sample(i, (text_segment(i),))  # noqa: E731
+    img1, img2, pos1, pos2 = s("img1"), s("img2"), s("pos1"), s("pos2")
+    items = [HardNegativeItem(img1, pos1, s("n1a"), "swap_att"), HardNegativeItem(img1, pos1, s("n1b"), "add_obj"),
+             HardNegativeItem(img2, pos2, s("n2a"), "swap_att")]
+    table = {("img1", "pos1"): 0.5, ("img1", "n1a"): 0.4, ("img1", "n1b"): 0.6,
+             ("img2", "pos2"): 0.3, ("img2", "n2a"): 0.1, ("img2", "pos1"): 0.9}
+    assert hard_negative_accuracy(_TableEmbedder(table), items) == {"overall": 2 / 3, "swap_att": 1.0, "add_obj": 0.0}
+
+
+def test_pope_metrics_hand_made():
+    labels = ["yes", "yes", "yes", "no", "no", "no", "no", "yes"]
+    preds = ["yes", "no", "yes", "yes", "no", None, "no", None]
+    # tp = 2 (rows 0, 2); predicted yes = 3 (rows 0, 2, 3); gold yes = 4; right = rows 0, 2, 4, 6
+    m = pope_metrics(preds, labels)
+    assert m["acc"] == pytest.approx(4 / 8)
+    assert m["precision"] == pytest.approx(2 / 3)
+    assert m["recall"] == pytest.approx(2 / 4)
+    assert m["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+    assert m["yes_ratio"] == pytest.approx(3 / 8)
+    assert m["unparsed"] == pytest.approx(2 / 8)
+    none_yes = pope_metrics(["no", "no"], ["yes", "no"])
+    assert none_yes["precision"] == 0.0 and none_yes["f1"] == 0.0 and none_yes["acc"] == 0.5
+
+
+def test_answer_normalisation_and_exact_match():
+    assert normalize_answer("The Red, circle!") == "red circle"
+    assert normalize_answer("  top-left.  ") == "top left"
+    assert normalize_answer("An apple a day") == "apple day"
+    assert normalize_answer("") == ""
+    assert exact_match(["Red.", "two", "the top left"], ["red", "three", "top left"]).tolist() == [True, False, True]
+    with pytest.raises(ValueError, match="2 predictions but 1"):
+        exact_match(["a", "b"], ["a"])
+
+
+def test_parse_yes_no_reads_the_first_word():
+    assert parse_yes_no("Yes, there is a red circle.") == "yes"
+    assert parse_yes_no("no") == "no"
+    assert parse_yes_no("NO!") == "no"
+    assert parse_yes_no("There is no red circle") is None
+    assert parse_yes_no("") is None
