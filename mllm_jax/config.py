@@ -685,10 +685,10 @@ class StreamConfig:
 class StructureConfig:
     """Sugar's structure-induced loss (``objectives/structure.py``); all [R] choices, METHODS.md §1."""
     alignment: str = "gak"                 # gak | softdtw | pooled (the "w/o GAK" ablation)
-    sigma: float = 0.5                     # GAK bandwidth on unit-norm slice embeddings
+    sigma: float = 1.0                     # GAK bandwidth on unit-norm slice embeddings
     gamma: float = 0.1                     # soft-DTW smoothing
     softdtw_scale: float = 1.0             # S = exp(-divergence / scale) for soft-DTW
-    target_sigma: float = 0.5              # GAK bandwidth of the triple kernel (unit-norm teacher features)
+    target_sigma: float = 1.0              # GAK bandwidth of the triple kernel (unit-norm teacher features)
     image_teacher: str = "pixel"           # batch key teacher_<name> for image-image slice pairs
     text_teacher: str = "minilm"           # ... text-text pairs
     shared_teacher: str = "scene_graph"    # ... image-text pairs (a space both modalities live in)

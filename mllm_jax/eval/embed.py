@@ -69,7 +69,7 @@ def _pooled_cosine(a, mask_a, b, mask_b):
 def _align_fn(cfg: EmbedConfig):
     try:
         from mllm_jax import align
-        fn = align.gak_pairwise if cfg.alignment == "gak" else align.softdtw_pairwise
+        fn = align.gak_pairwise if cfg.alignment == "gak" else align.softdtw_divergence_pairwise
     except (ImportError, AttributeError) as e:
         raise NotImplementedError(
             f"EmbedConfig(alignment={cfg.alignment!r}) needs mllm_jax.align.{cfg.alignment}_pairwise, which "
@@ -77,7 +77,8 @@ def _align_fn(cfg: EmbedConfig):
             "alignment='none'") from None
     if cfg.alignment == "gak":
         return lambda x, mx, y, my: fn(x, y, cfg.sigma, x_mask=mx, y_mask=my)        # normalised, [P, Q]
-    return lambda x, mx, y, my: -fn(x, y, cfg.gamma, x_mask=mx, y_mask=my)           # a distance -> similarity
+    # the soft-DTW divergence (as the structure loss uses): a distance -> similarity
+    return lambda x, mx, y, my: -fn(x, y, cfg.gamma, x_mask=mx, y_mask=my)
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,7 +94,7 @@ def sequence_similarity(emb_a: np.ndarray, mask_a: np.ndarray, emb_b: np.ndarray
     a prefix) and ``emb_b: float[Q, m, D]`` -> ``float32[P, Q]``.
 
     ``cfg.alignment``: ``gak`` -> ``mllm_jax.align.gak_pairwise(X, Y, sigma)`` (normalised GAK,
-    in (0, 1]); ``softdtw`` -> ``-mllm_jax.align.softdtw_pairwise(X, Y, gamma)``; ``none`` -> the
+    in (0, 1]); ``softdtw`` -> ``-mllm_jax.align.softdtw_divergence_pairwise(X, Y, gamma)``; ``none`` -> the
     cosine of the masked mean slice embeddings. Rows go in chunks of ``ROW_CHUNK``."""
     emb_a, emb_b = np.asarray(emb_a, np.float32), np.asarray(emb_b, np.float32)
     mask_a, mask_b = np.asarray(mask_a, bool), np.asarray(mask_b, bool)
@@ -142,7 +143,8 @@ def _embed_batch(graphdef, state, batch, *, method: str, layer: int, num_slices:
         return model.embed(batch["input_ids"], method=method, layer=layer, normalize=normalize, **kw)
     out = model(batch["input_ids"], positions=batch["positions"], output_hidden_states=layer != -1,
                 return_logits=False, **kw)
-    e = slice_embeddings(out, batch["slice_ids"], batch["slice_is_image"], num_slices, layer).astype(jnp.float32)
+    e = slice_embeddings(out, batch["slice_ids"], batch["slice_is_image"], num_slices, layer,
+                         head=model.embed_head).astype(jnp.float32)
     return _l2n(e) if normalize else e
 
 
