@@ -507,7 +507,7 @@ class MLLMConfig:
     vision_feature_layer: int = -2         # LLaVA: which ViT hidden state feeds the projector
     vision_feature_select: str = "default" # default (drop CLS when present) | full
     num_soft_prompts: int = 0              # learned soft-prompt vectors (VladVA)
-    soft_prompt_token_id: int = 4          # placeholder id; the j-th such token takes soft prompt j % num
+    soft_prompt_token_id: int = 6          # the tokenizer's <soft> id; the j-th such token takes soft prompt j % num
     embed_head: bool = False               # Sugar: an MLP head on slice embeddings (D -> D -> D)
     contrastive_temperature: Optional[float] = None  # creates learned logit_scale (+ logit_bias) params
     contrastive_bias: float = -10.0        # initial logit_bias (SigLIP)
@@ -631,6 +631,7 @@ class DataConfig:
     max_skip_fraction: float = 0.01        # more skipped than this (per epoch) is an error
     doc_loss: bool = True                  # plain documents: next-token loss on their text
     teachers: tuple[str, ...] = ()         # per-slice teacher features: scene_graph | pixel | minilm | vision
+    soft_prompts: int = 0                  # summary prompts as this many <soft> slots (VladVA) instead of text
     teacher_cache: Optional[str] = None    # folder of tensorstore caches (one per teacher)
 
     def __post_init__(self):

@@ -397,6 +397,14 @@ def make_iterator(cfg: DataConfig, model: MLLMConfig, *, source=None, tokenizer:
     if tokenizer.image_id != model.image_token_id:
         raise ValueError(f"tokenizer {tokenizer.source}: <image> has id {tokenizer.image_id} but "
                          f"model.image_token_id={model.image_token_id}; set them equal")
+    if cfg.soft_prompts:
+        from mllm_jax.data.tokenize import SOFT
+        if cfg.soft_prompts != model.num_soft_prompts:
+            raise ValueError(f"data.soft_prompts={cfg.soft_prompts} but model.num_soft_prompts="
+                             f"{model.num_soft_prompts}; set them equal")
+        if tokenizer.tok.token_to_id(SOFT) != model.soft_prompt_token_id:
+            raise ValueError(f"tokenizer {tokenizer.source}: {SOFT} has id {tokenizer.tok.token_to_id(SOFT)} "
+                             f"but model.soft_prompt_token_id={model.soft_prompt_token_id}; set them equal")
     source = open_source(cfg) if source is None else source
     teachers = open_teachers(cfg, model, source) if teachers is None else list(teachers)
     if shard is None:

@@ -40,11 +40,22 @@ PROMPT_IMAGE_SUMMARY = "Summary above image in one word:"      # E5-V / VladVA s
 PROMPT_TEXT_SUMMARY = "Summary above sentence in one word:"
 
 
+def summary_prompt(image: bool, soft_prompts: int = 0) -> str:
+    """The E5-V summary prompt for an image or a sentence view, or (VladVA) ``soft_prompts``
+    learned slots instead of the hand-written text."""
+    from mllm_jax.data.tokenize import SOFT
+    if soft_prompts:
+        return SOFT * soft_prompts
+    return PROMPT_IMAGE_SUMMARY if image else PROMPT_TEXT_SUMMARY
+
+
 class _Ctx:
     """What a task needs for one index: world, split, index, a fresh generator and rendering."""
 
-    def __init__(self, world: W.SceneWorld, split: str, index: int, task: str, render: bool = True):
+    def __init__(self, world: W.SceneWorld, split: str, index: int, task: str, render: bool = True,
+                 soft_prompts: int = 0):
         self.world, self.split, self.index, self.task, self.render_images = world, split, index, task, render
+        self.soft_prompts = soft_prompts
         self.rng = world.rng(split, index, task)
         self.allowed = world.allowed_kinds(split)
         self._n = 0
@@ -157,9 +168,10 @@ def task_story(c: _Ctx) -> Sample:
 def task_vladva(c: _Ctx) -> dict[str, Sample]:
     s = c.scene()
     cap = W.short_caption(s, c.rng)
-    img = Sample(c.id + "/image", (c.image(s, "user"), text_segment(PROMPT_IMAGE_SUMMARY, "user")), "scene", s)
-    txt = Sample(c.id + "/text", (text_segment(cap, "user", W.caption_graph(s)), text_segment(PROMPT_TEXT_SUMMARY, "user")),
+    img = Sample(c.id + "/image", (c.image(s, "user"), text_segment(summary_prompt(True, c.soft_prompts), "user")),
                  "scene", s)
+    txt = Sample(c.id + "/text", (text_segment(cap, "user", W.caption_graph(s)),
+                                  text_segment(summary_prompt(False, c.soft_prompts), "user")), "scene", s)
     return {"image": img, "text": txt}
 
 
@@ -176,7 +188,7 @@ class SceneSource:
     (``L`` = sum of integer weights) on scene ``i``. Picklable; deterministic per index."""
 
     def __init__(self, cfg: SceneConfig, split: str, tasks: dict[str, int], size: Optional[int] = None,
-                 render: bool = True):
+                 render: bool = True, soft_prompts: int = 0):
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"scene tasks {unknown}: unknown; known tasks: {sorted(TASKS)}")
@@ -185,6 +197,7 @@ class SceneSource:
             raise ValueError("the 'vladva' task yields two views per sample and cannot be mixed with other "
                              "tasks in one pipeline; build a separate pipeline for it")
         self.cfg, self.split, self.tasks, self.render = cfg, split, dict(tasks), render
+        self.soft_prompts = soft_prompts
         self.size = cfg.split_size(split) if size is None else size
         self.table = tuple(t for t, w in tasks.items() for _ in range(int(w)))
         if not self.table:
@@ -209,11 +222,12 @@ class SceneSource:
         if not 0 <= index < self.size:
             raise IndexError(f"scene source {self.split}: index {index} out of range [0, {self.size})")
         task = self.table[index % len(self.table)]
-        return TASKS[task](_Ctx(self.world, self.split, index, task, self.render))
+        return TASKS[task](_Ctx(self.world, self.split, index, task, self.render, self.soft_prompts))
 
     def fingerprint(self) -> str:
         from mllm_jax.config import config_hash
-        return f"scene:v{W.WORLD_VERSION}:{config_hash(self.cfg)}:{self.split}:{sorted(self.tasks.items())}:{self.size}"
+        soft = f":soft{self.soft_prompts}" if self.soft_prompts else ""
+        return f"scene:v{W.WORLD_VERSION}:{config_hash(self.cfg)}:{self.split}:{sorted(self.tasks.items())}:{self.size}{soft}"
 
     def __getstate__(self):
         return {**self.__dict__, "_world": None}

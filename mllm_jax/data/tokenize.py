@@ -29,7 +29,8 @@ import numpy as np
 from mllm_jax.data.schema import DataError, Sample
 
 PAD, BOS, EOS, IMAGE, IM_START, IM_END = "<pad>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>"
-SPECIAL_TOKENS = (PAD, BOS, EOS, IMAGE, IM_START, IM_END)   # ids 0..5 in a trained tokenizer
+SOFT = "<soft>"   # a learned soft-prompt slot (MLLMConfig.soft_prompt_token_id)
+SPECIAL_TOKENS = (PAD, BOS, EOS, IMAGE, IM_START, IM_END, SOFT)   # ids 0..6 in a trained tokenizer
 
 # Jinja ChatML template saved with trained tokenizers so transformers' apply_chat_template
 # renders the same text (images as one "<image>" each, segments joined by newlines).
@@ -128,7 +129,7 @@ class TextTokenizer:
 
 def train_tokenizer(texts: Iterable[str], out_dir: Optional[str | Path] = None, *, vocab_size: int = 512,
                     min_frequency: int = 2) -> TextTokenizer:
-    """Trains a byte-level BPE (``SPECIAL_TOKENS`` get ids 0..5, ``<image>`` = 3). With
+    """Trains a byte-level BPE (``SPECIAL_TOKENS`` get ids 0..6, ``<image>`` = 3, ``<soft>`` = 6). With
     ``out_dir``, saves an HF tokenizer folder (tokenizer.json, tokenizer_config.json with the
     ChatML chat template) that ``TextTokenizer.from_dir`` and transformers both load."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -147,7 +148,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: Optional[str | Path] = None, 
         tok.save(str(out_dir / "tokenizer.json"))
         (out_dir / "tokenizer_config.json").write_text(json.dumps({
             "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
-            "pad_token": PAD, "additional_special_tokens": [IMAGE, IM_START, IM_END],
+            "pad_token": PAD, "additional_special_tokens": [IMAGE, IM_START, IM_END, SOFT],
             "chat_template": CHATML_JINJA, "model_max_length": 4096, "clean_up_tokenization_spaces": False,
         }, indent=2))
         out.source = str(out_dir / "tokenizer.json")
@@ -250,7 +251,7 @@ def main(argv=None) -> None:
 
 
 __all__ = [
-    "SPECIAL_TOKENS", "PAD", "BOS", "EOS", "IMAGE", "IM_START", "IM_END", "CHATML_JINJA", "ChatTemplate",
+    "SPECIAL_TOKENS", "PAD", "BOS", "EOS", "IMAGE", "IM_START", "IM_END", "SOFT", "CHATML_JINJA", "ChatTemplate",
     "TextTokenizer", "train_tokenizer", "Encoded", "encode_sample", "chat_messages", "main",
 ]
 

@@ -161,7 +161,7 @@ class Embedder:
     def view(self, sample: Sample) -> Sample:
         """What the model reads for ``sample`` (assistant answers are always dropped)."""
         if self.cfg.alignment == "none" and self.cfg.method == "prompt":
-            return prompt_view(sample)
+            return prompt_view(sample, self.encoder.model_cfg.num_soft_prompts)
         return document_view(sample)
 
     def encode(self, samples: Sequence[Sample]) -> Embeddings:

@@ -29,7 +29,7 @@ import numpy as np
 from mllm_jax.config import DataConfig, MLLMConfig
 from mllm_jax.data.pipeline import EncodeTransform, ImageSpec, Limits, collate
 from mllm_jax.data.schema import Sample, text_segment
-from mllm_jax.data.synthetic_sets import PROMPT_IMAGE_SUMMARY, PROMPT_TEXT_SUMMARY
+from mllm_jax.data.synthetic_sets import summary_prompt
 from mllm_jax.data.tokenize import TextTokenizer
 
 
@@ -44,11 +44,12 @@ def document_view(sample: Sample) -> Sample:
     return dataclasses.replace(sample, segments=segs)
 
 
-def prompt_view(sample: Sample) -> Sample:
+def prompt_view(sample: Sample, soft_prompts: int = 0) -> Sample:
     """The sample as one user turn ending with the summary prompt: the image prompt when the
-    sample shows an image, the sentence prompt otherwise (the ``vladva`` task's two views)."""
+    sample shows an image, the sentence prompt otherwise (the ``vladva`` task's two views);
+    ``soft_prompts`` learned slots instead when the model was trained with them."""
     segs = [dataclasses.replace(s, role="user") for s in _content(sample)]
-    prompt = PROMPT_IMAGE_SUMMARY if any(s.is_image for s in segs) else PROMPT_TEXT_SUMMARY
+    prompt = summary_prompt(any(s.is_image for s in segs), soft_prompts)
     return dataclasses.replace(sample, segments=tuple(segs) + (text_segment(prompt, "user"),))
 
 

@@ -43,7 +43,7 @@ from mllm_jax.train.state import TrainState, unflatten_like
 
 log = logging.getLogger(__name__)
 
-NEW_ADAPTERS = (r"\.lora\.(a|b)$", r"(^|\.)soft_prompt\.")
+NEW_ADAPTERS = (r"\.lora\.(a|b)$", r"(^|\.)soft_prompt\.", r"^embed_head\.", r"^logit_(scale|bias)$")
 _LORA = re.compile(r"^(.*)\.lora\.(a|b)$")
 
 

@@ -32,7 +32,7 @@ def test_bpe_is_deterministic_and_roundtrips(corpus, tok_dir, tmp_path):
     assert (tmp_path / "tokenizer.json").read_text() == (tok_dir / "tokenizer.json").read_text()
     tok = TK.TextTokenizer.from_dir(tok_dir)
     assert len(tok) == 512
-    assert [tok.token_id(t) for t in TK.SPECIAL_TOKENS] == [0, 1, 2, 3, 4, 5] and tok.image_id == 3
+    assert [tok.token_id(t) for t in TK.SPECIAL_TOKENS] == [0, 1, 2, 3, 4, 5, 6] and tok.image_id == 3
     for text in corpus[:300] + ["Zebra café ☃ 123"]:                     # byte-level: any text
         assert tok.decode(tok.encode(text)) == text
     assert len(tok.encode("There are three objects.")) <= 6             # the world's words are merged

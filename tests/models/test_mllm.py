@@ -147,7 +147,7 @@ def test_soft_prompts_lora_and_pool_adapter_build():
     m = MLLM(cfg, rngs=nnx.Rngs(0))
     assert cfg.tokens_per_image == 4
     sp = cfg.soft_prompt_token_id
-    ids = np.array([[5, sp, sp, sp, 9, 10], [5, 6, sp, sp, sp, 9]], np.int32)
+    ids = np.array([[5, sp, sp, sp, 9, 10], [5, 7, sp, sp, sp, 9]], np.int32)
     emb = np.asarray(m.embed_inputs(jnp.asarray(ids)))
     table = np.asarray(m.soft_prompt.embedding[...])
     np.testing.assert_array_equal(emb[0, 1:4], table)
