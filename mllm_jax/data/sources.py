@@ -54,8 +54,8 @@ def make_teacher(name: str, cfg: DataConfig, model: MLLMConfig):
 
 
 def open_teachers(cfg: DataConfig, model: MLLMConfig, source) -> list:
-    """Feature providers for ``cfg.teachers``: cached (``cfg.teacher_cache/<name>``, built or
-    rebuilt when stale) or, without a cache folder, computed online (cheap teachers only)."""
+    """Feature providers for ``cfg.teachers``: the cheap ones (scene_graph, pixel) computed
+    online; the others cached in ``cfg.teacher_cache/<name>`` (built, or rebuilt when stale)."""
     from mllm_jax.data import teachers as T
     out = []
     for name in cfg.teachers:
@@ -63,10 +63,10 @@ def open_teachers(cfg: DataConfig, model: MLLMConfig, source) -> list:
             raise ConfigError(f"data.teachers: 'scene_graph' needs scene graphs, which only data.source='scene' "
                               f"has (source is {cfg.source!r}); use 'pixel', 'minilm' or 'vision'")
         teacher = make_teacher(name, cfg, model)
-        if cfg.teacher_cache:
-            out.append(_shared_cache(teacher, source, Path(cfg.teacher_cache) / name))
-        elif name in ("scene_graph", "pixel"):
+        if name in ("scene_graph", "pixel"):  # microseconds per sample: computed online, never cached
             out.append(T.OnlineFeatures(teacher))
+        elif cfg.teacher_cache:
+            out.append(_shared_cache(teacher, source, Path(cfg.teacher_cache) / name))
         else:
             raise ConfigError(f"data.teachers: {name!r} needs data.teacher_cache (it is too slow to run per batch)")
     return out

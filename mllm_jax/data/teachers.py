@@ -155,7 +155,19 @@ class MiniLMTeacher:
         return self._fp
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """``float32[len(texts), dim]``, unit norm; padded to fixed (batch, length) buckets."""
+        """``float32[len(texts), dim]``, unit norm. Each distinct text is encoded once (the scene
+        world repeats its captions a lot) and remembered for later calls."""
+        memo = self.__dict__.setdefault("_memo", {})
+        todo = list(dict.fromkeys(t for t in texts if t not in memo))
+        if todo:
+            vecs = self._encode(todo)
+            if len(memo) + len(todo) > 500_000:
+                memo.clear()
+            memo.update(zip(todo, vecs))
+        return np.stack([memo[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        """Padded to fixed (batch, length) buckets, so the forward compiles once per length."""
         out = np.zeros((len(texts), self.dim), np.float32)
         encs = self.tokenizer.encode_batch(list(texts))
         for lo in range(0, len(texts), self.batch_size):

@@ -1,0 +1,233 @@
+"""The embedded demo (``make demo``): generative vs contrastive (VladVA) vs Sugar on the scene world.
+
+    python -m mllm_jax demo [--out results] [--quick] [key=value ...]   # overrides on tiny.yaml
+
+1. A byte-level BPE tokenizer is trained on the scene world's corpus (seconds).
+2. Shared stage: one tiny MLLM is pretrained generatively (``experiments/configs/tiny.yaml``:
+   captions, VQA, POPE, multi-image QA, RAG questions). As in the paper (Sugar starts from the
+   generatively trained VILA), the three arms start from this checkpoint. It is cached under
+   ``<out>/demo/pretrain`` and reused only when its config hash matches.
+3. Three arms, the same number of steps and the same trainable parameters each (``ARMS``):
+   - ``generative``: more next-token training on the same mix;
+   - ``contrastive``: the VladVA recipe, InfoNCE between an image view and a short-caption view
+     (each ending in learned soft-prompt slots, the summary token's hidden state as the
+     embedding) + next-token loss on long captions;
+   - ``sugar``: next-token loss on the mix + alpha * the structure-induced loss: the normalised
+     GAK between the MLLM's slice-embedding sequences of every two samples of an interleaved
+     batch is regressed onto the triple kernel of the teachers (scene-graph features as the
+     shared image/text space, pixel features for image pairs, MiniLM for text pairs when
+     ``assets/`` has it, else the scene graph).
+4. Each arm is evaluated on the test split (``mllm_jax.eval.suite``); retrieval for the
+   generative model uses its pooled hidden states zero-shot (E5-V summary prompt), as the paper
+   compares with VILA. A side-by-side table is printed and written to ``<out>/demo.md``,
+   ``<out>/demo.json``; loss curves and similarity matrices (model vs target) to ``<out>/demo/``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mllm_jax.config import (EmbedConfig, ExperimentConfig, StreamConfig, apply_overrides, apply_updates,
+                             config_hash, load_config, save_config)
+
+log = logging.getLogger("mllm_jax.demo")
+
+CONFIG = Path(__file__).resolve().parent.parent / "experiments" / "configs" / "tiny.yaml"
+HEADLINE = ("vqa_acc", "pope_f1", "i2t_r1", "t2i_r1", "hardneg_acc", "interleaved_r1")
+SOFT_PROMPTS = 4
+
+# The arms: config updates on top of the shared stage, and how the evaluation embeds samples.
+# Every arm trains the same parameters (train.optim.trainable of tiny.yaml) for the same steps.
+ARMS = {
+    "generative": dict(updates={"objective.name": "generative"}, streams=("gen",),
+                       embed=EmbedConfig(method="prompt")),
+    "contrastive": dict(updates={"objective.name": "vladva", "model.contrastive_temperature": 0.05,
+                                 "model.num_soft_prompts": SOFT_PROMPTS, "objective.ntp_weight": 0.5},
+                        streams=("con", "long"), embed=EmbedConfig(method="prompt")),
+    "sugar": dict(updates={"objective.name": "sugar", "model.embed_head": True, "objective.structure_weight": 20.0},
+                  streams=("gen", "disc"), embed=EmbedConfig(alignment="gak", sigma=1.0)),
+}
+
+
+def stream_configs(cfg: ExperimentConfig, text_teacher: str) -> dict[str, StreamConfig]:
+    """The data streams the arms draw from, derived from the shared stage's ``data``."""
+    d = cfg.data
+    rep = dataclasses.replace
+    return {
+        "gen": StreamConfig("gen", d),
+        "long": StreamConfig("gen", rep(d, tasks=("caption_long:1",), seed=d.seed + 3)),
+        "con": StreamConfig("con", rep(d, tasks=("vladva:1",), seed=d.seed + 2, max_images=1,
+                                       soft_prompts=SOFT_PROMPTS, seq_buckets=(48,))),
+        # a smaller source than the generative one: the arms see ~5k of its samples, and the
+        # MiniLM teacher cache covers the whole source
+        "disc": StreamConfig("disc", rep(d, tasks=("pair:2", "image:1", "caption:1", "story:2"), seed=d.seed + 1,
+                                         scene=rep(d.scene, train_size=6000),
+                                         doc_loss=False, teachers=tuple(dict.fromkeys(("scene_graph", "pixel", text_teacher))),
+                                         teacher_cache=str(Path(cfg.train.run_dir).parent / "teachers"))),
+    }
+
+
+def arm_config(base: ExperimentConfig, name: str, out: Path, text_teacher: str) -> ExperimentConfig:
+    arm = ARMS[name]
+    streams = stream_configs(base, text_teacher)
+    cfg = apply_updates(base, {**arm["updates"], "train.run_dir": str(out / "demo" / name),
+                               "train.init_from": str(out / "demo" / "pretrain")})
+    cfg = dataclasses.replace(cfg, streams=tuple(streams[s] for s in arm["streams"]))
+    if name == "sugar":
+        st = dataclasses.replace(cfg.objective.structure, text_teacher=text_teacher)
+        cfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, structure=st))
+    return cfg
+
+
+def _tokenizer(cfg: ExperimentConfig, out: Path) -> str:
+    from mllm_jax.data.synthetic_sets import scene_corpus
+    from mllm_jax.data.tokenize import train_tokenizer
+    d = out / "demo" / f"tokenizer-{config_hash(cfg.data.scene)}-{cfg.model.decoder.vocab_size}"
+    if not (d / "tokenizer.json").exists():
+        tmp = d.with_name(d.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok = train_tokenizer(scene_corpus(cfg.data.scene), tmp, vocab_size=cfg.model.decoder.vocab_size)
+        if len(tok) > cfg.model.decoder.vocab_size:
+            raise ValueError(f"tokenizer has {len(tok)} tokens > model.decoder.vocab_size={cfg.model.decoder.vocab_size}")
+        shutil.rmtree(d, ignore_errors=True)
+        tmp.rename(d)
+    return str(d)
+
+
+def _text_teacher() -> str:
+    assets = Path(os.environ.get("MLLM_JAX_ASSETS", "assets"))
+    if (assets / "all-MiniLM-L6-v2" / "model.safetensors").exists():
+        return "minilm"
+    log.warning("%s/all-MiniLM-L6-v2 not found (run `make assets`): the text teacher falls back to the scene graph",
+                assets)
+    return "scene_graph"
+
+
+def _train_cached(cfg: ExperimentConfig):
+    """Trains ``cfg`` unless its run dir holds a finished run of the same config (hash)."""
+    from mllm_jax.train.experiment import train
+    run = Path(cfg.train.run_dir)
+    stamp = run / "config.hash"
+    h = config_hash(cfg)
+    if stamp.exists() and stamp.read_text() == h and (run / "checkpoints").exists():
+        log.info("reusing %s (config hash %s)", run, h)
+        return None
+    shutil.rmtree(run, ignore_errors=True)
+    res = train(cfg)
+    stamp.write_text(h)
+    return res
+
+
+def _restore(cfg: ExperimentConfig):
+    from mllm_jax.train.experiment import restore_run
+    state, _ = restore_run(cfg.train.run_dir, cfg)
+    return state.model()
+
+
+def _similarity_figure(model, cfg: ExperimentConfig, out: Path) -> Path:
+    """Model vs target similarity on a test batch of the discriminative stream."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mllm_jax.data.pipeline import make_iterator
+    from mllm_jax.eval.report import plot_similarity
+    from mllm_jax.models.mllm import slice_embeddings
+    from mllm_jax.objectives.recipes import forward
+    from mllm_jax.objectives.structure import model_similarity, target_similarity
+    disc = next(s for s in cfg.streams if s.name == "disc").data
+    it = make_iterator(dataclasses.replace(disc, split="test", shuffle=False, batch_size=24, teacher_cache=None,
+                                           teachers=tuple(t for t in disc.teachers if t != "minilm")), cfg.model)
+    batch = {k: jnp.asarray(v) for k, v in next(it).items()}
+    it.close()
+    sc = dataclasses.replace(cfg.objective.structure, text_teacher="scene_graph")
+
+    @nnx.jit
+    def sims(m, b):
+        o = forward(m, b, logits=False)
+        e = slice_embeddings(o, b["slice_ids"], b["slice_is_image"], b["slice_mask"].shape[1], head=m.embed_head)
+        return model_similarity(e, b["slice_mask"], sc), target_similarity(b, sc)
+    s_model, s_target = jax.device_get(sims(model, batch))
+    return plot_similarity(np.asarray(s_model), np.asarray(s_target), out / "demo" / "similarity_sugar.png")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mllm_jax demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="results", help="results folder (default: results/)")
+    ap.add_argument("--config", default=str(CONFIG), help="the shared stage's config (default: tiny.yaml)")
+    ap.add_argument("--pretrain-steps", type=int, help="shared generative stage steps (default: config)")
+    ap.add_argument("--arm-steps", type=int, default=300, help="steps per arm")
+    ap.add_argument("--eval-n", type=int, default=200, help="items per evaluation task")
+    ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: few steps, small eval")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="overrides on the config")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax", "orbax", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    t_start = time.perf_counter()
+    out = Path(args.out)
+    (out / "demo").mkdir(parents=True, exist_ok=True)
+
+    from mllm_jax.data.tokenize import TextTokenizer
+    from mllm_jax.eval.report import markdown_table, plot_losses, write_json
+    from mllm_jax.eval.suite import run_suite
+
+    base = load_config(args.config, ExperimentConfig, overrides=args.overrides)
+    steps = args.pretrain_steps if args.pretrain_steps is not None else base.train.steps
+    arm_steps, eval_n = args.arm_steps, args.eval_n
+    if args.quick:
+        steps, arm_steps, eval_n = min(steps, 20), min(arm_steps, 10), min(eval_n, 24)
+    tok_dir = _tokenizer(base, out)
+    base = apply_updates(base, {"data.tokenizer": tok_dir, "train.steps": steps,
+                                "train.run_dir": str(out / "demo" / "pretrain")})
+    text_teacher = _text_teacher()
+    log.info("shared generative stage: %d steps", steps)
+    _train_cached(base)
+
+    results, metrics_files, times = {}, {}, {}
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"--arms: unknown {unknown}; known: {list(ARMS)}")
+    tok = TextTokenizer.from_dir(tok_dir)
+    for name in arms:
+        cfg = apply_updates(arm_config(base, name, out, text_teacher), {"train.steps": arm_steps})
+        log.info("arm %s: %d steps (%s)", name, arm_steps, cfg.objective.name)
+        t0 = time.perf_counter()
+        _train_cached(cfg)
+        model = _restore(cfg)
+        t1 = time.perf_counter()
+        res = run_suite(model, tok, cfg.data, cfg.model, ARMS[name]["embed"], n=eval_n, mode="loglik")
+        times[name] = {"train_s": round(t1 - t0, 1), "eval_s": round(time.perf_counter() - t1, 1)}
+        results[name] = res
+        metrics_files[name] = Path(cfg.train.run_dir) / "metrics.jsonl"
+        if name == "sugar":
+            _similarity_figure(model, cfg, out)
+    seconds = time.perf_counter() - t_start
+    table = markdown_table({a: {k: results[a][k] for k in HEADLINE} for a in arms}, HEADLINE)
+    payload = {a: {k: results[a][k] for k in HEADLINE} for a in arms}
+    payload["seconds"] = round(seconds, 1)
+    write_json(payload, out / "demo.json")
+    write_json({"arms": {a: results[a]["details"] for a in arms}, "times": times,
+                "config": {a: ARMS[a]["updates"] for a in arms}, "text_teacher": text_teacher},
+               out / "demo" / "details.json")
+    plot_losses({a: p for a, p in metrics_files.items() if p.exists()}, out / "demo" / "losses.png")
+    (out / "demo.md").write_text(f"# Demo: generative vs contrastive (VladVA) vs Sugar\n\n{table}\n"
+                                 f"{seconds:.0f} s of training and evaluation; details in demo/details.json.\n")
+    print("\n" + table)
+    print(f"training + evaluation: {seconds:.0f} s. Written: {out / 'demo.json'}, {out / 'demo.md'}, "
+          f"{out / 'demo' / 'losses.png'}, {out / 'demo' / 'similarity_sugar.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
