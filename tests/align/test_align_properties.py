@@ -102,6 +102,7 @@ def test_custom_derivative_equals_autodiff_of_the_forward_sweep():
             np.testing.assert_allclose(ours, auto, atol=1e-12)
 
 
+@pytest.mark.slow  # > 5 s on 2 cores: `make test-slow`
 def test_chunked_sweeps_equal_single_sweep(monkeypatch):
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.normal(size=(2, 40, 2)))

@@ -36,6 +36,7 @@ def _all_changed(a, b, suffix=".kernel"):
     return all(not np.array_equal(a[k], b[k]) for k in a if k.endswith(suffix))
 
 
+@pytest.mark.slow  # > 5 s on 2 cores: `make test-slow`
 def test_infmllm_three_stages_train_what_each_stage_says(tmp_path):
     """Each stage trains exactly what the recipe says; at the stage 2 -> 3 hand-over the LoRA
     is folded into the LLM exactly (same logits)."""
