@@ -54,6 +54,10 @@ class DataConfig:
     max_images: int = 4                    # M in pixel_values [B, M, H, W, C]
     max_slices: int = 16                   # S in slice_* / teacher_* [B, S, ...]
     shuffle: bool = True
+    # scene world: indices 2k and 2k+1 show the same scene (two views of it, e.g. its image and
+    # its caption, each rendered/worded on its own); with shuffle=False both land in one batch,
+    # so a structure or contrastive loss sees the cross-modal positive next to the negatives
+    paired_views: bool = False
     seed: int = 0
     num_epochs: Optional[int] = None       # None: repeat forever
     drop_remainder: bool = True            # False: the last batch of an epoch is padded with empty rows

@@ -14,7 +14,8 @@ def open_source(cfg: DataConfig):
     from mllm_jax.data import formats
     if cfg.source == "scene":
         from mllm_jax.data.synthetic_sets import SceneSource
-        return SceneSource(cfg.scene, cfg.split, cfg.task_weights(), soft_prompts=cfg.soft_prompts)
+        return SceneSource(cfg.scene, cfg.split, cfg.task_weights(), soft_prompts=cfg.soft_prompts,
+                           paired_views=cfg.paired_views)
     if cfg.source == "fashion_mnist":
         task = _pair_task(cfg)
         return formats.FashionMNISTSource(cfg.path or formats.FASHION_MNIST_DIR,

@@ -53,8 +53,9 @@ class _Ctx:
     """What a task needs for one index: world, split, index, a fresh generator and rendering."""
 
     def __init__(self, world: W.SceneWorld, split: str, index: int, task: str, render: bool = True,
-                 soft_prompts: int = 0):
+                 soft_prompts: int = 0, scene_index: Optional[int] = None):
         self.world, self.split, self.index, self.task, self.render_images = world, split, index, task, render
+        self.scene_index = index if scene_index is None else scene_index
         self.soft_prompts = soft_prompts
         self.rng = world.rng(split, index, task)
         self.allowed = world.allowed_kinds(split)
@@ -65,7 +66,7 @@ class _Ctx:
         return f"scene/{self.split}/{self.task}/{self.index}"
 
     def scene(self) -> W.Scene:
-        return self.world.scene(self.split, self.index)
+        return self.world.scene(self.split, self.scene_index)
 
     def image(self, scene: W.Scene, role: Optional[str] = None) -> Segment:
         self._n += 1
@@ -185,10 +186,12 @@ TASKS: dict[str, Callable[[_Ctx], object]] = {
 
 class SceneSource:
     """A grain random-access source over one split: index ``i`` gives task ``table[i % L]``
-    (``L`` = sum of integer weights) on scene ``i``. Picklable; deterministic per index."""
+    (``L`` = sum of integer weights) on scene ``i`` (``paired_views``: on scene ``i - i % 2``, so
+    indices ``2k`` and ``2k+1`` are two views of one scene, each with its own rendering and
+    wording). Picklable; deterministic per index."""
 
     def __init__(self, cfg: SceneConfig, split: str, tasks: dict[str, int], size: Optional[int] = None,
-                 render: bool = True, soft_prompts: int = 0):
+                 render: bool = True, soft_prompts: int = 0, paired_views: bool = False):
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"scene tasks {unknown}: unknown; known tasks: {sorted(TASKS)}")
@@ -197,7 +200,7 @@ class SceneSource:
             raise ValueError("the 'vladva' task yields two views per sample and cannot be mixed with other "
                              "tasks in one pipeline; build a separate pipeline for it")
         self.cfg, self.split, self.tasks, self.render = cfg, split, dict(tasks), render
-        self.soft_prompts = soft_prompts
+        self.soft_prompts, self.paired_views = soft_prompts, bool(paired_views)
         self.size = cfg.split_size(split) if size is None else size
         self.table = tuple(t for t, w in tasks.items() for _ in range(int(w)))
         if not self.table:
@@ -222,12 +225,15 @@ class SceneSource:
         if not 0 <= index < self.size:
             raise IndexError(f"scene source {self.split}: index {index} out of range [0, {self.size})")
         task = self.table[index % len(self.table)]
-        return TASKS[task](_Ctx(self.world, self.split, index, task, self.render, self.soft_prompts))
+        scene = index - index % 2 if self.paired_views else index
+        return TASKS[task](_Ctx(self.world, self.split, index, task, self.render, self.soft_prompts, scene))
 
     def fingerprint(self) -> str:
         from mllm_jax.config import config_hash
         soft = f":soft{self.soft_prompts}" if self.soft_prompts else ""
-        return f"scene:v{W.WORLD_VERSION}:{config_hash(self.cfg)}:{self.split}:{sorted(self.tasks.items())}:{self.size}{soft}"
+        paired = ":paired" if self.paired_views else ""
+        return (f"scene:v{W.WORLD_VERSION}:{config_hash(self.cfg)}:{self.split}:{sorted(self.tasks.items())}:"
+                f"{self.size}{soft}{paired}")
 
     def __getstate__(self):
         return {**self.__dict__, "_world": None}

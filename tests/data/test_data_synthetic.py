@@ -301,3 +301,22 @@ def test_interleaved_retrieval_sets(world):
         assert key(apply_edit(last[5:-1], objs(prev.scene))) == key(objs(ci.segments[0].scene))
     q, c, t = SS.interleaved_to_interleaved_set(world, "test", 20)
     assert all(qi.segments[0].kind == "text" and ci.segments and ci.segments[0].kind == "text" for qi, ci in zip(q, c))
+
+
+def test_paired_views_show_one_scene_per_index_pair():
+    from mllm_jax.data.synthetic_sets import SceneSource
+    cfg = SceneConfig()
+    plain = SceneSource(cfg, "train", {"image": 1, "caption": 1})
+    paired = SceneSource(cfg, "train", {"image": 1, "caption": 1}, paired_views=True)
+    assert plain.fingerprint() != paired.fingerprint()          # teacher caches never mix the two
+    for k in range(0, 12, 2):
+        img, cap = paired[k], paired[k + 1]
+        assert img.segments[0].kind == "image" and cap.segments[0].kind == "text"
+        assert img.scene == cap.scene == plain[k].scene
+        # the caption names exactly the image's objects
+        words = cap.segments[0].text
+        assert all(o.phrase() in words for o in img.scene.objects), (words, img.scene)
+        assert plain[k + 1].scene != plain[k].scene or k == 0    # unpaired: scene k+1 is its own
+    # each view is rendered on its own: same scene, own jitter/noise
+    a = SceneSource(cfg, "train", {"image": 1}, paired_views=True)
+    assert a[0].scene == a[1].scene and not np.array_equal(a[0].segments[0].image, a[1].segments[0].image)
