@@ -48,7 +48,7 @@ CONVERSE = (RIGHT, LEFT, BELOW, ABOVE)
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth")
 NUM_KINDS = len(COLOURS) * len(SHAPES)
-WORLD_VERSION = 1          # bump when generated content changes (part of cache fingerprints)
+WORLD_VERSION = 2          # bump when generated content changes (part of cache fingerprints)
 SPLITS = {"train": 1, "val": 2, "test": 3, "test_comp": 4, "memory": 5}
 
 

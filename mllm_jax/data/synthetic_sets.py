@@ -137,9 +137,20 @@ def task_rag_qa(c: _Ctx) -> Sample:
     return _chat(c, user, qa.answer, s, memory_kind=kind)
 
 
+def disc_caption(s: W.Scene, rng: np.random.Generator) -> Segment:
+    """The caption of the discriminative tasks (pair, caption, vladva), one of two styles at
+    random: the listing of every object ("a red circle and a blue square"), or, for scenes with
+    two or more objects, one object pair with sizes and their relation ("a small red circle
+    left of a large blue square"). Each carries its partial scene graph."""
+    if len(s.objects) >= 2 and rng.random() < 0.5:
+        text, graph = T.relation_caption(s, rng)
+        return text_segment(text, scene=graph)
+    return text_segment(W.short_caption(s, rng), scene=W.caption_graph(s))
+
+
 def task_pair(c: _Ctx) -> Sample:
     s = c.scene()
-    return c.sample([c.image(s), text_segment(W.short_caption(s, c.rng), scene=W.caption_graph(s))], s)
+    return c.sample([c.image(s), disc_caption(s, c.rng)], s)
 
 
 def task_image(c: _Ctx) -> Sample:
@@ -149,9 +160,9 @@ def task_image(c: _Ctx) -> Sample:
 
 
 def task_caption(c: _Ctx) -> Sample:
-    """A one-slice document: a short caption alone (as retrieval embeds captions)."""
+    """A one-slice document: a caption alone (``disc_caption``; as retrieval embeds captions)."""
     s = c.scene()
-    return c.sample([text_segment(W.short_caption(s, c.rng), scene=W.caption_graph(s))], s)
+    return c.sample([disc_caption(s, c.rng)], s)
 
 
 def story_segments(c: _Ctx, s0: W.Scene, edits: list[T.Edit]) -> list[Segment]:
@@ -168,10 +179,10 @@ def task_story(c: _Ctx) -> Sample:
 
 def task_vladva(c: _Ctx) -> dict[str, Sample]:
     s = c.scene()
-    cap = W.short_caption(s, c.rng)
+    cap = dataclasses.replace(disc_caption(s, c.rng), role="user")
     img = Sample(c.id + "/image", (c.image(s, "user"), text_segment(summary_prompt(True, c.soft_prompts), "user")),
                  "scene", s)
-    txt = Sample(c.id + "/text", (text_segment(cap, "user", W.caption_graph(s)),
+    txt = Sample(c.id + "/text", (cap,
                                   text_segment(summary_prompt(False, c.soft_prompts), "user")), "scene", s)
     return {"image": img, "text": txt}
 

@@ -163,16 +163,27 @@ class HardNegatives:
     negatives: dict            # category -> (text, graph); categories that do not apply are absent
 
 
-def hard_negatives(scene: Scene, rng: np.random.Generator, allowed: Sequence[int]) -> HardNegatives:
-    """A true caption of one object pair and its SugarCrepe-style false variants."""
+def pair_graph(scene: Scene, rng: np.random.Generator) -> Scene:
+    """A true partial graph of ``scene``: two random objects (size, colour, shape) and their
+    relation, or its one object."""
     objs = scene.objects
     if len(objs) >= 2:
         i, j = (int(x) for x in rng.choice(len(objs), 2, replace=False))
         a, b = objs[i], objs[j]
-        pos = Scene((Obj(a.colour, a.shape, a.size), Obj(b.colour, b.shape, b.size)), ((0, relation_between(a, b), 1),))
-    else:
-        a = objs[0]
-        pos = Scene((Obj(a.colour, a.shape, a.size),), ())
+        return Scene((Obj(a.colour, a.shape, a.size), Obj(b.colour, b.shape, b.size)), ((0, relation_between(a, b), 1),))
+    a = objs[0]
+    return Scene((Obj(a.colour, a.shape, a.size),), ())
+
+
+def relation_caption(scene: Scene, rng: np.random.Generator) -> tuple[str, Scene]:
+    """"a small red circle left of a large blue square" (``pair_graph``) and its graph."""
+    g = pair_graph(scene, rng)
+    return describe(g), g
+
+
+def hard_negatives(scene: Scene, rng: np.random.Generator, allowed: Sequence[int]) -> HardNegatives:
+    """A true caption of one object pair (``pair_graph``) and its SugarCrepe-style false variants."""
+    pos = pair_graph(scene, rng)
     allowed_set = set(allowed)
     out = {}
 
@@ -334,5 +345,6 @@ def rag_question(scene: Scene, rng: np.random.Generator) -> tuple[QA, int]:
 __all__ = [
     "POPE_STRATEGIES", "HARD_NEGATIVE_CATEGORIES", "VQA_TYPES", "EDIT_TYPES", "QA", "vqa",
     "pope_question", "pope_negative", "graph_holds", "describe", "HardNegatives", "hard_negatives",
+    "pair_graph", "relation_caption",
     "Edit", "random_edit", "story", "multi_image_qa", "KIND_NAMES", "memory_text", "rag_question",
 ]
