@@ -102,10 +102,7 @@ def _delegate(module: str, what: str, argv: Sequence[str]) -> int:
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
-        print(f"{what} is not available yet: {module} could not be imported ({e}).", file=sys.stderr)
-        return 2
-    if not hasattr(mod, "main"):
-        print(f"{what}: {module} has no main(argv) entry point yet.", file=sys.stderr)
+        print(f"{what}: {module} could not be imported ({e}); is the package installed (make demo)?", file=sys.stderr)
         return 2
     return int(mod.main(list(argv)) or 0)
 
@@ -188,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("demo", help="the embedded end-to-end demo (make demo)", add_help=False,
-                       description="Runs the end-to-end demo on the synthetic scene world (lands with the demo issue).")
+                       description="Runs the end-to-end demo on the synthetic scene world (see mllm_jax/demo.py).")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_demo)
 
@@ -217,9 +214,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.rest = unknown + args.rest
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command in ("generate", "demo") and args.rest[:1] in (["--help"], ["-h"]) and not _available(args.command):
-        _stub_help(parser, args.command)
-        return 0
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -228,17 +222,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ImportError:
         pass
     return int(args.fn(args) or 0)
-
-
-def _available(command: str) -> bool:
-    import importlib.util
-    return importlib.util.find_spec({"generate": "mllm_jax.generate_cli", "demo": "mllm_jax.demo"}[command]) is not None
-
-
-def _stub_help(parser: argparse.ArgumentParser, command: str) -> None:
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
-    sub.choices[command].print_help()
-    print(f"\n({command} has not landed yet; its options will appear here when it does.)")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 
 A run's tokenizer is its config's ``data.tokenizer``; an HF dir's is its own tokenizer files
 (GGUF: the tokenizer inside the file, read by transformers). ``--chat`` wraps the prompt in the
-chat template. Images (``--image``, repeatable) go where the prompt says ``<image>``, or in front.
+chat template. Images (``--image``, repeatable) go in front of the prompt, one ``<image>`` slot each.
 """
 from __future__ import annotations
 
