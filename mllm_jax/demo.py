@@ -3,21 +3,26 @@
     python -m mllm_jax demo [--out results] [--quick] [key=value ...]   # overrides on tiny.yaml
 
 1. A byte-level BPE tokenizer is trained on the scene world's corpus (seconds).
-2. Shared stage: one tiny MLLM is pretrained generatively (``experiments/configs/tiny.yaml``:
+2. Stage 0 (``mllm_jax/train/vision_pretrain.py``): the ViT is pretrained to predict scene-graph
+   facts from pixels (images only), standing in for the CLIP/SigLIP checkpoint every real MLLM
+   starts from; written as the MLLM's init checkpoint (``--vision-steps``, cached).
+3. Shared stage: the tiny MLLM is pretrained generatively from it (``experiments/configs/tiny.yaml``:
    captions, VQA, POPE, multi-image QA, RAG questions). As in the paper (Sugar starts from the
    generatively trained VILA), the three arms start from this checkpoint. It is cached under
    ``<out>/demo/pretrain`` and reused only when its config hash matches.
-3. Three arms, the same number of steps and the same trainable parameters each (``ARMS``):
-   - ``generative``: more next-token training on the same mix;
-   - ``contrastive``: the VladVA recipe, InfoNCE between an image view and a short-caption view
-     (each ending in learned soft-prompt slots, the summary token's hidden state as the
-     embedding) + next-token loss on long captions;
-   - ``sugar``: next-token loss on the mix + alpha * the structure-induced loss: the normalised
-     GAK between the MLLM's slice-embedding sequences of every two samples of an interleaved
-     batch is regressed onto the triple kernel of the teachers (scene-graph features as the
-     shared image/text space, pixel features for image pairs, MiniLM for text pairs when
-     ``assets/`` has it, else the scene graph).
-4. Each arm is evaluated on the test split (``mllm_jax.eval.suite``); retrieval for the
+4. Three arms, the same number of steps, the same trainable parameters and the same number of
+   sequences per step (48) each (``ARMS``):
+   - ``generative``: more next-token training on the same mix (batch 16) — the baseline;
+   - ``contrastive``: the VladVA recipe, InfoNCE between an image view and a caption view of 16
+     scenes (each ending in learned soft-prompt slots, the summary token's hidden state as the
+     embedding) + next-token loss on 16 long captions;
+   - ``sugar``: next-token loss on the mix (16) + alpha * the structure-induced loss on 32
+     discriminative samples: the normalised GAK between the MLLM's slice-embedding sequences of
+     every two samples is regressed onto the triple kernel of the teachers (scene-graph features
+     as the shared image/text space, pixel features for image pairs, MiniLM for text pairs when
+     ``assets/`` has it, else the scene graph). The discriminative batch holds images, captions,
+     image-caption pairs and stories, two views of each scene side by side (``paired_views``).
+5. Each arm is evaluated on the test split (``mllm_jax.eval.suite``); retrieval for the
    generative model uses its pooled hidden states zero-shot (E5-V summary prompt), as the paper
    compares with VILA. A side-by-side table is printed and written to ``<out>/demo.md``,
    ``<out>/demo.json``; loss curves and similarity matrices (model vs target) to ``<out>/demo/``.
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -42,6 +48,13 @@ log = logging.getLogger("mllm_jax.demo")
 CONFIG = Path(__file__).resolve().parent.parent / "experiments" / "configs" / "tiny.yaml"
 HEADLINE = ("vqa_acc", "pope_f1", "i2t_r1", "t2i_r1", "hardneg_acc", "interleaved_r1")
 SOFT_PROMPTS = 4
+# Sugar's settings, tuned on the scene world (METHODS.md leaves alpha, sigma and the batch open):
+# sigma 0.5 and alpha 300 both did worse on retrieval; a discriminative stream of images and
+# captions alone loses interleaved retrieval (no stories)
+SIGMA = 1.0                   # GAK bandwidth of the model's and the target's similarities
+ALPHA = 100.0                 # weight of the structure loss
+DISC_TASKS = ("image:1", "caption:1", "pair:1", "story:1")
+DISC_BATCH = 32
 
 # The arms: config updates on top of the shared stage, and how the evaluation embeds samples.
 # Every arm trains the same parameters (train.optim.trainable of tiny.yaml) for the same steps.
@@ -51,8 +64,9 @@ ARMS = {
     "contrastive": dict(updates={"objective.name": "vladva", "model.contrastive_temperature": 0.05,
                                  "model.num_soft_prompts": SOFT_PROMPTS, "objective.ntp_weight": 0.5},
                         streams=("con", "long"), embed=EmbedConfig(method="prompt")),
-    "sugar": dict(updates={"objective.name": "sugar", "model.embed_head": True, "objective.structure_weight": 20.0},
-                  streams=("gen", "disc"), embed=EmbedConfig(alignment="gak", sigma=1.0)),
+    "sugar": dict(updates={"objective.name": "sugar", "model.embed_head": True, "objective.structure_weight": ALPHA,
+                           "objective.structure.sigma": SIGMA, "objective.structure.target_sigma": SIGMA},
+                  streams=("gen", "disc"), embed=EmbedConfig(alignment="gak", sigma=SIGMA)),
 }
 
 
@@ -67,8 +81,12 @@ def stream_configs(cfg: ExperimentConfig, text_teacher: str) -> dict[str, Stream
                                        soft_prompts=SOFT_PROMPTS, seq_buckets=(48,))),
         # a smaller source than the generative one: the arms see ~5k of its samples, and the
         # MiniLM teacher cache covers the whole source
-        "disc": StreamConfig("disc", rep(d, tasks=("pair:2", "image:1", "caption:1", "story:2"), seed=d.seed + 1,
-                                         scene=rep(d.scene, train_size=6000),
+        # paired_views + in order: each image sample sits in its batch next to a caption of the
+        # same scene (and each pair next to a story that starts from its scene): the structure
+        # loss sees cross-modal positives among its negatives, as a CLIP batch does
+        "disc": StreamConfig("disc", rep(d, tasks=DISC_TASKS, seed=d.seed + 1,
+                                         scene=rep(d.scene, train_size=6000), paired_views=True, shuffle=False,
+                                         batch_size=DISC_BATCH,
                                          doc_loss=False, teachers=tuple(dict.fromkeys(("scene_graph", "pixel", text_teacher))),
                                          teacher_cache=str(Path(cfg.train.run_dir).parent / "teachers"))),
     }
@@ -89,7 +107,8 @@ def arm_config(base: ExperimentConfig, name: str, out: Path, text_teacher: str) 
 def _tokenizer(cfg: ExperimentConfig, out: Path) -> str:
     from mllm_jax.data.synthetic_sets import scene_corpus
     from mllm_jax.data.tokenize import train_tokenizer
-    d = out / "demo" / f"tokenizer-{config_hash(cfg.data.scene)}-{cfg.model.decoder.vocab_size}"
+    from mllm_jax.data.synthetic import WORLD_VERSION
+    d = out / "demo" / f"tokenizer-v{WORLD_VERSION}-{config_hash(cfg.data.scene)}-{cfg.model.decoder.vocab_size}"
     if not (d / "tokenizer.json").exists():
         tmp = d.with_name(d.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -108,6 +127,20 @@ def _text_teacher() -> str:
     log.warning("%s/all-MiniLM-L6-v2 not found (run `make assets`): the text teacher falls back to the scene graph",
                 assets)
     return "scene_graph"
+
+
+def _vision_init(cfg: ExperimentConfig, out: Path, steps: int) -> str:
+    """Stage 0 (``mllm_jax/train/vision_pretrain.py``): the ViT pretrained on scene-graph labels,
+    written as the MLLM's init checkpoint; cached by what it depends on."""
+    from mllm_jax.train.vision_pretrain import pretrain_vision_init
+    key = f"{config_hash(cfg.model)[:8]}{config_hash(cfg.data.scene)[:8]}-seed{cfg.train.seed}-{steps}"
+    d = out / "demo" / f"vision-{key}"
+    if not (d / "done").exists():
+        shutil.rmtree(d, ignore_errors=True)
+        log.info("vision pretraining (stage 0, stands in for a CLIP checkpoint): %d steps", steps)
+        metrics = pretrain_vision_init(cfg, d, steps=steps)
+        (d / "done").write_text(json.dumps(metrics))
+    return str(d)
 
 
 def _train_cached(cfg: ExperimentConfig):
@@ -164,8 +197,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results", help="results folder (default: results/)")
     ap.add_argument("--config", default=str(CONFIG), help="the shared stage's config (default: tiny.yaml)")
     ap.add_argument("--pretrain-steps", type=int, help="shared generative stage steps (default: config)")
+    ap.add_argument("--vision-steps", type=int, default=1000,
+                    help="stage 0: supervised ViT pretraining steps (0: the ViT starts from scratch)")
     ap.add_argument("--arm-steps", type=int, default=300, help="steps per arm")
-    ap.add_argument("--eval-n", type=int, default=200, help="items per evaluation task")
+    ap.add_argument("--eval-n", type=int, default=300, help="items per evaluation task")
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run")
     ap.add_argument("--quick", action="store_true", help="a smoke run: few steps, small eval")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="overrides on the config")
@@ -186,9 +221,12 @@ def main(argv=None) -> int:
     arm_steps, eval_n = args.arm_steps, args.eval_n
     if args.quick:
         steps, arm_steps, eval_n = min(steps, 20), min(arm_steps, 10), min(eval_n, 24)
+        args.vision_steps = min(args.vision_steps, 20)
     tok_dir = _tokenizer(base, out)
     base = apply_updates(base, {"data.tokenizer": tok_dir, "train.steps": steps,
                                 "train.run_dir": str(out / "demo" / "pretrain")})
+    if args.vision_steps > 0 and base.train.init_from is None:
+        base = apply_updates(base, {"train.init_from": _vision_init(base, out, args.vision_steps)})
     text_teacher = _text_teacher()
     log.info("shared generative stage: %d steps", steps)
     _train_cached(base)
