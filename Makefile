@@ -22,7 +22,7 @@ $(TEST_STAMP): requirements-test.txt $(RUNTIME_STAMP)
 	$(PIP) install -q -r requirements-test.txt
 	touch $@
 
-demo: $(RUNTIME_STAMP) assets
+demo: $(RUNTIME_STAMP)
 	MLLM_JAX_ASSETS=$(ASSETS) $(PY) -m mllm_jax demo
 
 test: $(TEST_STAMP)

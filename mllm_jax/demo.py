@@ -19,8 +19,8 @@
    - ``sugar``: next-token loss on the mix (16) + alpha * the structure-induced loss on 32
      discriminative samples: the normalised GAK between the MLLM's slice-embedding sequences of
      every two samples is regressed onto the triple kernel of the teachers (scene-graph features
-     as the shared image/text space, pixel features for image pairs, MiniLM for text pairs when
-     ``assets/`` has it, else the scene graph). The discriminative batch holds images, captions,
+     as the shared image/text space, pixel features for image pairs, the scene graph or, with
+     ``--text-teacher minilm``, MiniLM for text pairs). The discriminative batch holds images, captions,
      image-caption pairs and stories, two views of each scene side by side (``paired_views``).
 5. Each arm is evaluated on the test split (``mllm_jax.eval.suite``); retrieval for the
    generative model uses its pooled hidden states zero-shot (E5-V summary prompt), as the paper
@@ -120,13 +120,18 @@ def _tokenizer(cfg: ExperimentConfig, out: Path) -> str:
     return str(d)
 
 
-def _text_teacher() -> str:
+def _text_teacher(choice: str) -> str:
+    """``scene_graph`` (default) or ``minilm`` (needs ``make assets``). On the scene world the
+    scene graph is the exact text teacher; MiniLM is the real one, and it scores captions that
+    swap attributes or relations as near-identical (cosine ~0.95), so as a text-text kernel it
+    teaches the model to blur exactly what the hard-negative test probes."""
+    if choice == "scene_graph":
+        return choice
     assets = Path(os.environ.get("MLLM_JAX_ASSETS", "assets"))
-    if (assets / "all-MiniLM-L6-v2" / "model.safetensors").exists():
-        return "minilm"
-    log.warning("%s/all-MiniLM-L6-v2 not found (run `make assets`): the text teacher falls back to the scene graph",
-                assets)
-    return "scene_graph"
+    if not (assets / "all-MiniLM-L6-v2" / "model.safetensors").exists():
+        raise SystemExit(f"--text-teacher minilm: {assets}/all-MiniLM-L6-v2/model.safetensors not found; "
+                         "run `make assets` (or set MLLM_JAX_ASSETS)")
+    return "minilm"
 
 
 def _vision_init(cfg: ExperimentConfig, out: Path, steps: int) -> str:
@@ -202,6 +207,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arm-steps", type=int, default=300, help="steps per arm")
     ap.add_argument("--eval-n", type=int, default=300, help="items per evaluation task")
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run")
+    ap.add_argument("--text-teacher", choices=("scene_graph", "minilm"), default="scene_graph",
+                    help="Sugar's text-text kernel: the exact scene graph, or MiniLM from assets/ (make assets)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: few steps, small eval")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="overrides on the config")
     args = ap.parse_args(argv)
@@ -227,7 +234,7 @@ def main(argv=None) -> int:
                                 "train.run_dir": str(out / "demo" / "pretrain")})
     if args.vision_steps > 0 and base.train.init_from is None:
         base = apply_updates(base, {"train.init_from": _vision_init(base, out, args.vision_steps)})
-    text_teacher = _text_teacher()
+    text_teacher = _text_teacher(args.text_teacher)
     log.info("shared generative stage: %d steps", steps)
     _train_cached(base)
 

@@ -7,8 +7,7 @@ from mllm_jax.demo import ARMS, HEADLINE, main
 
 
 @pytest.mark.slow
-def test_quick_demo_writes_the_table_json_and_plots(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLLM_JAX_ASSETS", str(tmp_path / "no-assets"))   # text teacher: scene graph
+def test_quick_demo_writes_the_table_json_and_plots(tmp_path):
     assert main(["--quick", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "demo.json").read_text())
     assert set(res) == set(ARMS) | {"seconds"} and res["seconds"] > 0
