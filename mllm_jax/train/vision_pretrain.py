@@ -104,7 +104,7 @@ def pretrain_vision(cfg: ExperimentConfig, *, steps: int, batch_size: int = 32, 
     world, spec = SceneWorld(cfg.data.scene), ImageSpec.from_vision(cfg.model.vision)
     probe = SceneLabelProbe(cfg.model.vision, grid=grid, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(probe, nnx.Param)
-    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(30, steps), steps), weight_decay=0.0)
+    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(30, steps // 2), steps), weight_decay=0.0)
     opt_state = tx.init(params)
     order = np.random.default_rng(seed).permutation(cfg.data.scene.train_size)
     label_sum, seen, t0 = np.zeros(SCENE_FEATURE_DIM), 0, time.perf_counter()

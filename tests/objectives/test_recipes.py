@@ -39,7 +39,7 @@ def _cfg(recipe, tok, tmp_path, steps):
         model=model, data=d, streams=tuple(streams[n] for n in names),
         objective=ObjectiveConfig(name=recipe, structure_weight=10.0,
                                   structure=dataclasses.replace(ObjectiveConfig().structure, text_teacher="scene_graph")),
-        mesh=MeshConfig(data=1, fsdp=1, tensor=1),
+        mesh=MeshConfig(data=-1, fsdp=1, tensor=1),   # the 8 fake devices of tests/conftest.py
         train=TrainConfig(steps=steps, run_dir=str(tmp_path / recipe), log_every=1, tensorboard=False, progress=False,
                           optim=OptimConfig(lr=3e-3, warmup_steps=5), checkpoint=CheckpointConfig(every_steps=0)))
 
