@@ -68,7 +68,6 @@ def test_softdtw_value_grad_float32(n, m):
     assert rel_scale(g, np.stack([r[1] for r in ref])) < tol
 
 
-@pytest.mark.slow  # > 5 s on 2 cores: `make test-slow`
 def test_softdtw_long_512():
     """Length 512 (one pair, small d): float64 and float32 against tslearn."""
     rng = np.random.default_rng(5)
@@ -168,7 +167,7 @@ def test_gak_float32_values_and_log_for_long_sequences():
     assert np.all(np.isfinite(np.asarray(lv))) and rel(lv, ref) < 1e-5
 
 
-@pytest.mark.parametrize("family", ["softdtw", pytest.param("gak", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", ["softdtw", "gak"])
 def test_check_grads_both_modes(family):
     """``jax.test_util.check_grads`` (order 1, forward and reverse mode) on all variants."""
     rng = np.random.default_rng(4)

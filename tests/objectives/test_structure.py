@@ -60,7 +60,6 @@ def test_structure_loss_hand_computed():
     assert -1.0 <= float(parts["structure_corr"]) <= 1.0
 
 
-@pytest.mark.slow  # > 5 s on 2 cores: `make test-slow`
 def test_padding_rows_do_not_count():
     emb = jax.random.normal(jax.random.key(0), (3, 2, 4))
     b = _single_slice_batch([[1, 0], [0, 1], [1, 1]])
@@ -96,7 +95,6 @@ def test_multi_slice_target_symmetric_unit_diagonal():
         target_similarity({k: v for k, v in b.items() if k != "teacher_scene_graph"}, StructureConfig())
 
 
-@pytest.mark.slow  # > 5 s on 2 cores: `make test-slow`
 def test_structure_gradient_reaches_lora_and_only_it_when_base_is_frozen():
     cfg = MLLMConfig(vision=VisionConfig(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32,
                                          num_layers=1, num_heads=2),
