@@ -122,9 +122,10 @@ def _tokenizer(cfg: ExperimentConfig, out: Path) -> str:
 
 def _text_teacher(choice: str) -> str:
     """``scene_graph`` (default) or ``minilm`` (needs ``make assets``). On the scene world the
-    scene graph is the exact text teacher; MiniLM is the real one, and it scores captions that
-    swap attributes or relations as near-identical (cosine ~0.95), so as a text-text kernel it
-    teaches the model to blur exactly what the hard-negative test probes."""
+    scene graph is the exact text teacher; MiniLM is the real one, and it scores a caption and
+    its hard negative as near-identical (mean cosine on the test split: swap_att 0.994,
+    swap_obj 0.990, replace_rel 0.985; the scene graph: 0.50, 0.50, 0.75), so as a text-text
+    kernel it teaches the model to blur exactly what the hard-negative test probes."""
     if choice == "scene_graph":
         return choice
     assets = Path(os.environ.get("MLLM_JAX_ASSETS", "assets"))
