@@ -10,11 +10,13 @@ Implementation (see ``_wavefront.py`` for the layout):
   predecessors: two ``exp`` and one ``log`` per cell, never ``inf - inf``. Out-of-table, padded
   and out-of-band cells hold a large finite value (``_wavefront.big``), clamped, so masked
   autodiff stays NaN-free.
-- The forward pass stores, per cell, the logs of its three soft-min weights (the
-  probabilities of coming from each predecessor), computed as ``(min - pred) - lse``: no
-  cancellation (re-deriving them from ``R - C`` loses all float32 precision once
-  ``|R| / gamma`` is large). The backward pass is Cuturi & Blondel's expected-alignment
-  recursion ``E[p] = sum_{q successor of p} E[q] w[p -> q]``, also a wavefront.
+- The forward pass stores ``R``; the backward recomputes each cell's three soft-min weights
+  (the probabilities of coming from each predecessor) from its predecessors' ``R`` as
+  ``exp((min - pred) - lse)``, exactly as the forward computed them: no cancellation
+  (re-deriving them from ``R - C`` loses all float32 precision once ``|R| / gamma`` is large;
+  storing the weights instead measured slower: memory traffic). The backward pass is Cuturi &
+  Blondel's expected-alignment recursion ``E[p] = sum_{q successor of p} E[q] w[p -> q]``,
+  also a wavefront.
   ``E = d sdtw / d C`` is the expected alignment matrix.
 """
 from __future__ import annotations
