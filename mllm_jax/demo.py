@@ -270,8 +270,9 @@ def main(argv=None) -> int:
     (out / "demo.md").write_text(f"# Demo: generative vs contrastive (VladVA) vs Sugar\n\n{table}\n"
                                  f"{seconds:.0f} s of training and evaluation; details in demo/details.json.\n")
     print("\n" + table)
-    print(f"training + evaluation: {seconds:.0f} s. Written: {out / 'demo.json'}, {out / 'demo.md'}, "
-          f"{out / 'demo' / 'losses.png'}, {out / 'demo' / 'similarity_sugar.png'}")
+    written = [out / "demo.json", out / "demo.md", out / "demo" / "details.json", out / "demo" / "losses.png"]
+    written += [out / "demo" / "similarity_sugar.png"] if "sugar" in arms else []
+    print(f"training + evaluation: {seconds:.0f} s. Written: {', '.join(map(str, written))}")
     return 0
 
 

@@ -94,7 +94,8 @@ def constant_bce(y: np.ndarray, prior: np.ndarray) -> float:
 
 
 def pretrain_vision(cfg: ExperimentConfig, *, steps: int, batch_size: int = 32, lr: float = 2e-3,
-                    grid: int = 4, eval_size: int = 256, seed: Optional[int] = None) -> tuple[SceneLabelProbe, dict]:
+                    grid: int = 4, eval_size: int = 256, seed: Optional[int] = None,
+                    progress: bool = True) -> tuple[SceneLabelProbe, dict]:
     """Trains ``SceneLabelProbe(cfg.model.vision)`` on the train split of ``cfg.data.scene``.
     Returns the probe and held-out metrics on the val split: ``bce``, ``label_acc`` and the
     image-blind baseline ``bce_prior`` (label frequencies of the training scenes seen)."""
@@ -108,13 +109,15 @@ def pretrain_vision(cfg: ExperimentConfig, *, steps: int, batch_size: int = 32, 
     opt_state = tx.init(params)
     order = np.random.default_rng(seed).permutation(cfg.data.scene.train_size)
     label_sum, seen, t0 = np.zeros(SCENE_FEATURE_DIM), 0, time.perf_counter()
-    for step in range(steps):
+    from tqdm.auto import tqdm
+    bar = tqdm(range(steps), desc="vision", disable=not progress)
+    for step in bar:
         idx = order[np.arange(step * batch_size, (step + 1) * batch_size) % len(order)]
         x, y = label_batch(world, spec, "train", idx)
         label_sum, seen = label_sum + y.sum(0), seen + len(y)
         params, opt_state, loss = _step(graphdef, params, opt_state, x, y, tx)
-        if (step + 1) % 200 == 0:
-            log.info("vision pretraining step %d/%d: loss %.4f", step + 1, steps, float(loss))
+        if (step + 1) % 50 == 0:
+            bar.set_postfix(loss=f"{float(loss):.4f}")
     xv, yv = label_batch(world, spec, "val", np.arange(min(eval_size, cfg.data.scene.val_size)))
     bce, acc = _eval(graphdef, params, xv, yv)
     nnx.update(probe, params)
