@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=str(CONFIG), help="the shared stage's config (default: tiny.yaml)")
     ap.add_argument("--pretrain-steps", type=int, help="shared generative stage steps (default: config)")
     ap.add_argument("--vision-steps", type=int, default=1000,
-                    help="stage 0: supervised ViT pretraining steps (0: the ViT starts from scratch)")
+                    help="stage 0: supervised ViT pretraining steps (0, or a train.init_from override: no stage 0)")
     ap.add_argument("--arm-steps", type=int, default=300, help="steps per arm")
     ap.add_argument("--eval-n", type=int, default=300, help="items per evaluation task")
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run")
@@ -226,15 +226,15 @@ def main(argv=None) -> int:
 
     base = load_config(args.config, ExperimentConfig, overrides=args.overrides)
     steps = args.pretrain_steps if args.pretrain_steps is not None else base.train.steps
-    arm_steps, eval_n = args.arm_steps, args.eval_n
+    arm_steps, eval_n, vision_steps = args.arm_steps, args.eval_n, args.vision_steps
     if args.quick:
         steps, arm_steps, eval_n = min(steps, 20), min(arm_steps, 10), min(eval_n, 24)
-        args.vision_steps = min(args.vision_steps, 20)
+        vision_steps = min(vision_steps, 20)
     tok_dir = _tokenizer(base, out)
     base = apply_updates(base, {"data.tokenizer": tok_dir, "train.steps": steps,
                                 "train.run_dir": str(out / "demo" / "pretrain")})
-    if args.vision_steps > 0 and base.train.init_from is None:
-        base = apply_updates(base, {"train.init_from": _vision_init(base, out, args.vision_steps)})
+    if vision_steps > 0 and base.train.init_from is None:
+        base = apply_updates(base, {"train.init_from": _vision_init(base, out, vision_steps)})
     text_teacher = _text_teacher(args.text_teacher)
     log.info("shared generative stage: %d steps", steps)
     _train_cached(base)

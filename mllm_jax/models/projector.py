@@ -42,6 +42,18 @@ class MLPProjector(nnx.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
+def pool_grid(x: Array, side: int, pool: int) -> Array:
+    """2-D average pooling of a row-major patch grid: ``float[B, s*s, D]`` -> ``float[B, P*P, D]``
+    (``s = side``, ``P = pool``, ``P`` divides ``s``; the mean is taken in float32)."""
+    b, n, d = x.shape
+    if n != side * side:
+        raise ValueError(f"PoolAdapter: got {n} patch tokens, expected grid*grid = {side}*{side} = {side * side} "
+                         "(drop the CLS token before the adapter)")
+    k = side // pool
+    x = x.reshape(b, pool, k, pool, k, d)
+    return jnp.mean(x.astype(jnp.float32), axis=(2, 4)).astype(x.dtype).reshape(b, pool * pool, d)
+
+
 class PoolAdapter(nnx.Module):
     """InfMLLM pool-adapter: LayerNorm -> 2-D average pool of the patch grid -> MLP.
 
@@ -70,14 +82,7 @@ class PoolAdapter(nnx.Module):
 
     def pool_grid(self, x: Array) -> Array:
         """Average pooling only: ``float[B, s*s, D]`` -> ``float[B, P*P, D]`` (row-major)."""
-        b, n, d = x.shape
-        s, p = self.grid, self.pool
-        if n != s * s:
-            raise ValueError(f"PoolAdapter: got {n} patch tokens, expected grid*grid = {s}*{s} = {s * s} "
-                             "(drop the CLS token before the adapter)")
-        k = s // p
-        x = x.reshape(b, p, k, p, k, d)
-        return jnp.mean(x.astype(jnp.float32), axis=(2, 4)).astype(x.dtype).reshape(b, p * p, d)
+        return pool_grid(x, self.grid, self.pool)
 
     def __call__(self, x: Array) -> Array:
         """``x: float[B, s*s, in_dim]`` patch tokens (no CLS) -> ``float[B, P*P, out_dim]``."""
@@ -87,4 +92,4 @@ class PoolAdapter(nnx.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-__all__ = ["MLPProjector", "PoolAdapter"]
+__all__ = ["MLPProjector", "PoolAdapter", "pool_grid"]

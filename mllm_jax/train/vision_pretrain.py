@@ -36,6 +36,7 @@ from flax import nnx
 from mllm_jax.config import ExperimentConfig, VisionConfig
 from mllm_jax.data.pipeline import ImageSpec
 from mllm_jax.data.synthetic import SCENE_FEATURE_DIM, SceneWorld, scene_features
+from mllm_jax.models.projector import pool_grid
 
 log = logging.getLogger("mllm_jax.vision_pretrain")
 
@@ -45,7 +46,7 @@ class SceneLabelProbe(nnx.Module):
 
     def __init__(self, cfg: VisionConfig, *, grid: int = 4, rngs: nnx.Rngs):
         from mllm_jax.models.vision import VisionTower
-        s = cfg.image_size // cfg.patch_size
+        s = cfg.grid_size
         if s % grid:
             raise ValueError(f"SceneLabelProbe: grid={grid} does not divide the patch grid side {s}")
         self.cfg, self.side, self.grid = cfg, s, grid
@@ -57,10 +58,8 @@ class SceneLabelProbe(nnx.Module):
         x = self.vision(pixels).last_hidden_state
         if self.cfg.variant == "clip":
             x = x[:, 1:]                                   # drop the class token
-        b, _, d = x.shape
-        g, k = self.grid, self.side // self.grid
-        x = x.reshape(b, g, k, g, k, d).mean(axis=(2, 4)).reshape(b, g * g * d)
-        return self.head(x)
+        x = pool_grid(x, self.side, self.grid)
+        return self.head(x.reshape(x.shape[0], -1))
 
 
 def label_batch(world: SceneWorld, spec: ImageSpec, split: str, indices) -> tuple[np.ndarray, np.ndarray]:
