@@ -60,11 +60,25 @@ def top_p_filter(logits: Array, p: float | Array) -> Array:
     return jnp.where(remove, -jnp.inf, logits)
 
 
+def greedy_argmax(logits: Array) -> Array:
+    """``jnp.argmax(logits, axis=-1)`` as int32 (first maximum wins; a NaN counts as the maximum,
+    first NaN wins), from two vectorised reductions: a max, then the first index that equals it.
+
+    XLA:CPU lowers ``argmax`` to one variadic (value, index) reduce that does not vectorise:
+    1.12 ms for float32[8, 32000] on one core here, against 0.14 ms for this form, about 8 % of
+    a batch-8 decode step of the 4x512 Llama in ``experiments/bench/decode.py``.
+    """
+    v = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)                 # NaN if the row has one
+    hit = (logits == top) | jnp.isnan(logits)
+    return jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+
+
 def _select(logits: Array, step: Array, key: Array, *, do_sample: bool, temperature: Array,
             top_k: int, top_p: Array, use_top_p: bool) -> Array:
     """Next tokens ``int32[B]`` from ``logits: float32[B, V]``."""
     if not do_sample:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy_argmax(logits)
     logits = logits / temperature
     logits = top_k_filter(logits, top_k)
     if use_top_p:
@@ -194,4 +208,4 @@ def generate(model: nnx.Module, input_ids=None, *, inputs_embeds=None, attention
         pad_id=int(pad_token_id), cache_dtype=cache_dtype)
 
 
-__all__ = ["generate", "GenerateOutput", "top_k_filter", "top_p_filter"]
+__all__ = ["generate", "GenerateOutput", "greedy_argmax", "top_k_filter", "top_p_filter"]

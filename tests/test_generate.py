@@ -152,3 +152,19 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
     freq = np.bincount(toks, minlength=12) / toks.size
     assert (freq[probs == 0] == 0).all()
     np.testing.assert_allclose(freq, probs, atol=0.015)
+
+
+def test_greedy_argmax_matches_jnp_argmax_ties_nan_and_inf():
+    from mllm_jax.generate import greedy_argmax
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 50)).astype(np.float32)
+    x[1, [3, 7, 40]] = 9.0                      # ties: the first one wins
+    x[2] = -np.inf                              # all -inf -> 0
+    x[3, [5, 20]] = np.nan                      # NaN counts as the maximum, the first one wins
+    x[4, 10] = np.inf
+    x[5, :] = 0.0
+    expected = np.argmax(x, axis=-1)            # numpy's argmax: same rules
+    np.testing.assert_array_equal(np.asarray(greedy_argmax(jnp.asarray(x))), expected)
+    np.testing.assert_array_equal(np.asarray(jax.jit(greedy_argmax)(jnp.asarray(x))),
+                                  np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
+    assert greedy_argmax(jnp.asarray(x)).dtype == jnp.int32
