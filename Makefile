@@ -7,6 +7,11 @@ PIP    := $(PY) -m pip
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 TEST_STAMP    := $(VENV)/.test-installed
 ASSETS ?= assets
+# XLA:CPU allocates each call's temporaries afresh; with this glibc (>= 2.35) tunable the large
+# ones fault in as 2 MB transparent huge pages instead of 4 KB pages (BUILD.md, "CPU performance").
+# Read at process start; ignored by other libcs. Override with `make ... GLIBC_TUNABLES=`.
+GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+export GLIBC_TUNABLES
 
 .PHONY: demo test test-real test-slow test-all bench assets clean
 

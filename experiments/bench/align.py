@@ -32,6 +32,8 @@ import jax.numpy as jnp  # noqa: E402
 
 from mllm_jax.align import gak_pairwise, softdtw, softdtw_pairwise  # noqa: E402
 
+from _env import allocator, allocator_line, warn_if_unset  # noqa: E402
+
 
 # ---- references ------------------------------------------------------------------------------
 
@@ -221,7 +223,7 @@ def markdown(out) -> str:
         f"{m['cpu']}, {m['cores']} cores; jax {m['jax']}; load average before/after "
         f"{m['load_before']} / {m['load_after']} (a shared machine: ratios come from "
         f"interleaved repetitions, minimum kept). Value + gradient w.r.t. x; ours under jit, "
-        f"compile time apart; tslearn is float64 (its only precision).", "",
+        f"compile time apart; tslearn is float64 (its only precision). " + allocator_line(), "",
         "| case | dtype | pairs x n x m x d | ours (ms) | compile (s) | tslearn (ms) | pysdtw (ms) "
         "| x tslearn | x pysdtw | ns/cell | exp/log bound ns/cell |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -257,6 +259,7 @@ def main(argv=None):
     ap.add_argument("--out", default="results")
     ap.add_argument("--cases", default="", help="comma-separated subset of case names")
     args = ap.parse_args(argv)
+    warn_if_unset()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     reps = 2 if args.quick else 5
@@ -273,7 +276,7 @@ def main(argv=None):
     rows = scaling(args.quick, reps) if not args.cases else []
     out = dict(cases=results, scaling=rows, quick=args.quick, machine=dict(
         cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
-        jax=jax.__version__, load_before=[round(v, 2) for v in load_before],
+        jax=jax.__version__, allocator=allocator(), load_before=[round(v, 2) for v in load_before],
         load_after=[round(v, 2) for v in os.getloadavg()]))
     analysis = out_dir / "align_analysis.md"
     if analysis.exists():

@@ -42,6 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from _env import allocator, allocator_line, warn_if_unset  # noqa: E402
+
 PROMPT_LEN = 16
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -229,6 +231,7 @@ def write(results: dict, out_dir: Path) -> None:
                      f"{c['greedy_tokens_match']:.2f} |")
     lines += [""] + [f"- {s}" for s in results["skipped"]] + [
         f"- {results['settings']}",
+        f"- {allocator_line()}",
         "- threads: the same number of compute threads for both engines (see `threads` in each case "
         "of decode.json: XLA_FLAGS for ours, torch.set_num_threads for transformers)",
         "- ratio = ours tok/s / transformers tok/s; tok/s counts B x new tokens per call, prefill included.",
@@ -255,6 +258,7 @@ def main(argv=None) -> int:
     ap.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for our worker (reported)")
     ap.add_argument("--out", default=str(ROOT / "results"))
     args = ap.parse_args(argv)
+    warn_if_unset()
     args.new_tokens = args.new_tokens or (16 if args.quick else 64)
     args.reps = args.reps or (2 if args.quick else 3)
     args.rounds = args.rounds or (1 if args.quick else 2)

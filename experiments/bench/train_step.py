@@ -35,6 +35,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _env import allocator, allocator_line, warn_if_unset  # noqa: E402
 
 CASES = {
     # name: DecoderConfig fields, batch, sequence length (float32 everywhere)
@@ -217,6 +220,7 @@ def main(argv=None) -> int:
                "peak": lambda: worker_peak(p["n"])}[args.worker]()
         print(json.dumps(res))
         return 0
+    warn_if_unset()
 
     from mllm_jax.config import DecoderConfig
     from mllm_jax.train import flops as F
@@ -266,7 +270,7 @@ def main(argv=None) -> int:
                  "matmul_n": peak["n"], "nominal_cpu_flops": F.CPU_PEAK_PER_CORE * (os.cpu_count() or 1)},
         "targets": {"ratio": 1.5, "mfu_of_measured_peak": 0.30},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_avg": [round(x, 2) for x in os.getloadavg()]},
+                    "load_avg": [round(x, 2) for x in os.getloadavg()], "allocator": allocator()},
         "quick": bool(args.quick),
     }
     out = Path(args.out)
@@ -297,7 +301,7 @@ def _markdown(r: dict) -> str:
                   f"{r['machine']['load_avg']} when the run ended. Both sides float32, one process each, the same "
                   "batch every step; best step after warm-up over alternating rounds (ratio of medians: "
                   + ", ".join(f"{c['name']} {c['ratio_of_medians']:.2f}" for c in r["cases"]) + "). Wall-clock on a "
-                  "shared machine: noisy."]
+                  "shared machine: noisy. " + allocator_line()]
     return "\n".join(lines) + "\n"
 
 
