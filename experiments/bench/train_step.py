@@ -298,8 +298,9 @@ def _markdown(r: dict) -> str:
     target = r["targets"]["ratio"]
     lines += ["", f"MFU ours would need for ratio {target} against the reference as measured (ratio x MFU ref): "
               + ", ".join(f"{c['name']} {100 * target * c['ref_mfu']:.0f}%" for c in r["cases"])
-              + ". Where the reference already runs its matmuls near this machine's peak (oneDNN / MKL), "
-              "that is above 100% of the measured float32 matmul peak: out of reach for any float32 step."]
+              + " of the measured float32 matmul peak. Where the reference already runs near this machine's peak "
+              "(oneDNN / MKL matmuls), that is about the peak of a bare matmul, out of reach for a whole "
+              "training step in float32."]
     for s in r["skipped"]:
         lines.append(f"\nskipped: {s}")
     lines += ["", f"Machine: {r['machine']['platform']}, {r['machine']['cpus']} CPUs, load average "
