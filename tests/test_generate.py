@@ -161,6 +161,7 @@ def test_greedy_argmax_matches_jnp_argmax_ties_nan_and_inf():
     x[1, [3, 7, 40]] = 9.0                      # ties: the first one wins
     x[2] = -np.inf                              # all -inf -> 0
     x[3, [5, 20]] = np.nan                      # NaN counts as the maximum, the first one wins
+    x[3, 2] = 50.0                              # ... even after a larger finite value
     x[4, 10] = np.inf
     x[5, :] = 0.0
     expected = np.argmax(x, axis=-1)            # numpy's argmax: same rules
