@@ -58,8 +58,9 @@ def _init_distributed(args) -> None:
 
 def cmd_train(args) -> int:
     _init_distributed(args)
+    from mllm_jax.config import parse_overrides
     from mllm_jax.train.experiment import train_recipe
-    results = train_recipe(_load(args), stage=args.stage)
+    results = train_recipe(_load(args), stage=args.stage, overrides=parse_overrides(args.overrides))
     for r in results:
         if r.status == "preempted":
             print(f"preempted at step {int(r.state.step)}; checkpoint in {r.checkpoint_dir}", file=sys.stderr)

@@ -91,3 +91,18 @@ def test_from_dict_nested_and_to_dict():
     assert from_dict(MLLMConfig, to_dict(cfg)) == cfg
     with pytest.raises(ConfigError, match="projector.kind"):
         from_dict(MLLMConfig, {"projector": {"kind": "qformer"}})
+
+
+def test_overrides_are_validated_together_in_any_order():
+    """Coupled fields change together: each override alone would be invalid on the defaults."""
+    base = MLLMConfig(decoder=DecoderConfig(hidden_size=64, num_heads=8, num_kv_heads=8),
+                      vision=VisionConfig(image_size=28, patch_size=14, hidden_size=64, num_heads=4))
+    new = apply_overrides(base, ["decoder.num_heads=4", "decoder.num_kv_heads=4",
+                                 "vision.image_size=64", "vision.patch_size=8"])
+    assert (new.decoder.num_heads, new.decoder.num_kv_heads) == (4, 4)
+    assert (new.vision.image_size, new.vision.patch_size) == (64, 8)
+    assert new.decoder.hidden_size == 64 and new.vision.hidden_size == 64     # untouched fields kept
+    with pytest.raises(ConfigError, match=r"override decoder\.num_heads: .*num_kv_heads=8 must divide num_heads=4"):
+        apply_overrides(base, ["decoder.num_heads=4"])
+    with pytest.raises(ConfigError, match="'x' is below a non-config value"):
+        apply_overrides(base, ["decoder.hidden_size.x=1"])

@@ -12,7 +12,7 @@ so weights can move both ways (see ``mllm_jax/convert/hf.py``).
 The package splits by concept: ``base`` (the machinery), ``model``, ``data``, ``train``,
 ``embed`` (evaluation); every public name is re-exported here.
 """
-from mllm_jax.config.base import (ConfigError, apply_overrides, apply_updates, config_hash, from_dict,
+from mllm_jax.config.base import (ConfigError, apply_overrides, apply_updates, config_hash, from_dict, parse_overrides,
                                   load_config, save_config, to_dict)
 from mllm_jax.config.data import DataConfig, SceneConfig, StreamConfig
 from mllm_jax.config.embed import EmbedConfig
@@ -27,6 +27,6 @@ __all__ = [
     "LoRAConfig", "MLLMConfig", "dtype_of",
     "SceneConfig", "DataConfig",
     "MeshConfig", "StreamConfig", "StructureConfig", "ContrastiveConfig", "ObjectiveConfig", "OptimConfig",
-    "CheckpointConfig", "TrainConfig", "StageConfig", "ExperimentConfig", "apply_updates",
+    "CheckpointConfig", "TrainConfig", "StageConfig", "ExperimentConfig", "apply_updates", "parse_overrides",
     "EmbedConfig",
 ]

@@ -124,34 +124,49 @@ def _join(path: str, key: str) -> str:
 
 
 def apply_overrides(cfg, overrides: list[str] | tuple[str, ...]):
-    """Applies ``a.b.c=value`` overrides (values parsed as YAML) to a frozen config."""
+    """Applies ``a.b.c=value`` overrides (values parsed as YAML) to a frozen config.
+
+    All overrides are applied before the config is validated, so coupled fields can change
+    together in any order (``model.decoder.num_heads=4 model.decoder.num_kv_heads=4``)."""
+    return apply_updates(cfg, parse_overrides(overrides))
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
+    """``["a.b=1", "c=[x, y]"]`` -> ``{"a.b": 1, "c": ["x", "y"]}`` (values parsed as YAML)."""
+    updates = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
-        cfg = _replace_path(cfg, key.strip().split("."), value, key.strip())
-    return cfg
+        updates[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+    return updates
 
 
-def _replace_path(cfg, keys: list[str], value, full: str):
-    if not dataclasses.is_dataclass(cfg):
-        raise ConfigError(f"override {full}: {keys[0]!r} is below a non-config value")
-    names = {f.name for f in dataclasses.fields(cfg)}
+def _dataclass_in(tp):
+    """The config class ``tp`` is, or is an optional of (None otherwise)."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        found = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        return found[0] if len(found) == 1 else None
+    return None
+
+
+def _set_path(cls, d: dict, keys: list[str], value, full: str) -> None:
+    """Sets ``value`` at ``keys`` in ``d`` (``to_dict`` of a ``cls``), checking every key."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
     k = keys[0]
     if k not in names:
         near = difflib.get_close_matches(k, names, n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ConfigError(f"override {full}: unknown key {k!r} in {type(cfg).__name__}{hint}")
-    tp = _hints(type(cfg))[k]
+        raise ConfigError(f"override {full}: unknown key {k!r} in {cls.__name__}{hint}")
     if len(keys) == 1:
-        new = _coerce(value, tp, full)
-    else:
-        new = _replace_path(getattr(cfg, k), keys[1:], value, full)
-    try:
-        return dataclasses.replace(cfg, **{k: new})
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"override {full}: {e}") from e
+        d[k] = value
+        return
+    sub_cls = _dataclass_in(_hints(cls)[k])
+    if sub_cls is None or not isinstance(d.get(k), dict):
+        raise ConfigError(f"override {full}: {keys[1]!r} is below a non-config value")
+    _set_path(sub_cls, d[k], keys[1:], value, full)
 
 
 def load_config(path: str | Path, cls, overrides=()):
@@ -181,13 +196,20 @@ def config_hash(cfg) -> str:
 
 
 def apply_updates(cfg, updates: dict):
-    """Applies ``{"a.b.c": value}`` (already-parsed values) to a frozen config."""
+    """Applies ``{"a.b.c": value}`` (already-parsed values) to a frozen config, all of them
+    before the result is validated (see ``apply_overrides``)."""
+    if not updates:
+        return cfg
+    cls, d = type(cfg), to_dict(cfg)
     for key, value in updates.items():
-        cfg = _replace_path(cfg, key.strip().split("."), value, key.strip())
-    return cfg
+        _set_path(cls, d, key.strip().split("."), value, key.strip())
+    try:
+        return from_dict(cls, d)
+    except ConfigError as e:
+        raise ConfigError(f"override {', '.join(k.strip() for k in updates)}: {e}") from e
 
 
 __all__ = [
     "ConfigError", "from_dict", "to_dict", "apply_overrides", "load_config", "save_config",
-    "config_hash", "apply_updates",
+    "config_hash", "apply_updates", "parse_overrides",
 ]

@@ -34,13 +34,16 @@ def train(cfg: ExperimentConfig, *, eval_hooks=(), mesh=None) -> FitResult:
                _data(cfg, "train"), eval_data=eval_data, eval_hooks=eval_hooks, forward_flops=flops, mesh=mesh)
 
 
-def train_recipe(cfg: ExperimentConfig, *, stage: Optional[str] = None, mesh=None) -> list[FitResult]:
-    """All stages of ``cfg.stages`` in order (or one), else the single run."""
+def train_recipe(cfg: ExperimentConfig, *, stage: Optional[str] = None, mesh=None,
+                 overrides: Optional[dict] = None) -> list[FitResult]:
+    """All stages of ``cfg.stages`` in order (or one), else the single run. ``overrides``
+    (already applied to ``cfg``, e.g. the command line's) are applied again after each stage's
+    updates, so that they win over the recipe."""
     if not cfg.stages:
         if stage is not None:
             raise ValueError(f"--stage {stage!r}: the config defines no stages")
         return [train(cfg, mesh=mesh)]
-    return run_stages(cfg, lambda c: train(c, mesh=mesh), only=stage)
+    return run_stages(cfg, lambda c: train(c, mesh=mesh), only=stage, overrides=overrides)
 
 
 def restore_run(checkpoint: str, cfg: Optional[ExperimentConfig] = None, *, mesh=None):

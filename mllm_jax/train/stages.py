@@ -77,9 +77,12 @@ def infmllm_stages(*, steps: Sequence[int] = (1000, 2000, 2000), lr: Sequence[fl
     return tuple(out)
 
 
-def stage_config(base: ExperimentConfig, stage: StageConfig, previous_run_dir: Optional[str]) -> ExperimentConfig:
-    """The config one stage runs with (its own run dir, its init from the previous stage)."""
-    cfg = apply_updates(dataclasses.replace(base, stages=()), stage.updates)
+def stage_config(base: ExperimentConfig, stage: StageConfig, previous_run_dir: Optional[str],
+                 overrides: Optional[dict] = None) -> ExperimentConfig:
+    """The config one stage runs with (its own run dir, its init from the previous stage).
+    ``overrides`` (``{"a.b": value}``, e.g. the command line's) apply after the stage's updates:
+    what the user typed wins over the recipe."""
+    cfg = apply_updates(dataclasses.replace(base, stages=()), {**stage.updates, **(overrides or {})})
     init_from = previous_run_dir if stage.init_from_previous and previous_run_dir else cfg.train.init_from
     train = dataclasses.replace(cfg.train, run_dir=str(Path(base.train.run_dir) / stage.name), init_from=init_from,
                                 checkpoint=dataclasses.replace(cfg.train.checkpoint, dir=None))
@@ -87,8 +90,9 @@ def stage_config(base: ExperimentConfig, stage: StageConfig, previous_run_dir: O
 
 
 def run_stages(cfg: ExperimentConfig, run_one: Callable[[ExperimentConfig], object],
-               only: Optional[str] = None) -> list:
-    """Runs every stage of ``cfg.stages`` in order (or just ``only``) with ``run_one(stage_cfg)``."""
+               only: Optional[str] = None, overrides: Optional[dict] = None) -> list:
+    """Runs every stage of ``cfg.stages`` in order (or just ``only``) with ``run_one(stage_cfg)``;
+    ``overrides`` as in ``stage_config``."""
     names = [s.name for s in cfg.stages]
     if len(set(names)) != len(names):
         raise ConfigError(f"stages: names must be unique, got {names}")
@@ -96,7 +100,7 @@ def run_stages(cfg: ExperimentConfig, run_one: Callable[[ExperimentConfig], obje
         raise ConfigError(f"--stage {only!r}: no such stage; the recipe has {names}")
     results, prev = [], None
     for stage in cfg.stages:
-        scfg = stage_config(cfg, stage, prev)
+        scfg = stage_config(cfg, stage, prev, overrides)
         if only is None or stage.name == only:
             log.info("stage %s: run dir %s, init from %s", stage.name, scfg.train.run_dir, scfg.train.init_from)
             results.append(run_one(scfg))
