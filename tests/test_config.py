@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from mllm_jax.config import (ConfigError, DecoderConfig, MLLMConfig, TextEncoderConfig, VisionConfig,
-                             apply_overrides, config_hash, from_dict, load_config, save_config, to_dict)
+                             apply_overrides, apply_updates, config_hash, from_dict, load_config, save_config, to_dict)
 
 
 def test_yaml_overrides_and_roundtrip(tmp_path):
@@ -106,3 +106,6 @@ def test_overrides_are_validated_together_in_any_order():
         apply_overrides(base, ["decoder.num_heads=4"])
     with pytest.raises(ConfigError, match="'x' is below a non-config value"):
         apply_overrides(base, ["decoder.hidden_size.x=1"])
+    both = apply_updates(base, {"decoder": DecoderConfig(hidden_size=32, num_heads=2, num_kv_heads=2),
+                                "decoder.num_layers": 5})        # a whole sub-config, then a key below it
+    assert (both.decoder.hidden_size, both.decoder.num_heads, both.decoder.num_layers) == (32, 2, 5)

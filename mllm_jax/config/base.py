@@ -161,7 +161,7 @@ def _set_path(cls, d: dict, keys: list[str], value, full: str) -> None:
         hint = f"; did you mean {near[0]!r}?" if near else ""
         raise ConfigError(f"override {full}: unknown key {k!r} in {cls.__name__}{hint}")
     if len(keys) == 1:
-        d[k] = value
+        d[k] = to_dict(value) if dataclasses.is_dataclass(value) else value   # later keys may go below
         return
     sub_cls = _dataclass_in(_hints(cls)[k])
     if sub_cls is None or not isinstance(d.get(k), dict):
