@@ -283,7 +283,7 @@ def main(argv=None) -> int:
         note="shared machine loaded by other jobs: wall-clock numbers are noisy",
         settings=(f"prompt {PROMPT_LEN} tokens, {args.new_tokens} new tokens, {args.reps} timed calls x "
                   f"{args.rounds} rounds per engine, XLA_FLAGS extra: {args.xla_flags or 'none'}"),
-        load_average=os.getloadavg())
+        load_average=os.getloadavg(), allocator=allocator())
     write(results, Path(args.out))
     print(f"wrote {args.out}/decode.json and decode.md")
     return 0

@@ -109,9 +109,9 @@ def test_command_line_overrides_win_over_stage_updates():
     """``train --config infmllm_3stage.yaml train.steps=3``: every stage runs 3 steps, although
     each stage's updates set its own ``train.steps``; keys the user did not give keep the recipe's."""
     from mllm_jax.config import parse_overrides
-    overrides = parse_overrides(["train.steps=3", "model.decoder.num_heads=4", "model.decoder.num_kv_heads=4"])
-    cfg = load_config(ROOT / "experiments/configs/infmllm_3stage.yaml", ExperimentConfig,
-                      overrides=[f"{k}={v}" for k, v in overrides.items()])
+    args = ["train.steps=3", "model.decoder.num_heads=4", "model.decoder.num_kv_heads=4"]
+    overrides = parse_overrides(args)
+    cfg = load_config(ROOT / "experiments/configs/infmllm_3stage.yaml", ExperimentConfig, overrides=args)
     stages = [stage_config(cfg, s, None, overrides) for s in cfg.stages]
     assert [s.train.steps for s in stages] == [3, 3, 3]
     assert [s.train.optim.lr for s in stages] == [1e-3, 1e-4, 2e-5]          # from the recipe
