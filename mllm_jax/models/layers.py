@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mllm_jax.kernels import cpu_matmul
 from mllm_jax.sharding import constrain
 
 Array = jax.Array
@@ -91,6 +92,9 @@ class Dense(nnx.Module):
     """``y = x @ kernel + bias`` with kernel ``float32[in, out]`` and an optional LoRA adapter.
 
     ``self.lora`` is ``None`` until ``mllm_jax.models.lora.apply_lora`` attaches one.
+    ``self.packed`` is ``None`` except inside ``generate``, which sets it to the kernel packed
+    for the CPU small-batch matmul (``mllm_jax.kernels.cpu_matmul``) on the model it merges
+    in its jitted loop; calls with at most ``cpu_matmul.MAX_ROWS`` float32 rows then use it.
     """
 
     def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str],
@@ -104,11 +108,15 @@ class Dense(nnx.Module):
         self.bias = (make_param(nnx.initializers.zeros_init(), (axes[1],), rngs.params(), (out_features,))
                      if use_bias else None)
         self.lora = nnx.data(None)  # a LoRA module once apply_lora attaches one
+        self.packed = nnx.data(None)  # cpu_matmul.pack(kernel), set only inside generate
 
     def __call__(self, x: Array) -> Array:
         """``x: float[..., in]`` -> ``float[..., out]``."""
         x = x.astype(self.dtype)
-        y = matmul_2d(x, self.kernel[...].astype(self.dtype))
+        if self.packed is not None and cpu_matmul.applies(x):
+            y = cpu_matmul.matmul(x, self.packed, self.out_features)
+        else:
+            y = matmul_2d(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:
@@ -117,18 +125,23 @@ class Dense(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding ``float32[vocab, dim]``; ``attend`` gives tied output logits."""
+    """Token embedding ``float32[vocab, dim]``; ``attend`` gives tied output logits (``packed``: as
+    in ``Dense``, for ``attend``)."""
 
     def __init__(self, num_embeddings: int, features: int, *, axes=("vocab", "embed"),
                  dtype: DType = jnp.float32, init_std: float = 0.02, rngs: nnx.Rngs):
         self.num_embeddings, self.features, self.dtype = num_embeddings, features, dtype
         self.embedding = make_param(normal_init(init_std), axes, rngs.params(), (num_embeddings, features))
+        self.packed = nnx.data(None)  # cpu_matmul.pack_transposed(embedding) for attend, set only inside generate
 
     def __call__(self, ids: Array) -> Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
     def attend(self, x: Array) -> Array:
         """``x: float[..., dim]`` -> ``float[..., vocab]`` (tied embeddings)."""
+        x = x.astype(self.dtype)
+        if self.packed is not None and cpu_matmul.applies(x):
+            return cpu_matmul.matmul(x, self.packed, self.num_embeddings)
         return matmul_2d(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
 
 
