@@ -27,6 +27,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <thread>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -162,7 +163,15 @@ ffi::Error SmallMMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     for (int64_t t = 0; t < helpers; ++t) pool.Schedule([job] { job->Work(); });
   }
   job->Work();
-  while (job->done.load(std::memory_order_acquire) < job->chunks) _mm_pause();
+  // Only chunks another thread has taken (and is running) are left: spin briefly, then yield
+  // the core in case that thread shares it.
+  for (int spins = 0; job->done.load(std::memory_order_acquire) < job->chunks; ++spins) {
+    if (spins < 4096) {
+      _mm_pause();
+    } else {
+      std::this_thread::yield();
+    }
+  }
   return ffi::Error::Success();
 #else
   return ffi::Error(ffi::ErrorCode::kUnimplemented,
