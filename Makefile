@@ -21,6 +21,7 @@ $(VENV)/bin/python:
 $(RUNTIME_STAMP): requirements.txt pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-deps -e .
+	$(PY) -m mllm_jax.kernels.cpu_matmul
 	touch $@
 
 $(TEST_STAMP): requirements-test.txt $(RUNTIME_STAMP)

@@ -186,3 +186,18 @@ def matmul(x: jax.Array, wp: jax.Array, n: int) -> jax.Array:
 
 __all__ = ["PANEL", "MAX_ROWS", "KernelUnavailable", "available", "unavailable_reason", "applies",
            "build", "cache_dir", "pack", "pack_transposed", "matmul"]
+
+
+def _main() -> int:
+    """``python -m mllm_jax.kernels.cpu_matmul``: build the library, say whether it is usable.
+    Exit status 0 either way (the kernel is optional)."""
+    reason = unavailable_reason()
+    if reason is None:
+        print(f"mllm_jax CPU matmul kernel: ready ({build()})")
+    else:
+        print(f"mllm_jax CPU matmul kernel: not used ({reason}); generate keeps XLA's dot")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
