@@ -43,7 +43,7 @@ import jaxlib
 log = logging.getLogger(__name__)
 
 PANEL = 48          # columns per packed panel (kernel constant kPanel)
-MAX_ROWS = 64       # measured faster than XLA's dot up to here (experiments/bench/cpu_matmul.py)
+MAX_ROWS = 128      # measured faster than XLA's dot up to here (experiments/bench/cpu_matmul.py)
 TARGET = "mllm_jax_cpu_small_m_matmul"
 _SRC = Path(__file__).with_name("cpu_matmul.cc")
 _LIB = "libmllm_jax_cpu_matmul.so"
