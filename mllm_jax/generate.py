@@ -135,25 +135,34 @@ class _PackCache:
     Packing reads and writes every weight (~45 ms for the 4x512 Llama of the decode benchmark,
     as much as 10 decode steps), so it is not redone per call. Arrays are immutable: the same
     live array objects mean the same values; a training step that replaces (or donates) a weight
-    makes its array unreachable, the weak reference dies and the entry is rebuilt. One entry
-    only: the extra memory is one model's weights, the price of the kernel's layout.
+    makes its array unreachable, its weak reference dies, and that drops the entry (so a deleted
+    model's packed copy does not outlive it). One entry only: the extra memory is one model's
+    weights, the price of the kernel's layout.
     """
 
     def __init__(self):
         self._refs: list = []
         self._packs: dict | None = None
+        self._generation = 0
 
     def get(self, graphdef, state, model) -> dict:
         weights = [m.embedding[...] if isinstance(m, Embed) else m.kernel[...] for _, m in _packable(model)]
         if (self._packs is not None and len(weights) == len(self._refs)
                 and all(r() is w and not w.is_deleted() for r, w in zip(self._refs, weights))):
             return self._packs
-        self._packs = None  # let the old entry go before building the new one
-        self._packs = _pack_weights(graphdef, state)
-        self._refs = [weakref.ref(w) for w in weights]
-        return self._packs
+        self.clear()  # let the old entry go before building the new one
+        packs = _pack_weights(graphdef, state)
+        gen = self._generation
+        self._refs = [weakref.ref(w, lambda _, gen=gen: self._drop(gen)) for w in weights]
+        self._packs = packs
+        return packs
+
+    def _drop(self, generation: int) -> None:
+        if generation == self._generation:
+            self.clear()
 
     def clear(self) -> None:
+        self._generation += 1
         self._refs, self._packs = [], None
 
 

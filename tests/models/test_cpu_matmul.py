@@ -140,3 +140,8 @@ def test_packed_weights_are_reused_and_follow_weight_updates(models):
     assert generate_mod._PACKS._packs is not packs
     np.testing.assert_array_equal(changed, run(False))
     assert not np.array_equal(changed, first)
+    # the packed copy does not outlive the model's weights
+    del model, down
+    import gc
+    gc.collect()
+    assert generate_mod._PACKS._packs is None
