@@ -7,9 +7,8 @@ import torch
 import transformers
 from flax import nnx
 
-from mllm_jax.convert.hf import load_pretrained
 from mllm_jax.generate import generate, top_k_filter, top_p_filter
-from tests.tiny_hf import make_hf
+from tests.tiny_hf import hf_and_ours
 
 N_NEW = 8
 PAD = 0
@@ -31,10 +30,7 @@ def prompts(vocab, seed=0):
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def models(request, tmp_path_factory):
-    hf = make_hf(request.param, seed=3)
-    path = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(path)
-    return hf, load_pretrained(path)
+    return hf_and_ours(tmp_path_factory.mktemp(request.param), request.param, seed=3)
 
 
 def greedy_without_cache(model, ids, mask, n):

@@ -39,6 +39,15 @@ def make_hf(family: str, seed: int = 0, **overrides):
     return model
 
 
+def hf_and_ours(path, family: str, seed: int = 0, **overrides):
+    """``make_hf(family, seed, **overrides)`` saved as safetensors under ``path``, and our model
+    loaded from there: the pair a parity test compares."""
+    from mllm_jax.convert.hf import load_pretrained
+    hf = make_hf(family, seed=seed, **overrides)
+    hf.save_pretrained(path)
+    return hf, load_pretrained(path)
+
+
 def padded_batch(vocab: int, seed: int = 0):
     """int ids [3, 24] and a mask with a left-padded row, a right-padded row and a full row."""
     rng = np.random.default_rng(seed)

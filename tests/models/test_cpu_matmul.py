@@ -8,10 +8,9 @@ import torch
 from flax import nnx
 
 from mllm_jax import generate as generate_mod
-from mllm_jax.convert.hf import load_pretrained
 from mllm_jax.kernels import cpu_matmul
 from mllm_jax.sharding import make_mesh, shard_model
-from tests.tiny_hf import make_hf
+from tests.tiny_hf import hf_and_ours
 
 pytestmark = pytest.mark.skipif(not cpu_matmul.available(),
                                 reason=f"CPU kernel unavailable: {cpu_matmul.unavailable_reason()}")
@@ -73,10 +72,10 @@ def test_disabled_by_environment(monkeypatch):
 
 @pytest.fixture(scope="module", params=["llama_tied", "qwen2"])
 def models(request, tmp_path_factory):
-    hf = make_hf(request.param, seed=5)
-    path = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(path)
-    return hf, load_pretrained(path)
+    family, overrides = {"llama_tied": ("llama", dict(tie_word_embeddings=True)), "qwen2": ("qwen2", {})}[request.param]
+    hf, ours = hf_and_ours(tmp_path_factory.mktemp(request.param), family, seed=5, **overrides)
+    assert hf.config.tie_word_embeddings == (request.param == "llama_tied")
+    return hf, ours
 
 
 def _custom_calls(model, ids, mask, cpu_kernels):
