@@ -142,7 +142,7 @@ class Embed(nnx.Module):
         x = x.astype(self.dtype)
         if self.packed is not None and cpu_matmul.applies(x):
             return cpu_matmul.matmul(x, self.packed, self.num_embeddings)
-        return matmul_2d(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+        return matmul_2d(x, self.embedding[...].astype(self.dtype).T)
 
 
 # ---- norms -------------------------------------------------------------------------------------
