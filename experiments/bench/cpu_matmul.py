@@ -20,7 +20,6 @@ import multiprocessing as mp
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from _env import allocator, allocator_line, warn_if_unset  # noqa: E402
+from _timing import best_time  # noqa: E402
 
 SHAPES = {"llama 4x512 gate/up": (512, 1408), "llama 4x512 down": (1408, 512),
           "SmolLM2 gate/up": (576, 1536), "SmolLM2 embedding slice": (576, 6144)}
@@ -47,14 +47,6 @@ def _worker(threads: int, rows: list[int], copies_mb: int, out) -> None:
         out.put({"unavailable": reason})
         return
 
-    def best(f, *a):
-        jax.block_until_ready(f(*a))
-        ts = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(*a))
-            ts.append(time.perf_counter() - t0)
-        return min(ts)
     cases = []
     for name, (k, n) in SHAPES.items():
         copies = max(4, copies_mb * 2**20 // (4 * k * n))
@@ -64,7 +56,7 @@ def _worker(threads: int, rows: list[int], copies_mb: int, out) -> None:
         ker = jax.jit(lambda x, wps: [cpu_matmul.matmul(x, wp, n) for wp in wps])
         for m in rows:
             x = jnp.ones((m, k), jnp.float32)
-            t_xla, t_ker = best(xla, x, ws) / copies, best(ker, x, wps) / copies
+            t_xla, t_ker = best_time(xla, x, ws) / copies, best_time(ker, x, wps) / copies
             cases.append(dict(name=f"{name} [{m},{k}]x[{k},{n}] threads={threads}", shape=name, m=m, k=k, n=n,
                               threads=threads, xla_us=round(1e6 * t_xla, 1), kernel_us=round(1e6 * t_ker, 1),
                               speedup=round(t_xla / t_ker, 2),

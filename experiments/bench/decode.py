@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from _env import allocator, allocator_line, warn_if_unset  # noqa: E402
+from _timing import best_time  # noqa: E402
 
 PROMPT_LEN = 16
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -75,13 +76,7 @@ def _ours_worker(model_dir: str, prompts: dict, n_new: int, reps: int, threads: 
         state = {k: v for k, v in state.items() if k != "embed_tokens"}
     params = jax.tree.leaves(state)
     read_all = jax.jit(lambda ps: sum(p.sum() for p in ps))
-    read_all(params).block_until_ready()
-    floor = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        read_all(params).block_until_ready()
-        floor.append(time.perf_counter() - t0)
-    res = {"weights_mb": sum(p.nbytes for p in params) / 1e6, "weights_read_s": min(floor)}
+    res = {"weights_mb": sum(p.nbytes for p in params) / 1e6, "weights_read_s": best_time(read_all, params)}
     # the weight matmuls of one decode step alone, at this batch: x[B, in] @ W for every 2-D
     # weight (the tied embedding as x @ E.T), weights cold as in the loop: where the step's time goes
     flat = jax.tree_util.tree_flatten_with_path(state)[0]
@@ -101,19 +96,11 @@ def _ours_worker(model_dir: str, prompts: dict, n_new: int, reps: int, threads: 
         ns = [w.shape[0] if t else w.shape[1] for w, t in mats]
         kernel_matmuls = jax.jit(lambda wps, xs: [cpu_matmul.matmul(x, wp, n) for wp, n, x in zip(wps, ns, xs)])
 
-    def best_of(f, *a):
-        jax.block_until_ready(f(*a))
-        mm = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(*a))
-            mm.append(time.perf_counter() - t0)
-        return min(mm)
     for b in prompts:
         xs = [jax.numpy.ones((b, w.shape[1] if t else w.shape[0]), w.dtype) for w, t in mats]
-        res[f"matmul_s_{b}"] = best_of(matmuls, ws, xs)
+        res[f"matmul_s_{b}"] = best_time(matmuls, ws, xs)
         if kernel == "cpu_matmul":
-            res[f"kernel_matmul_s_{b}"] = best_of(kernel_matmuls, wps, xs)
+            res[f"kernel_matmul_s_{b}"] = best_time(kernel_matmuls, wps, xs)
     res["kernel"] = kernel
     if kernel == "cpu_matmul":
         del wps
