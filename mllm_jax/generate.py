@@ -114,11 +114,16 @@ def _packable(model: nnx.Module):
             yield "/".join(map(str, path)), m
 
 
+def _weight(m: Dense | Embed) -> Array:
+    """The matrix a ``_packable`` module multiplies by (``Embed``: its table, used transposed)."""
+    return m.embedding[...] if isinstance(m, Embed) else m.kernel[...]
+
+
 @functools.partial(jax.jit, static_argnames="graphdef")
 def _pack_weights(graphdef, state) -> dict:
     """``{module path: packed weight}`` (``cpu_matmul.pack``) for ``_packable`` modules."""
-    return {path: cpu_matmul.pack_transposed(m.embedding[...]) if isinstance(m, Embed)
-            else cpu_matmul.pack(m.kernel[...]) for path, m in _packable(nnx.merge(graphdef, state))}
+    return {path: (cpu_matmul.pack_transposed if isinstance(m, Embed) else cpu_matmul.pack)(_weight(m))
+            for path, m in _packable(nnx.merge(graphdef, state))}
 
 
 def _attach(model: nnx.Module, packs: dict | None) -> nnx.Module:
@@ -146,7 +151,7 @@ class _PackCache:
         self._generation = 0
 
     def get(self, graphdef, state, model) -> dict:
-        weights = [m.embedding[...] if isinstance(m, Embed) else m.kernel[...] for _, m in _packable(model)]
+        weights = [_weight(m) for _, m in _packable(model)]
         if (self._packs is not None and len(weights) == len(self._refs)
                 and all(r() is w and not w.is_deleted() for r, w in zip(self._refs, weights))):
             return self._packs
