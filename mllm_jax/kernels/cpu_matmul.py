@@ -193,7 +193,7 @@ def _main() -> int:
     Exit status 0 either way (the kernel is optional)."""
     reason = unavailable_reason()
     if reason is None:
-        print(f"mllm_jax CPU matmul kernel: ready ({build()})")
+        print(f"mllm_jax CPU matmul kernel: ready (built under {cache_dir()})")
     else:
         print(f"mllm_jax CPU matmul kernel: not used ({reason}); generate keeps XLA's dot")
     return 0
