@@ -90,10 +90,11 @@ class MLLM(nnx.Module):
         self.config = cfg
         self.vision = VisionTower(cfg.vision, rngs=rngs)
         d_vis, d_llm = cfg.vision.hidden_size, cfg.decoder.hidden_size
+        dt = dtype_of(cfg.decoder.dtype)  # the projector computes in the LLM's dtype
         if cfg.projector.kind == "mlp":
-            self.projector = MLPProjector(d_vis, d_llm, cfg.projector, rngs=rngs)
+            self.projector = MLPProjector(d_vis, d_llm, cfg.projector, dtype=dt, rngs=rngs)
         else:
-            self.projector = PoolAdapter(d_vis, d_llm, cfg.vision.grid_size, cfg.projector, rngs=rngs)
+            self.projector = PoolAdapter(d_vis, d_llm, cfg.vision.grid_size, cfg.projector, dtype=dt, rngs=rngs)
         self.decoder = Decoder(cfg.decoder, rngs=rngs)
         self.soft_prompt = SoftPrompt(cfg.num_soft_prompts, d_llm, rngs=rngs) if cfg.num_soft_prompts else None
         # Sugar's MLP head from slice hidden states to the embeddings compared by alignment
@@ -145,7 +146,8 @@ class MLLM(nnx.Module):
                  output_hidden_states: bool = False, return_logits: bool = True) -> MLLMOutput:
         """``input_ids: int32[B, T]`` (image slots pre-expanded), ``attention_mask: int[B, T]``,
         ``pixel_values: float32[B, M, H, W, C]``, ``image_mask: bool[B, M]``."""
-        if _is_concrete(input_ids) and (pixel_values is None or _is_concrete(pixel_values)):
+        if _is_concrete(input_ids) and (pixel_values is None or _is_concrete(pixel_values)) \
+                and (image_mask is None or _is_concrete(image_mask)):
             if image_mask is None and pixel_values is not None:
                 image_mask = np.ones(pixel_values.shape[:2], bool)
             check_image_slots(input_ids, image_mask, self.config.tokens_per_image, self.config.image_token_id)
