@@ -10,6 +10,7 @@ Conventions:
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -79,13 +80,117 @@ def get_activation(name: str) -> Callable:
 
 # ---- linear / embedding ------------------------------------------------------------------------
 
-def matmul_2d(x: Array, w: Array) -> Array:
-    """``x: float[..., in] @ w: float[in, out]`` as one 2-D matmul over the flattened leading
-    dims. Same result as ``einsum("...i,io->...o")``, but the weight gradient is then a plain
-    ``[in, N] @ [N, out]`` product: XLA:CPU otherwise lowers the multi-dim contraction of the
-    backward pass through a transposed copy and a slow dot (measured 3x slower fwd+bwd)."""
+def matmul_2d(x: Array, w: Array, bias: Optional[Array] = None, *, transpose_w: bool = False) -> Array:
+    """``x: float[..., in] @ w: float[in, out] (+ bias: float[out])`` (``transpose_w``:
+    ``w: float[out, in]``, so ``x @ w.T``) as one 2-D matmul over the flattened leading dims, in
+    ``x``'s dtype; ``w`` and ``bias`` may be float32 (they are cast). Same result as
+    ``einsum("...i,io->...o")``, but the weight gradient is then a plain ``[in, N] @ [N, out]``
+    product: XLA:CPU otherwise lowers the multi-dim contraction of the backward pass through a
+    transposed copy and a slow dot (measured 3x slower fwd+bwd).
+
+    In bfloat16 on CPU the products of the forward and backward pass go through
+    ``_bf16_matmul`` (bfloat16 operands, float32 accumulation and bias, one rounding; weight and
+    bias gradients kept in float32), which keeps them on XLA:CPU's native bfloat16 GEMM.
+    """
     lead = x.shape[:-1]
-    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*lead, w.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    if x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+        y = _bf16_matmul(x2, w, bias, transpose_w)
+    else:
+        w = w.astype(x.dtype)
+        y = x2 @ (w.T if transpose_w else w)
+        if bias is not None:
+            y = y + bias.astype(x.dtype)
+    return y.reshape(*lead, y.shape[-1])
+
+
+def add_param(x: Array, p: Array) -> Array:
+    """``x + p`` for an activation ``x`` and a (float32) parameter ``p`` that broadcasts to it,
+    computed in float32 and rounded once to ``x.dtype``. The gradient of ``p`` is then reduced
+    in float32: XLA:CPU reduces a bfloat16 one through a reduce-window (measured 20x slower for
+    a ``[8, 65, 1024]`` bias gradient)."""
+    return (x.astype(jnp.float32) + p.astype(jnp.float32)).astype(x.dtype)
+
+
+def _rowmajor(a: Array, perm: tuple[int, ...]) -> Array:
+    """``jnp.transpose(a, perm)``, written (through a trailing unit dimension) so that XLA:CPU
+    materialises it as a row-major copy instead of giving the transpose a permuted layout. A
+    bfloat16 dot with an operand in a permuted layout (or with an LHS that does not contract its
+    last dimension) is outside XLA:CPU's native bfloat16 GEMM (YNNPACK): the compiler then
+    converts both operands to float32 and runs the float32 GEMM at half the bfloat16 rate
+    (measured on a 2-core Zen 4: 160-200 vs 360-410 GFLOP/s; the copy costs a few percent)."""
+    out = jnp.transpose(a[..., None], tuple(perm) + (a.ndim,))
+    return out.reshape(out.shape[:-1])
+
+
+def _rowmajor_t(a: Array) -> Array:
+    """``a.T`` (2-D) as a row-major copy; see ``_rowmajor``."""
+    return _rowmajor(a, (1, 0))
+
+
+def _dot_f32acc(a: Array, b: Array) -> Array:
+    return jax.lax.dot(a, b, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _bf16_matmul(x: Array, w: Array, bias: Optional[Array], transpose_w: bool) -> Array:
+    """``bf16[M, K] @ w (+ bias)`` (``w: [K, N]``, or ``[N, K]`` with ``transpose_w``; any float
+    dtype, cast to bfloat16) -> ``bf16[M, N]``, accumulated and biased in float32 and rounded
+    once, as torch's bfloat16 autocast and TPUs do. The backward pass writes its two products
+    with row-major operands (``_rowmajor_t``) and returns the weight and bias gradients
+    accumulated in float32, in their own dtypes."""
+    return _bf16_matmul_fwd(x, w, bias, transpose_w)[0]
+
+
+def _bf16_matmul_fwd(x, w, bias, transpose_w):
+    wb = w.astype(jnp.bfloat16)
+    y = _dot_f32acc(x, _rowmajor_t(wb) if transpose_w else wb)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(jnp.bfloat16), (x, w, bias)
+
+
+def _bf16_matmul_bwd(transpose_w, res, g):
+    x, w, bias = res
+    wb, g = w.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
+    if transpose_w:   # y = x @ w.T, w: [N, K]
+        dx = _dot_f32acc(g, wb)
+        dw = _dot_f32acc(_rowmajor_t(g), x)
+    else:             # y = x @ w, w: [K, N]
+        dx = _dot_f32acc(g, _rowmajor_t(wb))
+        dw = _dot_f32acc(_rowmajor_t(x), g)
+    db = None if bias is None else jnp.sum(g.astype(jnp.float32), axis=0).astype(bias.dtype)
+    return dx.astype(x.dtype), dw.astype(w.dtype), db
+
+
+_bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+
+def _bmm(a: Array, b: Array) -> Array:
+    """``[B, H, M, K] @ [B, H, K, N]`` -> float32 ``[B, H, M, N]``."""
+    return jax.lax.dot_general(a, b, (((3,), (2,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _bf16_bmm(a: Array, b: Array) -> Array:
+    """``_bmm`` of two row-major bfloat16 operands (float32 accumulation), whose backward pass
+    keeps its two products in that form (``_rowmajor``), as ``_bf16_matmul`` does."""
+    return _bmm(a, b)
+
+
+def _bf16_bmm_fwd(a, b):
+    return _bmm(a, b), (a, b)
+
+
+def _bf16_bmm_bwd(res, g):
+    a, b = res
+    g = g.astype(jnp.bfloat16)
+    da = _bmm(g, _rowmajor(b, (0, 1, 3, 2)))
+    db = _bmm(_rowmajor(a, (0, 1, 3, 2)), g)
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+_bf16_bmm.defvjp(_bf16_bmm_fwd, _bf16_bmm_bwd)
 
 
 class Dense(nnx.Module):
@@ -113,12 +218,13 @@ class Dense(nnx.Module):
     def __call__(self, x: Array) -> Array:
         """``x: float[..., in]`` -> ``float[..., out]``."""
         x = x.astype(self.dtype)
+        bias = None if self.bias is None else self.bias[...]
         if self.packed is not None and cpu_matmul.applies(x):
             y = cpu_matmul.matmul(x, self.packed, self.out_features)
+            if bias is not None:
+                y = y + bias.astype(self.dtype)
         else:
-            y = matmul_2d(x, self.kernel[...].astype(self.dtype))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = matmul_2d(x, self.kernel[...], bias)
         if self.lora is not None:
             y = y + self.lora(x).astype(y.dtype)
         return y
@@ -142,7 +248,7 @@ class Embed(nnx.Module):
         x = x.astype(self.dtype)
         if self.packed is not None and cpu_matmul.applies(x):
             return cpu_matmul.matmul(x, self.packed, self.num_embeddings)
-        return matmul_2d(x, self.embedding[...].astype(self.dtype).T)
+        return matmul_2d(x, self.embedding[...], transpose_w=True)
 
 
 # ---- norms -------------------------------------------------------------------------------------
@@ -211,7 +317,8 @@ class MLP(nnx.Module):
         self.act = get_activation(act)
 
     def __call__(self, x: Array) -> Array:
-        return self.fc2(self.act(self.fc1(x)))
+        h = self.fc1(x)
+        return self.fc2(self.act(h.astype(jnp.float32)).astype(h.dtype))  # float32 inside: see GatedMLP
 
 
 # ---- rotary position embedding ----------------------------------------------------------------
@@ -242,8 +349,9 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
     """HF rotate-half RoPE. ``x: float[B, T, H, D]``, ``positions: int[B, T]``."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]  # [B,T,D/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    cos = jnp.cos(emb)[:, :, None, :].astype(x.dtype)
-    sin = jnp.sin(emb)[:, :, None, :].astype(x.dtype)
+    cos = jnp.cos(emb)[:, :, None, :]
+    sin = jnp.sin(emb)[:, :, None, :]
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
     x1, x2 = jnp.split(x, 2, axis=-1)
     rot = jnp.concatenate([-x2, x1], axis=-1)
     return x * cos + rot * sin
@@ -267,6 +375,14 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array], *
     ``float[B, KVH, S, D]`` with ``kv_heads_first`` (the KV-cache layout);
     ``mask: bool[B, T, S]`` (True = may attend) or None -> ``float[B, T, H, D]``.
     """
+    if not kv_heads_first and jax.default_backend() == "cpu":
+        return _attention_cpu(q, k, v, mask)
+    return _attention_einsum(q, k, v, mask, kv_heads_first=kv_heads_first)
+
+
+def _attention_einsum(q: Array, k: Array, v: Array, mask: Optional[Array], *,
+                      kv_heads_first: bool = False) -> Array:
+    """``dot_product_attention`` as two einsums (XLA places the heads)."""
     b, t, h, d = q.shape
     kvh = k.shape[1 if kv_heads_first else 2]
     g = h // kvh
@@ -279,6 +395,28 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array], *
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, v)
     return out.reshape(b, t, h, d)
+
+
+def _attention_cpu(q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array:
+    """``dot_product_attention`` on CPU: the same computation with the heads moved in front as
+    row-major copies (``_rowmajor``), so that both products and their gradients are plain
+    batched GEMMs; in bfloat16 they then stay bfloat16 GEMMs (``_bf16_bmm``) instead of being
+    converted to float32. Measured fwd+bwd at B=8, T=128, 8 query / 4 KV heads of 32 on a
+    2-core Zen 4: float32 8.1 -> 5.9 ms, bfloat16 11.3 -> 6.5 ms."""
+    b, t, h, d = q.shape
+    s, kvh = k.shape[1], k.shape[2]
+    g = h // kvh
+    dt = q.dtype
+    qh = _rowmajor(q.reshape(b, t, kvh, g, d), (0, 2, 3, 1, 4)).reshape(b, kvh, g * t, d)
+    kt = _rowmajor(k.astype(dt), (0, 2, 3, 1))
+    vh = _rowmajor(v.astype(dt), (0, 2, 1, 3))
+    bmm = _bf16_bmm if dt == jnp.bfloat16 else _bmm
+    logits = bmm(qh, kt).reshape(b, kvh, g, t, s) * (1.0 / math.sqrt(d))
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None, :, :], logits, _NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dt).reshape(b, kvh, g * t, s)
+    out = bmm(probs, vh).astype(dt).reshape(b, kvh, g, t, d)
+    return _rowmajor(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d)
 
 
 class Attention(nnx.Module):
@@ -362,4 +500,5 @@ __all__ = [
     "Dense", "Embed", "RMSNorm", "LayerNorm", "GatedMLP", "MLP", "Attention", "KVCache",
     "dot_product_attention", "rope_inv_freq", "apply_rope", "get_activation", "quick_gelu",
     "padding_mask", "causal_mask", "torch_linear_init", "normal_init", "make_param", "mark_units", "matmul_2d",
+    "add_param",
 ]

@@ -31,7 +31,8 @@ from flax import nnx
 
 from mllm_jax.config import VisionConfig, dtype_of
 from mllm_jax.models.layers import (
-    MLP, Attention, Dense, LayerNorm, dot_product_attention, make_param, mark_units, normal_init)
+    MLP, Attention, Dense, LayerNorm, add_param, dot_product_attention, make_param, mark_units, matmul_2d,
+    normal_init)
 from mllm_jax.sharding import constrain
 
 Array = jax.Array
@@ -62,11 +63,12 @@ class PatchEmbed(nnx.Module):
         """``pixels: float[B, H, W, C]`` -> ``float[B, (H/p)*(W/p), D]`` in row-major patch order."""
         b, h, w, c = pixels.shape
         p = self.patch
-        x = pixels.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
-        y = jnp.einsum("bhpwqc,pqcd->bhwd", x, self.kernel[...].astype(self.dtype))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        return y.reshape(b, (h // p) * (w // p), -1)
+        # patches as rows [B, H/p, W/p, p*p*C] (p, q, c order, as the kernel's), then one 2-D
+        # matmul: its weight gradient is a plain product (see layers.matmul_2d)
+        x = pixels.astype(self.dtype).reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        x = x.reshape(b, (h // p) * (w // p), p * p * c)
+        kernel = self.kernel[...].reshape(p * p * c, -1)
+        return matmul_2d(x, kernel, None if self.bias is None else self.bias[...])
 
 
 class VisionEmbeddings(nnx.Module):
@@ -86,9 +88,10 @@ class VisionEmbeddings(nnx.Module):
     def __call__(self, pixels: Array) -> Array:
         x = self.patch_embedding(pixels)                                    # [B, N, D]
         if self.class_embedding is not None:
-            cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (x.shape[0], 1, x.shape[-1]))
+            # broadcast in float32 (its gradient, a sum over the batch, then stays float32: add_param)
+            cls = jnp.broadcast_to(self.class_embedding[...], (x.shape[0], 1, x.shape[-1])).astype(self.dtype)
             x = jnp.concatenate([cls, x], axis=1)
-        return x + self.position_embedding[...].astype(self.dtype)[None]
+        return add_param(x, self.position_embedding[...][None])
 
 
 class EncoderLayer(nnx.Module):
@@ -130,11 +133,11 @@ class MultiheadAttentionPooling(nnx.Module):
 
     def __call__(self, query: Array, x: Array) -> Array:
         """``query: float[B, Q, D]``, ``x: float[B, N, D]`` -> ``float[B, Q, D]``."""
-        w = self.in_proj_kernel[...].astype(self.dtype)
-        bias = self.in_proj_bias[...].astype(self.dtype)
-        q = jnp.einsum("bqi,io->bqo", query.astype(self.dtype), w[:, 0]) + bias[0]
-        k = jnp.einsum("bni,io->bno", x.astype(self.dtype), w[:, 1]) + bias[1]
-        v = jnp.einsum("bni,io->bno", x.astype(self.dtype), w[:, 2]) + bias[2]
+        w, bias = self.in_proj_kernel[...], self.in_proj_bias[...]
+        query, x = query.astype(self.dtype), x.astype(self.dtype)
+        q = matmul_2d(query, w[:, 0], bias[0])
+        k = matmul_2d(x, w[:, 1], bias[1])
+        v = matmul_2d(x, w[:, 2], bias[2])
         heads = lambda t: t.reshape(t.shape[0], t.shape[1], self.num_heads, -1)  # noqa: E731
         out = dot_product_attention(heads(q), heads(k), heads(v), None)
         return self.out_proj(out.reshape(query.shape))
