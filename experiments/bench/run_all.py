@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 # The order they run in: cheap ones first, then those that compare against torch/transformers.
-ORDER = ("data", "align", "eval", "cpu_matmul", "train_step", "decode")
+ORDER = ("data", "align", "eval", "cpu_matmul", "cpu_layers", "train_step", "decode")
 LOG_TAIL = 30
 
 

@@ -18,7 +18,9 @@ machine; medians are in the JSON too). The peak is measured in the same run, bef
 after the cases: the best throughput of a large jitted float32 matmul (and torch's, for
 context). MFU = training FLOPs per step (``mllm_jax.train.flops``: 6N + attention, counted
 from the config) / step time / measured peak. ratio = reference time / our time (> 1: ours is
-faster). Float32 on both sides.
+faster). Each case runs in one dtype on both sides: float32, or (``-bf16`` cases) bfloat16
+compute with float32 params (ours: the layers' bfloat16 path; the reference: torch.autocast),
+with MFU then against the measured bfloat16 matmul peak.
 """
 from __future__ import annotations
 
@@ -52,7 +54,12 @@ CASES = {
                       vision=dict(image_size=64, patch_size=8, hidden_size=256, intermediate_size=1024,
                                   num_layers=4, num_heads=8), batch=8, seq_len=128, mllm=True),
 }
-QUICK = ("lm-tiny", "lm-small", "mllm-tiny")
+# The same architectures with bfloat16 compute (params float32; ours: ``train.compute_dtype:
+# bfloat16``; the reference: torch.autocast("cpu", bfloat16) around forward and loss, as the HF
+# Trainer runs ``bf16=True``).
+CASES["lm-small-bf16"] = dict(CASES["lm-small"], dtype="bfloat16")
+CASES["mllm-tiny-bf16"] = dict(CASES["mllm-tiny"], dtype="bfloat16")
+QUICK = ("lm-tiny", "lm-small", "mllm-tiny", "lm-small-bf16")
 LR, BETAS, EPS, CLIP = 1e-4, (0.9, 0.999), 1e-8, 1.0
 
 
@@ -62,10 +69,11 @@ def _rss_mb() -> float:
 
 def _configs(case: dict):
     from mllm_jax.config import DecoderConfig, MLLMConfig, VisionConfig
-    dec = DecoderConfig(**case["decoder"])
+    dt = case.get("dtype", "float32")
+    dec = DecoderConfig(**case["decoder"], dtype=dt)
     if not case.get("mllm"):
         return dec, None
-    return dec, MLLMConfig(vision=VisionConfig(**case["vision"]), decoder=dec, image_token_id=3)
+    return dec, MLLMConfig(vision=VisionConfig(**case["vision"], dtype=dt), decoder=dec, image_token_id=3)
 
 
 def _timed(step, steps: int, warmup: int) -> list[float]:
@@ -153,10 +161,12 @@ def worker_ref(case: dict, steps: int) -> dict:
                   "pixel_values": torch.from_numpy(batch["pixel_values"][:, 0].transpose(0, 3, 1, 2).copy())}
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0)
+    bf16 = case.get("dtype") == "bfloat16"
 
     def one():
         opt.zero_grad(set_to_none=True)
-        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**inputs, labels=inputs["input_ids"]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
@@ -171,11 +181,17 @@ def worker_peak(n: int) -> dict:
     import numpy as np
     import torch
     a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)).astype(np.float32))
+    ab = a.astype(jnp.bfloat16)
     f = jax.jit(lambda x, y: x @ y)
+    fb = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))  # as the bf16 layers run
     jax_t = min(_timed(lambda: f(a, a).block_until_ready(), 5, warmup=2))
+    jax_bt = min(_timed(lambda: fb(ab, ab).block_until_ready(), 5, warmup=2))
     ta = torch.from_numpy(np.asarray(a))
+    tb = ta.to(torch.bfloat16)
     torch_t = min(_timed(lambda: ta @ ta, 5, warmup=2))
-    return {"n": n, "jax_flops": 2 * n ** 3 / jax_t, "torch_flops": 2 * n ** 3 / torch_t}
+    torch_bt = min(_timed(lambda: tb @ tb, 5, warmup=2))
+    return {"n": n, "jax_flops": 2 * n ** 3 / jax_t, "torch_flops": 2 * n ** 3 / torch_t,
+            "jax_bf16_flops": 2 * n ** 3 / jax_bt, "torch_bf16_flops": 2 * n ** 3 / torch_bt}
 
 
 # ---- driver -------------------------------------------------------------------------------------
@@ -254,19 +270,25 @@ def main(argv=None) -> int:
             "ours_peak_rss_mb": ours["peak_rss_mb"], "ref_peak_rss_mb": ref["peak_rss_mb"],
             "ours_rss_growth_mb": ours["rss_growth_mb"], "ref_rss_growth_mb": ref["rss_growth_mb"],
             "ours_impl": ours["impl"], "ref_impl": ref["impl"], "batch": b, "seq_len": t,
+            "dtype": case.get("dtype", "float32"),
             "steps": steps, "rounds": rounds,
         })
     peaks.append(_run_worker("peak", {"n": n}))
-    peak = {"jax_flops": max(p["jax_flops"] for p in peaks), "torch_flops": max(p["torch_flops"] for p in peaks), "n": n}
+    peak = {k: max(p[k] for p in peaks) for k in ("jax_flops", "torch_flops", "jax_bf16_flops", "torch_bf16_flops")}
+    peak["n"] = n
     for c in cases:
-        c["mfu"] = c["flops_per_step"] / c["ours_s"] / peak["jax_flops"]
-        c["ref_mfu"] = c["flops_per_step"] / c["ref_s"] / peak["jax_flops"]
+        # MFU against the measured matmul peak of the case's compute dtype
+        c["peak_flops"] = peak["jax_bf16_flops" if c["dtype"] == "bfloat16" else "jax_flops"]
+        c["mfu"] = c["flops_per_step"] / c["ours_s"] / c["peak_flops"]
+        c["ref_mfu"] = c["flops_per_step"] / c["ref_s"] / c["peak_flops"]
         print(f"{c['name']}: ours {c['ours_s'] * 1e3:.1f} ms, ref {c['ref_s'] * 1e3:.1f} ms, ratio {c['ratio']:.2f}, "
-              f"MFU {100 * c['mfu']:.1f}% of the measured peak", flush=True)
+              f"MFU {100 * c['mfu']:.1f}% of the measured {c['dtype']} peak", flush=True)
 
     result = {
         "cases": cases, "skipped": skipped,
         "peak": {"measured_jax_matmul_flops": peak["jax_flops"], "measured_torch_matmul_flops": peak["torch_flops"],
+                 "measured_jax_bf16_matmul_flops": peak["jax_bf16_flops"],
+                 "measured_torch_bf16_matmul_flops": peak["torch_bf16_flops"],
                  "matmul_n": peak["n"], "nominal_cpu_flops": F.CPU_PEAK_PER_CORE * (os.cpu_count() or 1)},
         "targets": {"ratio": 1.5, "mfu_of_measured_peak": 0.30},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -284,28 +306,33 @@ def main(argv=None) -> int:
 def _markdown(r: dict) -> str:
     p = r["peak"]
     lines = ["# Train step: ours (jitted JAX) vs transformers + torch AdamW", "",
-             f"Measured float32 matmul peak: JAX {p['measured_jax_matmul_flops'] / 1e9:.1f} GFLOP/s, "
-             f"torch {p['measured_torch_matmul_flops'] / 1e9:.1f} GFLOP/s (n={p['matmul_n']}); nominal CPU "
-             f"table {p['nominal_cpu_flops'] / 1e9:.0f} GFLOP/s. Targets: ratio >= {r['targets']['ratio']}, "
+             f"Measured matmul peak (n={p['matmul_n']}): float32 JAX {p['measured_jax_matmul_flops'] / 1e9:.1f}, "
+             f"torch {p['measured_torch_matmul_flops'] / 1e9:.1f} GFLOP/s; bfloat16 (float32 accumulation) JAX "
+             f"{p['measured_jax_bf16_matmul_flops'] / 1e9:.1f}, torch {p['measured_torch_bf16_matmul_flops'] / 1e9:.1f}"
+             f" GFLOP/s; nominal CPU table {p['nominal_cpu_flops'] / 1e9:.0f} GFLOP/s. MFU is against the JAX peak of "
+             f"the case's dtype. Targets: ratio >= {r['targets']['ratio']}, "
              f"MFU >= {100 * r['targets']['mfu_of_measured_peak']:.0f}% of the measured peak.", "",
-             "| case | ours ms | ref ms | ratio | ours tok/s | ref tok/s | MFU ours | MFU ref | peak RSS ours / ref MB | ours impl |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| case | dtype | ours ms | ref ms | ratio | ours tok/s | ref tok/s | MFU ours | MFU ref | "
+             "peak RSS ours / ref MB | ours impl |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for c in r["cases"]:
-        lines.append(f"| {c['name']} | {1e3 * c['ours_s']:.1f} | {1e3 * c['ref_s']:.1f} | {c['ratio']:.2f} | "
-                     f"{c['ours_tokens_per_s']:.0f} | {c['ref_tokens_per_s']:.0f} | {100 * c['mfu']:.1f}% | "
-                     f"{100 * c['ref_mfu']:.1f}% | {c['ours_peak_rss_mb']:.0f} / {c['ref_peak_rss_mb']:.0f} | "
-                     f"{c['ours_impl']} |")
+        lines.append(f"| {c['name']} | {c['dtype']} | {1e3 * c['ours_s']:.1f} | {1e3 * c['ref_s']:.1f} | "
+                     f"{c['ratio']:.2f} | {c['ours_tokens_per_s']:.0f} | {c['ref_tokens_per_s']:.0f} | "
+                     f"{100 * c['mfu']:.1f}% | {100 * c['ref_mfu']:.1f}% | "
+                     f"{c['ours_peak_rss_mb']:.0f} / {c['ref_peak_rss_mb']:.0f} | {c['ours_impl']} |")
     target = r["targets"]["ratio"]
     lines += ["", f"MFU ours would need for ratio {target} against the reference as measured (ratio x MFU ref): "
               + ", ".join(f"{c['name']} {100 * target * c['ref_mfu']:.0f}%" for c in r["cases"])
-              + " of the measured float32 matmul peak. Where the reference already runs near this machine's peak "
-              "(oneDNN / MKL matmuls), that is about the peak of a bare matmul, out of reach for a whole "
-              "training step in float32."]
+              + " of the measured matmul peak of the case's dtype. Where the reference already runs near "
+              "this machine's peak (oneDNN / MKL matmuls), that is about the peak of a bare matmul, out of reach "
+              "for a whole training step."]
     for s in r["skipped"]:
         lines.append(f"\nskipped: {s}")
     lines += ["", f"Machine: {r['machine']['platform']}, {r['machine']['cpus']} CPUs, load average "
-                  f"{r['machine']['load_avg']} when the run ended. Both sides float32, one process each, the same "
-                  "batch every step; best step after warm-up over alternating rounds (ratio of medians: "
+                  f"{r['machine']['load_avg']} when the run ended. Both sides in the case's dtype (bfloat16: "
+                  "params float32, ours with `train.compute_dtype: bfloat16`, the reference under "
+                  "`torch.autocast(\"cpu\", torch.bfloat16)`), one process each, the same batch every step; "
+                  "best step after warm-up over alternating rounds (ratio of medians: "
                   + ", ".join(f"{c['name']} {c['ratio_of_medians']:.2f}" for c in r["cases"]) + "). Wall-clock on a "
                   "shared machine: noisy. " + allocator_line()]
     return "\n".join(lines) + "\n"

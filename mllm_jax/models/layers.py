@@ -118,7 +118,8 @@ def _rowmajor(a: Array, perm: tuple[int, ...]) -> Array:
     bfloat16 dot with an operand in a permuted layout (or with an LHS that does not contract its
     last dimension) is outside XLA:CPU's native bfloat16 GEMM (YNNPACK): the compiler then
     converts both operands to float32 and runs the float32 GEMM at half the bfloat16 rate
-    (measured on a 2-core Zen 4: 160-200 vs 360-410 GFLOP/s; the copy costs a few percent)."""
+    (a bfloat16 dense layer fwd+bwd: 150-200 vs 310-380 GFLOP/s on a 2-core Zen 4 with the
+    copies included; ``experiments/bench/cpu_layers.py``)."""
     out = jnp.transpose(a[..., None], tuple(perm) + (a.ndim,))
     return out.reshape(out.shape[:-1])
 
@@ -401,8 +402,8 @@ def _attention_cpu(q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array
     """``dot_product_attention`` on CPU: the same computation with the heads moved in front as
     row-major copies (``_rowmajor``), so that both products and their gradients are plain
     batched GEMMs; in bfloat16 they then stay bfloat16 GEMMs (``_bf16_bmm``) instead of being
-    converted to float32. Measured fwd+bwd at B=8, T=128, 8 query / 4 KV heads of 32 on a
-    2-core Zen 4: float32 8.1 -> 5.9 ms, bfloat16 11.3 -> 6.5 ms."""
+    converted to float32 (fwd+bwd vs ``_attention_einsum``: 1.2-1.9x in float32, 1.6-2.3x in
+    bfloat16 on a 2-core Zen 4; ``experiments/bench/cpu_layers.py``)."""
     b, t, h, d = q.shape
     s, kvh = k.shape[1], k.shape[2]
     g = h // kvh
