@@ -95,15 +95,21 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
             loss, parts, extra, grads = accumulate(state, batch, key)
             gnorm = optax.global_norm(grads)
             ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
 
-            def keep(new, old):
-                return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+            def update(params, opt_state, extra, new_extra, grads):
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state, new_extra
+
+            def skip(params, opt_state, extra, new_extra, grads):
+                return params, opt_state, extra
+            # A conditional, not a select of new and old values: with the state donated, a
+            # select makes XLA copy the optimiser moments first (the param update and the
+            # in-place moment update both read the old moments), every step.
+            params, opt_state, extra = jax.lax.cond(ok, update, skip, state.params, state.opt_state,
+                                                    state.extra, extra, grads)
             bad = jnp.where(ok, 0, state.bad_streak + 1).astype(jnp.int32)
             skipped = state.skipped + (~ok).astype(jnp.int32)
-            new_state = state.replace(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-                                      extra=keep(extra, state.extra), step=state.step + 1,
+            new_state = state.replace(params=params, opt_state=opt_state, extra=extra, step=state.step + 1,
                                       bad_streak=bad, skipped=skipped)
         metrics = {"loss": loss, **{f"loss/{k}": v for k, v in parts.items()}, "grad_norm": gnorm,
                    "lr": schedule(state.step), "finite": ok, "bad_streak": bad, "skipped": skipped}
