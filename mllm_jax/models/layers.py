@@ -319,7 +319,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         h = self.fc1(x)
-        return self.fc2(self.act(h.astype(jnp.float32)).astype(h.dtype))  # float32 inside: see GatedMLP
+        # the activation in float32, rounded once: XLA:CPU rounds the result of every op inside
+        # a bfloat16 activation (silu on bf16[1024, 704]: 0.66 ms, through float32: 0.37 ms)
+        return self.fc2(self.act(h.astype(jnp.float32)).astype(h.dtype))
 
 
 # ---- rotary position embedding ----------------------------------------------------------------
@@ -350,9 +352,8 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
     """HF rotate-half RoPE. ``x: float[B, T, H, D]``, ``positions: int[B, T]``."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]  # [B,T,D/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    cos = jnp.cos(emb)[:, :, None, :]
-    sin = jnp.sin(emb)[:, :, None, :]
-    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+    cos = jnp.cos(emb)[:, :, None, :].astype(x.dtype)
+    sin = jnp.sin(emb)[:, :, None, :].astype(x.dtype)
     x1, x2 = jnp.split(x, 2, axis=-1)
     rot = jnp.concatenate([-x2, x1], axis=-1)
     return x * cos + rot * sin
