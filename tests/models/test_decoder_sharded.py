@@ -86,6 +86,23 @@ def test_sharded_generate_matches_one_device(single):
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
 
 
+def test_sharded_bfloat16_is_as_close_to_float32_as_one_device():
+    """bfloat16 compute on the (2, 2, 2) mesh (on CPU: the layers' bfloat16 GEMM and attention
+    forms, partitioned): its logits are within twice the 1-device bfloat16 error of the float32
+    logits (the two bfloat16 runs round at different places, so they need not agree exactly)."""
+    import dataclasses
+    ids, mask = batch()
+    valid = mask.astype(bool)
+    cfg = dataclasses.replace(CFG, dtype="bfloat16")
+    ref, _ = forward(Decoder(CFG, rngs=nnx.Rngs(0)), ids, mask)
+    one, _ = forward(Decoder(cfg, rngs=nnx.Rngs(0)), ids, mask)
+    mesh = sharding.make_mesh(2, 2, 2)
+    eight, _ = forward(sharding.create_sharded_model(lambda: Decoder(cfg, rngs=nnx.Rngs(0)), mesh), ids, mask, mesh)
+    err = lambda x: float(np.abs(np.asarray(x, np.float64) - np.asarray(ref, np.float64))[valid].max())  # noqa: E731
+    assert 0 < err(one) < 0.1
+    assert err(eight) <= 2 * err(one), (err(eight), err(one))
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(4, 1), (6, 3)])
 def test_kv_heads_not_dividing_tensor_axis_is_a_sharding_error(heads, kv_heads):
     # (6, 3): kv_heads * head_dim = 24 is even, but 3 heads cannot be split in two
