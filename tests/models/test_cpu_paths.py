@@ -117,21 +117,26 @@ def test_add_param_rounds_once_and_keeps_a_float32_gradient():
     np.testing.assert_array_equal(gp, np.full((6, 8), 4.0, np.float32))
 
 
-def _attention_inputs(dtype, b=2, t=24, h=4, kvh=2, d=16, seed=0):
+def _attention_inputs(dtype, b=2, t=24, h=4, kvh=2, d=16, seed=0, s=None):
+    """Causal self-attention with a left-padded row; or, with ``s``, ``t`` queries over ``s``
+    keys (cross-attention, as the SigLIP pooling head) and no mask."""
     rng = np.random.default_rng(seed)
     q = jnp.asarray(rng.normal(size=(b, t, h, d)), dtype)
-    k = jnp.asarray(rng.normal(size=(b, t, kvh, d)), dtype)
-    v = jnp.asarray(rng.normal(size=(b, t, kvh, d)), dtype)
-    valid = np.ones((b, t), bool)
-    valid[1, :5] = False  # a left-padded row
-    mask = L.causal_mask(t)[None] & jnp.asarray(valid)[:, None, :]
+    k = jnp.asarray(rng.normal(size=(b, s or t, kvh, d)), dtype)
+    v = jnp.asarray(rng.normal(size=(b, s or t, kvh, d)), dtype)
+    mask = None
+    if s is None:
+        valid = np.ones((b, t), bool)
+        valid[1, :5] = False  # a left-padded row
+        mask = L.causal_mask(t)[None] & jnp.asarray(valid)[:, None, :]
     ct = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
     return q, k, v, mask, ct
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (BF16, 3e-2)])
-def test_cpu_attention_matches_the_einsum_form(dtype, tol):
-    q, k, v, mask, ct = _attention_inputs(dtype)
+@pytest.mark.parametrize("shape", [dict(), dict(t=1, s=24, h=4, kvh=4)])
+def test_cpu_attention_matches_the_einsum_form(dtype, tol, shape):
+    q, k, v, mask, ct = _attention_inputs(dtype, **shape)
 
     def loss(fn):
         return jax.jit(jax.value_and_grad(
