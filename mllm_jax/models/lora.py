@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mllm_jax.config import LoRAConfig
-from mllm_jax.models.layers import Dense, make_param
+from mllm_jax.models.layers import Dense, make_param, matmul_2d
 
 
 class LoRAParam(nnx.Param):
@@ -48,8 +48,9 @@ class LoRA(nnx.Module):
             return jnp.zeros(x.shape[:-1] + (self.b.shape[-1],), x.dtype)
         if self.dropout is not None:
             x = self.dropout(x)
-        h = jnp.einsum("...i,ir->...r", x, self.a[...].astype(x.dtype))
-        return self.scale * jnp.einsum("...r,ro->...o", h, self.b[...].astype(x.dtype))
+        # 2-D products (layers.matmul_2d): plain GEMMs in the backward pass, and on CPU in
+        # bfloat16 the native bfloat16 GEMM
+        return self.scale * matmul_2d(matmul_2d(x, self.a[...]), self.b[...])
 
 
 def _path(path) -> str:
@@ -124,7 +125,8 @@ class SoftPrompt(nnx.Module):
 
     def __call__(self, batch: int, dtype=jnp.float32) -> jax.Array:
         """-> ``float[batch, num, dim]``."""
-        return jnp.broadcast_to(self.embedding[...].astype(dtype), (batch,) + self.embedding.shape)
+        # broadcast in float32, then cast: the gradient (a sum over the batch) stays float32
+        return jnp.broadcast_to(self.embedding[...], (batch,) + self.embedding.shape).astype(dtype)
 
 
 __all__ = ["LoRAParam", "LoRA", "apply_lora", "merge_lora", "unmerge_lora", "iter_dense", "SoftPrompt"]

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mllm_jax.config import DecoderConfig, MLLMConfig, VisionConfig
+from mllm_jax.config import DecoderConfig, LoRAConfig, MLLMConfig, VisionConfig
 from mllm_jax.models import layers as L
+from mllm_jax.models.lora import LoRA
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU code paths")
 
@@ -169,13 +170,18 @@ def _mllm_loss_and_grads(dtype: str):
     from mllm_jax.models.mllm import MLLM
     vision = VisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=2,
                           num_heads=4, dtype=dtype)
-    cfg = MLLMConfig(vision=vision, decoder=DecoderConfig(**DEC, dtype=dtype), image_token_id=3)
+    cfg = MLLMConfig(vision=vision, decoder=DecoderConfig(**DEC, dtype=dtype), image_token_id=3,
+                     lora=LoRAConfig(rank=8), num_soft_prompts=2, soft_prompt_token_id=6)
     model = MLLM(cfg, rngs=nnx.Rngs(0))
+    for path, lora in nnx.iter_graph(model):  # b = 0 at init would leave a's gradient zero
+        if isinstance(lora, LoRA):
+            lora.b[...] = jnp.full(lora.b.shape, 0.05, jnp.float32)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     rng = np.random.default_rng(0)
     b, t = 2, 32
     ids = rng.integers(8, DEC["vocab_size"], size=(b, t)).astype(np.int32)
     ids[:, 1:1 + cfg.tokens_per_image] = cfg.image_token_id
+    ids[:, 1 + cfg.tokens_per_image:3 + cfg.tokens_per_image] = cfg.soft_prompt_token_id
     pixels = jnp.asarray(rng.normal(size=(b, 1, 32, 32, 3)), jnp.float32)
     ids = jnp.asarray(ids)
 
@@ -188,7 +194,8 @@ def _mllm_loss_and_grads(dtype: str):
 
 
 def test_bf16_mllm_gradient_tracks_float32_and_uses_only_bf16_gemms():
-    """The whole MLLM (vision tower, projector, decoder, tied LM head) in bfloat16: every
+    """The whole MLLM (vision tower, projector, decoder with LoRA on q/v, soft prompts, tied LM
+    head) in bfloat16: every
     product of its loss gradient is a bfloat16 GEMM, and the gradient agrees with the float32
     model's (same params) to bfloat16 accuracy."""
     loss_bf, params = _mllm_loss_and_grads("bfloat16")
