@@ -88,7 +88,7 @@ class VisionEmbeddings(nnx.Module):
     def __call__(self, pixels: Array) -> Array:
         x = self.patch_embedding(pixels)                                    # [B, N, D]
         if self.class_embedding is not None:
-            # broadcast in float32 (its gradient, a sum over the batch, then stays float32: add_param)
+            # broadcast in float32, then cast: its gradient (a sum over the batch) stays float32
             cls = jnp.broadcast_to(self.class_embedding[...], (x.shape[0], 1, x.shape[-1])).astype(self.dtype)
             x = jnp.concatenate([cls, x], axis=1)
         return add_param(x, self.position_embedding[...][None])

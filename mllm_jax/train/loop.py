@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import signal
 import threading
@@ -54,8 +55,16 @@ def _tree_add(a, b):
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
-                    grad_accum: int = 1, mesh=None, rules: shd.Rules = shd.DEFAULT_RULES):
-    """``step(state, batch) -> (state, metrics)``, pure (jit it with ``jit_train_step``)."""
+                    grad_accum: int = 1, mesh=None, rules: shd.Rules = shd.DEFAULT_RULES,
+                    skip_with_cond: Optional[bool] = None):
+    """``step(state, batch) -> (state, metrics)``, pure (jit it with ``jit_train_step``).
+
+    A non-finite step leaves params, optimiser state and ``extra`` unchanged, through a
+    ``lax.cond`` (``skip_with_cond``; default: on CPU) or a select of new and old values
+    (elsewhere); the two give the same numbers.
+    """
+    if skip_with_cond is None:
+        skip_with_cond = jax.default_backend() == "cpu"
 
     def loss_and_grad(state: TrainState, extra, batch, key):
         def f(params):
@@ -102,11 +111,15 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
 
             def skip(params, opt_state, extra, new_extra, grads):
                 return params, opt_state, extra
-            # A conditional, not a select of new and old values: with the state donated, a
-            # select makes XLA copy the optimiser moments first (the param update and the
-            # in-place moment update both read the old moments), every step.
-            params, opt_state, extra = jax.lax.cond(ok, update, skip, state.params, state.opt_state,
-                                                    state.extra, extra, grads)
+
+            def select(*args):
+                return jax.tree.map(lambda n, o: jnp.where(ok, n, o), update(*args), skip(*args))
+            # On CPU a conditional: with the state donated, XLA:CPU compiles the select of new
+            # and old values with a copy of every optimiser moment first (the param update and
+            # the in-place moment update both read the old moments), each step. Elsewhere the
+            # select: a GPU conditional reads its predicate on the host (a sync every step).
+            guarded = functools.partial(jax.lax.cond, ok, update, skip) if skip_with_cond else select
+            params, opt_state, extra = guarded(state.params, state.opt_state, state.extra, extra, grads)
             bad = jnp.where(ok, 0, state.bad_streak + 1).astype(jnp.int32)
             skipped = state.skipped + (~ok).astype(jnp.int32)
             new_state = state.replace(params=params, opt_state=opt_state, extra=extra, step=state.step + 1,

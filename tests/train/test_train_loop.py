@@ -158,3 +158,30 @@ def test_eval_hook_and_best_checkpoint_retention(tmp_path):
     best = 1 + int(np.argmax(losses))
     kept = sorted(int(p.name) for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.isdigit())
     assert kept == sorted({best, 5})
+
+
+def test_skip_by_cond_and_by_select_give_the_same_state():
+    """The NaN guard's two forms (``lax.cond`` on CPU, a select of new and old values elsewhere)
+    train to bit-identical states over steps that include a skipped one."""
+    from mllm_jax.train.loop import jit_train_step, make_train_step
+    from mllm_jax.train.optim import build_optimizer
+    from mllm_jax.train.registry import make_loss_fn
+    from mllm_jax.train.state import create_train_state
+    from tests.toy import one_device_mesh, scaled_ntp, toy_data
+    cfg = tiny_experiment(**{"data_options": {"nan_batches": [1]}})
+    batches = [b for _, b in zip(range(3), iter(toy_data(cfg)))]
+    tx, sched = build_optimizer(cfg.train.optim, cfg.train.steps)
+    mesh = one_device_mesh()
+    final = {}
+    for cond in (True, False):
+        state, shardings = create_train_state(lambda: TOY_LM.build(cfg, nnx.Rngs(0)), tx, cfg.train.optim, mesh,
+                                              seed=0)
+        step = jit_train_step(make_train_step(make_loss_fn(scaled_ntp()), tx, sched, mesh=mesh,
+                                              skip_with_cond=cond), shardings, mesh)
+        finite = []
+        for b in batches:
+            state, m = step(state, b)
+            finite.append(bool(m["finite"]))
+        assert finite == [True, False, True] and int(state.skipped) == 1
+        final[cond] = jax.tree.leaves(jax.device_get((state.params, state.opt_state, state.step)))
+    assert all(np.array_equal(a, b) for a, b in zip(final[True], final[False]))
