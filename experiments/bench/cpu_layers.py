@@ -59,34 +59,36 @@ def run(names) -> list[dict]:
                 def generic_dense(x, w, bias):  # matmul_2d's form on other backends
                     return (x.reshape(-1, d) @ w.astype(x.dtype) + bias.astype(x.dtype)).reshape(b, t, f)
                 dense = {"generic": generic_dense, "cpu": lambda x, w, bias: L.matmul_2d(x, w, bias)}
-                flops = 3 * 2 * b * t * d * f
-                times = {}
-                ct = jnp.asarray(rng.normal(size=(b, t, f)), jnp.float32)  # a cotangent XLA cannot fold
-                for form, fn in dense.items():
-                    g = jax.jit(jax.value_and_grad(
-                        lambda x, w, bias, ct, fn=fn: jnp.sum(fn(x, w, bias).astype(jnp.float32) * ct),
-                        argnums=(0, 1, 2)))
-                    times[form] = best_time(g, x, w, bias, ct)
-                cases.append(_case(name, "dense", dt, f"[{b * t},{d}]x[{d},{f}]", flops, times))
+                ct = jnp.asarray(rng.normal(size=(b, t, f)), jnp.float32)
+                times = _fwd_bwd_times(dense, (x, w, bias), ct, diff=3)
+                cases.append(_case(name, "dense", dt, f"[{b * t},{d}]x[{d},{f}]", 3 * 2 * b * t * d * f, times))
 
             q = jnp.asarray(rng.normal(size=(b, t, h, hd)), dtype)
             k = jnp.asarray(rng.normal(size=(b, t, kvh, hd)), dtype)
             v = jnp.asarray(rng.normal(size=(b, t, kvh, hd)), dtype)
             mask = jnp.broadcast_to(L.causal_mask(t)[None], (b, t, t))
             att = {"generic": L._attention_einsum, "cpu": L._attention_cpu}
-            flops = 3 * 2 * 2 * b * h * t * t * hd
-            times = {}
             ct = jnp.asarray(rng.normal(size=(b, t, h, hd)), jnp.float32)
-            for form, fn in att.items():
-                g = jax.jit(jax.value_and_grad(
-                    lambda q, k, v, mask, ct, fn=fn: jnp.sum(fn(q, k, v, mask).astype(jnp.float32) * ct),
-                    argnums=(0, 1, 2)))
-                times[form] = best_time(g, q, k, v, mask, ct)
-            cases.append(_case(name, "attention", dt, f"B={b} T={t} H={h}/{kvh} D={hd}", flops, times))
+            times = _fwd_bwd_times(att, (q, k, v, mask), ct, diff=3)
+            cases.append(_case(name, "attention", dt, f"B={b} T={t} H={h}/{kvh} D={hd}",
+                               3 * 2 * 2 * b * h * t * t * hd, times))
             c = cases[-2:] if dtype == jnp.bfloat16 else cases[-1:]
             print("  ".join(f"{x['name']}: {1e3 * x['generic_s']:.2f} -> {1e3 * x['cpu_s']:.2f} ms "
                             f"({x['speedup']:.2f}x)" for x in c), flush=True)
     return cases
+
+
+def _fwd_bwd_times(forms: dict, args: tuple, ct, diff: int) -> dict:
+    """``{form: seconds}`` for the value and gradient (w.r.t. the first ``diff`` args) of
+    ``sum(form(*args) * ct)``; ``ct`` is an argument, a cotangent XLA cannot constant-fold."""
+    import jax
+    import jax.numpy as jnp
+    times = {}
+    for form, fn in forms.items():
+        g = jax.jit(jax.value_and_grad(lambda ct, *a, fn=fn: jnp.sum(fn(*a).astype(jnp.float32) * ct),
+                                       argnums=tuple(range(1, diff + 1))))
+        times[form] = best_time(g, ct, *args)
+    return times
 
 
 def _case(shape, layer, dtype, dims, flops, times) -> dict:
