@@ -112,6 +112,12 @@ def add_param(x: Array, p: Array) -> Array:
     return (x.astype(jnp.float32) + p.astype(jnp.float32)).astype(x.dtype)
 
 
+def broadcast_param(p: Array, shape: tuple, dtype) -> Array:
+    """A (float32) parameter broadcast to ``shape`` in float32, then cast to ``dtype``: as in
+    ``add_param``, its gradient (a sum over the broadcast dims) is then reduced in float32."""
+    return jnp.broadcast_to(p, shape).astype(dtype)
+
+
 def _rowmajor(a: Array, perm: tuple[int, ...]) -> Array:
     """``jnp.transpose(a, perm)``, written (through a trailing unit dimension) so that XLA:CPU
     materialises it as a row-major copy instead of giving the transpose a permuted layout. A
@@ -502,5 +508,5 @@ __all__ = [
     "Dense", "Embed", "RMSNorm", "LayerNorm", "GatedMLP", "MLP", "Attention", "KVCache",
     "dot_product_attention", "rope_inv_freq", "apply_rope", "get_activation", "quick_gelu",
     "padding_mask", "causal_mask", "torch_linear_init", "normal_init", "make_param", "mark_units", "matmul_2d",
-    "add_param",
+    "add_param", "broadcast_param",
 ]

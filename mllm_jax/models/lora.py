@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mllm_jax.config import LoRAConfig
-from mllm_jax.models.layers import Dense, make_param, matmul_2d
+from mllm_jax.models.layers import Dense, broadcast_param, make_param, matmul_2d
 
 
 class LoRAParam(nnx.Param):
@@ -125,8 +125,7 @@ class SoftPrompt(nnx.Module):
 
     def __call__(self, batch: int, dtype=jnp.float32) -> jax.Array:
         """-> ``float[batch, num, dim]``."""
-        # broadcast in float32, then cast: the gradient (a sum over the batch) stays float32
-        return jnp.broadcast_to(self.embedding[...], (batch,) + self.embedding.shape).astype(dtype)
+        return broadcast_param(self.embedding[...], (batch,) + self.embedding.shape, dtype)
 
 
 __all__ = ["LoRAParam", "LoRA", "apply_lora", "merge_lora", "unmerge_lora", "iter_dense", "SoftPrompt"]

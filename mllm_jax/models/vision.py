@@ -31,8 +31,8 @@ from flax import nnx
 
 from mllm_jax.config import VisionConfig, dtype_of
 from mllm_jax.models.layers import (
-    MLP, Attention, Dense, LayerNorm, add_param, dot_product_attention, make_param, mark_units, matmul_2d,
-    normal_init)
+    MLP, Attention, Dense, LayerNorm, add_param, broadcast_param, dot_product_attention, make_param, mark_units,
+    matmul_2d, normal_init)
 from mllm_jax.sharding import constrain
 
 Array = jax.Array
@@ -88,8 +88,7 @@ class VisionEmbeddings(nnx.Module):
     def __call__(self, pixels: Array) -> Array:
         x = self.patch_embedding(pixels)                                    # [B, N, D]
         if self.class_embedding is not None:
-            # broadcast in float32, then cast: its gradient (a sum over the batch) stays float32
-            cls = jnp.broadcast_to(self.class_embedding[...], (x.shape[0], 1, x.shape[-1])).astype(self.dtype)
+            cls = broadcast_param(self.class_embedding[...], (x.shape[0], 1, x.shape[-1]), self.dtype)
             x = jnp.concatenate([cls, x], axis=1)
         return add_param(x, self.position_embedding[...][None])
 
