@@ -100,8 +100,8 @@ class Decoder(nnx.Module):
     def lm_logits(self, hidden: Array) -> Array:
         """Final-normed ``hidden: float[..., D]`` -> ``float32[..., V]`` (tied or ``lm_head``)."""
         if self.lm_head is None:
-            return self.embed_tokens.attend(hidden).astype(jnp.float32)
-        return self.lm_head(hidden).astype(jnp.float32)
+            return self.embed_tokens.attend(hidden, out_dtype=jnp.float32)
+        return self.lm_head(hidden, out_dtype=jnp.float32)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> list[KVCache]:
         """Zeroed caches, one per layer: ``k, v: float[batch, KVH, max_len, head_dim]``."""

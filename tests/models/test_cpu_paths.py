@@ -96,6 +96,55 @@ def test_bf16_matmul_matches_float64_on_rounded_operands(transpose_w, with_bias)
         assert db is None
 
 
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_bf16_matmul_float32_output_is_the_unrounded_accumulation(transpose_w):
+    """``out_dtype=float32``: the float32 accumulation itself (not a bfloat16 value widened),
+    and the same gradients as the bfloat16 output (the cotangent is rounded to bfloat16 for the
+    backward products either way)."""
+    rng = np.random.default_rng(5)
+    m, k, n = 32, 48, 40
+    x = jnp.asarray(rng.normal(size=(m, k)), BF16)
+    w = jnp.asarray(rng.normal(size=(n, k) if transpose_w else (k, n)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(n,)), jnp.float32)
+    ct = jnp.asarray(rng.normal(size=(m, n)), BF16).astype(jnp.float32)
+
+    def f(x, w, b, out_dtype):
+        y = L.matmul_2d(x, w, b, transpose_w=transpose_w, out_dtype=out_dtype)
+        return jnp.sum(y.astype(jnp.float32) * ct), y
+    vg = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+    (_, y32), g32 = vg(x, w, b, jnp.float32)
+    (_, y16), g16 = vg(x, w, b, BF16)
+    assert y32.dtype == jnp.float32 and y16.dtype == BF16
+    wn = _bf16_np(w).T if transpose_w else _bf16_np(w)
+    ref = _bf16_np(x) @ wn + np.asarray(b, np.float64)
+    scale = np.abs(_bf16_np(x)) @ np.abs(wn) + np.abs(np.asarray(b))
+    np.testing.assert_array_less(np.abs(np.asarray(y32, np.float64) - ref), 1e-5 * scale + 1e-6)
+    # unrounded: most entries are not bfloat16 numbers, and rounding them gives the bf16 output
+    assert np.mean(_bf16_np(y32) != np.asarray(y32, np.float64)) > 0.9
+    np.testing.assert_array_equal(np.asarray(y32.astype(BF16)), np.asarray(y16))
+    for a, c in zip(g32, g16):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_swiglu_rounds_once_in_bfloat16():
+    """GatedMLP in bfloat16 on CPU: gate and up are float32 accumulations, ``silu(gate) * up``
+    is computed in float32 and rounded once, and so is the output: the float64 chain on the
+    bf16-rounded weights, rounded at those two points only, gives the same bfloat16 numbers
+    (but for a rare near-tie, which may land one ulp apart)."""
+    mlp = L.GatedMLP(32, 48, dtype=BF16, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 8, 32)), BF16)
+    out = jax.jit(lambda x: mlp(x))(x)
+    assert out.dtype == BF16
+    xn = _bf16_np(x).reshape(16, 32)
+    g = xn @ _bf16_np(mlp.gate_proj.kernel[...])
+    u = xn @ _bf16_np(mlp.up_proj.kernel[...])
+    h = _bf16_np((g / (1 + np.exp(-g))) * u)
+    want = _bf16_np(h @ _bf16_np(mlp.down_proj.kernel[...])).reshape(2, 8, 32)
+    got = np.asarray(out, np.float64)
+    assert np.mean(got == want) > 0.97, np.mean(got == want)
+    np.testing.assert_array_less(np.abs(got - want), 2.0 ** -7 * np.abs(want) + 1e-6)
+
+
 def test_float32_matmul_path_is_unchanged():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(3, 5, 16)), jnp.float32)
@@ -211,3 +260,20 @@ def test_bf16_mllm_gradient_tracks_float32_and_uses_only_bf16_gemms():
             continue
         cos = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
         assert cos > 0.99, cos
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_bf16_decoder_logits_are_the_float32_accumulation(tie):
+    """In bfloat16 the LM head returns its float32 accumulation (as ``lm_logits`` documents),
+    not bfloat16 logits widened: the loss sees logits no coarser than the float32 model's."""
+    from mllm_jax.models.decoder import Decoder
+    model = Decoder(DecoderConfig(**DEC, dtype="bfloat16", tie_word_embeddings=tie), rngs=nnx.Rngs(0))
+    ids = jnp.asarray(np.random.default_rng(7).integers(0, DEC["vocab_size"], size=(2, 12)), jnp.int32)
+    out = jax.jit(lambda ids: model(ids))(ids)
+    logits = np.asarray(out.logits, np.float64)
+    assert out.logits.dtype == jnp.float32
+    assert np.mean(_bf16_np(logits) != logits) > 0.9
+    head = model.embed_tokens.embedding[...].T if tie else model.lm_head.kernel[...]
+    ref = _bf16_np(out.last_hidden_state) @ _bf16_np(head)
+    np.testing.assert_array_less(np.abs(logits - ref), 1e-5 * (np.abs(_bf16_np(out.last_hidden_state))
+                                                                @ np.abs(_bf16_np(head))) + 1e-6)
