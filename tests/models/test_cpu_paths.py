@@ -167,6 +167,29 @@ def test_add_param_rounds_once_and_keeps_a_float32_gradient():
     np.testing.assert_array_equal(gp, np.full((6, 8), 4.0, np.float32))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, BF16])
+def test_softmax_to_rounds_once_and_differentiates_the_rounded_probabilities(dtype):
+    """``_softmax_to`` (the CPU attention's softmax): float32 softmax rounded once to ``dtype``;
+    its gradient is ``p * (g - sum(g * p))`` on those probabilities (float64 reference), which
+    in float32 is jax.nn.softmax's gradient; a fully masked row stays finite (uniform)."""
+    rng = np.random.default_rng(8)
+    x = np.asarray(rng.normal(size=(3, 5, 17)) * 4, np.float32)
+    x[1, 2] = L._NEG_INF
+    ct = jnp.asarray(rng.normal(size=x.shape), dtype)
+    p, vjp = jax.vjp(lambda x: L._softmax_to(x, dtype), jnp.asarray(x))
+    (dx,) = vjp(ct)
+    assert p.dtype == dtype and dx.dtype == jnp.float32
+    e = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
+    want = e / e.sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(p, np.float64), want, rtol=2.0 ** -8 if dtype == BF16 else 1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(p, np.float64)[1, 2], np.full(17, 1 / 17), rtol=1e-2)
+    pn, g = np.asarray(p, np.float64), np.asarray(ct, np.float64)
+    np.testing.assert_allclose(np.asarray(dx, np.float64), pn * (g - (g * pn).sum(-1, keepdims=True)), rtol=1e-5, atol=1e-6)
+    if dtype == jnp.float32:
+        ref = jax.vjp(lambda x: jax.nn.softmax(x, axis=-1), jnp.asarray(x))[1](ct)[0]
+        np.testing.assert_allclose(np.asarray(dx), np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
 def _attention_inputs(dtype, b=2, t=24, h=4, kvh=2, d=16, seed=0, s=None):
     """Causal self-attention with a left-padded row; or, with ``s``, ``t`` queries over ``s``
     keys (cross-attention, as the SigLIP pooling head) and no mask."""
