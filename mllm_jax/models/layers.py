@@ -253,11 +253,21 @@ class Embed(nnx.Module):
     def __init__(self, num_embeddings: int, features: int, *, axes=("vocab", "embed"),
                  dtype: DType = jnp.float32, init_std: float = 0.02, rngs: nnx.Rngs):
         self.num_embeddings, self.features, self.dtype = num_embeddings, features, dtype
+        self.table_axis = axes[0]
         self.embedding = make_param(normal_init(init_std), axes, rngs.params(), (num_embeddings, features))
         self.packed = nnx.data(None)  # cpu_matmul.pack_transposed(embedding) for attend, set only inside generate
 
     def __call__(self, ids: Array) -> Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        # Under FSDP the table's embed dim is sharded over "fsdp" while the looked-up rows are
+        # sharded over the batch (data, fsdp): gathered as it is, the partitioner cannot move
+        # "fsdp" from the one dim to the other and replicates the whole result ("Involuntary
+        # full rematerialization"). Gather the table over fsdp first, as FSDP does for any
+        # weight it uses; each device then looks up its own rows (vocab shards: one all-reduce).
+        table = constrain(self.embedding[...], (self.table_axis, None))
+        out = jnp.take(table, ids, axis=0)
+        if out.ndim == 3:
+            out = constrain(out, ("activation_batch", "length", None))
+        return out.astype(self.dtype)
 
     def attend(self, x: Array, *, out_dtype: Optional[DType] = None) -> Array:
         """``x: float[..., dim]`` -> ``float[..., vocab]`` (tied embeddings) in ``out_dtype``

@@ -118,3 +118,27 @@ def test_bad_head_config_is_a_config_error():
         DecoderConfig(hidden_size=30, num_heads=4)
     with pytest.raises(ConfigError, match="num_kv_heads=3 must divide num_heads=4"):
         DecoderConfig(hidden_size=32, num_heads=4, num_kv_heads=3)
+
+
+def test_sharded_embedding_lookup_is_not_replicated():
+    """Under FSDP the table's embed dim is sharded over "fsdp" and the looked-up rows over the
+    batch: the lookup must not replicate its result and re-split it (GSPMD's "involuntary full
+    rematerialization", which shows as all-gathers along the batch dim inside the lookup). Each
+    device looks up its own rows from the table gathered over fsdp, the vocab shards summed."""
+    mesh = sharding.make_mesh(2, 2, 2)
+    model = sharding.create_sharded_model(lambda: Decoder(CFG, rngs=nnx.Rngs(0)), mesh)
+    ids, _ = batch()
+    ids = sharding.shard_batch(ids, mesh)
+
+    @nnx.jit
+    def f(m, ids):
+        with sharding.activation_sharding(mesh):
+            return m.embed(ids)
+    text = f.lower(model, ids).compile().as_text()
+    gathers_of_rows = [line for line in text.splitlines()
+                       if " all-gather(" in line and "_take" in line and "dimensions={0}" in line]
+    assert not gathers_of_rows, gathers_of_rows
+    out = f(model, ids)
+    assert out.sharding.spec[0] == ("data", "fsdp")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(model.embed_tokens.embedding[...])[np.asarray(ids)],
+                               rtol=0, atol=0)
