@@ -145,6 +145,24 @@ def test_swiglu_rounds_once_in_bfloat16():
     np.testing.assert_array_less(np.abs(got - want), 2.0 ** -7 * np.abs(want) + 1e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, BF16])
+def test_swiglu_to_gradient_is_autodiffs(dtype):
+    """``_swiglu_to`` (SwiGLU's product with a recomputing backward pass): the value is
+    ``silu(gate) * up`` rounded once to ``dtype``, and the gradients are autodiff's of the
+    float32 expression (same cotangent)."""
+    rng = np.random.default_rng(9)
+    gate = jnp.asarray(rng.normal(size=(6, 40)) * 3, jnp.float32)
+    up = jnp.asarray(rng.normal(size=(6, 40)), jnp.float32)
+    ct = jnp.asarray(rng.normal(size=(6, 40)), dtype)
+    y, vjp = jax.vjp(lambda a, b: L._swiglu_to(a, b, dtype), gate, up)
+    ref, ref_vjp = jax.vjp(lambda a, b: jax.nn.silu(a) * b, gate, up)
+    assert y.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(ref.astype(dtype)))
+    for got, want in zip(vjp(ct), ref_vjp(ct.astype(jnp.float32))):
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
 def test_float32_matmul_path_is_unchanged():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(3, 5, 16)), jnp.float32)
