@@ -149,9 +149,11 @@ def _dot_f32acc(a: Array, b: Array, *, nt: bool = False) -> Array:
 def _bf16_matmul(x: Array, w: Array, bias: Optional[Array], transpose_w: bool, out_dtype) -> Array:
     """``bf16[M, K] @ w (+ bias)`` (``w: [K, N]``, or ``[N, K]`` with ``transpose_w``; any float
     dtype, cast to bfloat16) -> ``out_dtype[M, N]``, accumulated and biased in float32 and
-    rounded once (if ``out_dtype`` is bfloat16), as torch's bfloat16 autocast and TPUs do. The
-    backward pass writes its two products with row-major operands (``_rowmajor_t``) and returns
-    the weight and bias gradients accumulated in float32, in their own dtypes."""
+    rounded once (if ``out_dtype`` is bfloat16), as torch's bfloat16 autocast and TPUs do. In
+    the backward pass the weight is contracted as it is (a right operand contracting its last
+    dim, or a plain one), the weight gradient's left operand is a row-major transposed copy
+    (``_rowmajor_t``), and the weight and bias gradients are accumulated in float32 and
+    returned in their own dtypes."""
     return _bf16_matmul_fwd(x, w, bias, transpose_w, out_dtype)[0]
 
 
