@@ -5,7 +5,7 @@
 Forward + backward (value and gradient with respect to every input) of
 - a bfloat16 dense layer ``x[B, T, K] @ W[K, N] + b``: the generic form (the 2-D product of
   ``matmul_2d`` on other backends, differentiated by JAX) vs ``layers.matmul_2d`` on CPU
-  (``_bf16_matmul``, the custom-VJP bfloat16 GEMM with row-major transposes); in float32 the two
+  (``cpu_forms.bf16_matmul``, the custom-VJP bfloat16 GEMM with row-major transposes); in float32 the two
   are the same code;
 - attention (GQA, causal): ``layers._attention_einsum`` (two einsums) vs
   ``layers._attention_cpu`` (heads in front as row-major copies, batched GEMMs);

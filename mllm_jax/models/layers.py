@@ -10,7 +10,6 @@ Conventions:
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -20,6 +19,8 @@ import numpy as np
 from flax import nnx
 
 from mllm_jax.kernels import cpu_matmul
+from mllm_jax.models import cpu_forms
+from mllm_jax.models.cpu_forms import on_cpu
 from mllm_jax.sharding import constrain
 
 Array = jax.Array
@@ -92,14 +93,14 @@ def matmul_2d(x: Array, w: Array, bias: Optional[Array] = None, *, transpose_w: 
     transposed copy and a slow dot (measured 3x slower fwd+bwd).
 
     In bfloat16 on CPU the products of the forward and backward pass go through
-    ``_bf16_matmul`` (bfloat16 operands, float32 accumulation and bias, one rounding; weight and
+    ``cpu_forms.bf16_matmul`` (bfloat16 operands, float32 accumulation and bias, one rounding; weight and
     bias gradients kept in float32), which keeps them on XLA:CPU's native bfloat16 GEMM.
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     out_dtype = jnp.dtype(out_dtype or x.dtype)
-    if x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
-        y = _bf16_matmul(x2, w, bias, transpose_w, out_dtype)
+    if x.dtype == jnp.bfloat16 and on_cpu():
+        y = cpu_forms.bf16_matmul(x2, w, bias, transpose_w, out_dtype)
     else:
         w = w.astype(x.dtype)
         y = jnp.matmul(x2, w.T if transpose_w else w, preferred_element_type=out_dtype)
@@ -120,93 +121,6 @@ def broadcast_param(p: Array, shape: tuple, dtype) -> Array:
     """A (float32) parameter broadcast to ``shape`` in float32, then cast to ``dtype``: as in
     ``add_param``, its gradient (a sum over the broadcast dims) is then reduced in float32."""
     return jnp.broadcast_to(p, shape).astype(dtype)
-
-
-def _rowmajor(a: Array, perm: tuple[int, ...]) -> Array:
-    """``jnp.transpose(a, perm)``, written (through a trailing unit dimension) so that XLA:CPU
-    materialises it as a row-major copy instead of giving the transpose a permuted layout. A
-    bfloat16 dot with an operand in a permuted layout (or with an LHS that does not contract its
-    last dimension) is outside XLA:CPU's native bfloat16 GEMM (YNNPACK): the compiler then
-    converts both operands to float32 and runs the float32 GEMM at half the bfloat16 rate
-    (a bfloat16 dense layer fwd+bwd: 150-200 vs 310-380 GFLOP/s on a 2-core Zen 4 with the
-    copies included; ``experiments/bench/cpu_layers.py``)."""
-    out = jnp.transpose(a[..., None], tuple(perm) + (a.ndim,))
-    return out.reshape(out.shape[:-1])
-
-
-def _rowmajor_t(a: Array) -> Array:
-    """``a.T`` (2-D) as a row-major copy; see ``_rowmajor``."""
-    return _rowmajor(a, (1, 0))
-
-
-def _dot_f32acc(a: Array, b: Array, *, nt: bool = False) -> Array:
-    """``a @ b`` (``nt``: ``a @ b.T``, contracting the last dims of both: XLA:CPU's bfloat16 GEMM
-    takes such a right operand as it is, so a transposed weight needs no copy) -> float32."""
-    return jax.lax.dot_general(a, b, (((1,), (1 if nt else 0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _bf16_matmul(x: Array, w: Array, bias: Optional[Array], transpose_w: bool, out_dtype) -> Array:
-    """``bf16[M, K] @ w (+ bias)`` (``w: [K, N]``, or ``[N, K]`` with ``transpose_w``; any float
-    dtype, cast to bfloat16) -> ``out_dtype[M, N]``, accumulated and biased in float32 and
-    rounded once (if ``out_dtype`` is bfloat16), as torch's bfloat16 autocast and TPUs do. In
-    the backward pass the weight is contracted as it is (a right operand contracting its last
-    dim, or a plain one), the weight gradient's left operand is a row-major transposed copy
-    (``_rowmajor_t``), and the weight and bias gradients are accumulated in float32 and
-    returned in their own dtypes."""
-    return _bf16_matmul_fwd(x, w, bias, transpose_w, out_dtype)[0]
-
-
-def _bf16_matmul_fwd(x, w, bias, transpose_w, out_dtype):
-    y = _dot_f32acc(x, w.astype(jnp.bfloat16), nt=transpose_w)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y.astype(out_dtype), (x, w, bias)
-
-
-def _bf16_matmul_bwd(transpose_w, out_dtype, res, g):
-    x, w, bias = res
-    wb, g = w.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
-    if transpose_w:   # y = x @ w.T, w: [N, K]
-        dx = _dot_f32acc(g, wb)
-        dw = _dot_f32acc(_rowmajor_t(g), x)
-    else:             # y = x @ w, w: [K, N]
-        dx = _dot_f32acc(g, wb, nt=True)
-        dw = _dot_f32acc(_rowmajor_t(x), g)
-    db = None if bias is None else jnp.sum(g.astype(jnp.float32), axis=0).astype(bias.dtype)
-    return dx.astype(x.dtype), dw.astype(w.dtype), db
-
-
-_bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
-
-
-def _bmm(a: Array, b: Array) -> Array:
-    """``[B, H, M, K] @ [B, H, K, N]`` -> float32 ``[B, H, M, N]``."""
-    return jax.lax.dot_general(a, b, (((3,), (2,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
-
-
-@jax.custom_vjp
-def _bf16_bmm(a: Array, b: Array) -> Array:
-    """``_bmm`` of two row-major bfloat16 operands (float32 accumulation), whose backward pass
-    keeps its two products in that form (``_rowmajor``), as ``_bf16_matmul`` does. (Contracting
-    the right operand's last dim instead, as ``_bf16_matmul`` does for weights, made the bf16
-    lm-small step 5 % slower with the keys in that form.)"""
-    return _bmm(a, b)
-
-
-def _bf16_bmm_fwd(a, b):
-    return _bmm(a, b), (a, b)
-
-
-def _bf16_bmm_bwd(res, g):
-    a, b = res
-    g = g.astype(jnp.bfloat16)
-    da = _bmm(g, _rowmajor(b, (0, 1, 3, 2)))
-    db = _bmm(_rowmajor(a, (0, 1, 3, 2)), g)
-    return da.astype(a.dtype), db.astype(b.dtype)
-
-
-_bf16_bmm.defvjp(_bf16_bmm_fwd, _bf16_bmm_bwd)
 
 
 class Dense(nnx.Module):
@@ -323,36 +237,11 @@ def _activation_in_dtype() -> Optional[DType]:
     the GEMM's accumulation unrounded (XLA:CPU's bfloat16 GEMM writes float32, so rounding it
     was a pass of its own, and every op of a bfloat16 silu was rounded in between: SwiGLU's
     elementwise thread time in a bf16 lm-small train step 14.7 -> 8.3 ms, the step ~2 % faster;
-    SwiGLU's product then recomputes its sigmoid in the backward pass, ``_swiglu_to``: -11 MB
+    SwiGLU's product then recomputes its sigmoid in the backward pass, ``cpu_forms.swiglu_to``: -11 MB
     of per-step temporaries, ~1-2 % more);
     elsewhere ``None`` (the compute dtype), as the activations saved for the backward pass
     would double."""
-    return jnp.float32 if jax.default_backend() == "cpu" else None
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _swiglu_to(gate: Array, up: Array, dtype) -> Array:
-    """``silu(gate) * up`` rounded once to ``dtype``, whose backward pass recomputes the sigmoid
-    from ``gate`` and ``up`` (the only residuals: autodiff also kept the sigmoid and the silu,
-    two more activations of the MLP's width per layer)."""
-    return (jax.nn.silu(gate) * up).astype(dtype)
-
-
-def _swiglu_to_fwd(gate, up, dtype):
-    return _swiglu_to(gate, up, dtype), (gate, up)
-
-
-def _swiglu_to_bwd(dtype, res, g):
-    gate, up = res
-    g = g.astype(jnp.float32)
-    s = jax.nn.sigmoid(gate.astype(jnp.float32))
-    gs = g * s
-    dgate = gs * up * (1.0 + gate * (1.0 - s))
-    dup = gs * gate
-    return dgate.astype(gate.dtype), dup.astype(up.dtype)
-
-
-_swiglu_to.defvjp(_swiglu_to_fwd, _swiglu_to_bwd)
+    return jnp.float32 if on_cpu() else None
 
 
 class GatedMLP(nnx.Module):
@@ -370,7 +259,7 @@ class GatedMLP(nnx.Module):
         wide = _activation_in_dtype()
         gate, up = self.gate_proj(x, out_dtype=wide), self.up_proj(x, out_dtype=wide)
         if wide is not None and self.act is jax.nn.silu:
-            h = _swiglu_to(gate, up, self.down_proj.dtype)
+            h = cpu_forms.swiglu_to(gate, up, self.down_proj.dtype)
         else:
             h = (self.act(gate) * up).astype(self.down_proj.dtype)
         h = constrain(h, ("activation_batch", "length", "mlp"))
@@ -447,7 +336,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array], *
     ``float[B, KVH, S, D]`` with ``kv_heads_first`` (the KV-cache layout);
     ``mask: bool[B, T, S]`` (True = may attend) or None -> ``float[B, T, H, D]``.
     """
-    if not kv_heads_first and jax.default_backend() == "cpu":
+    if not kv_heads_first and on_cpu():
         return _attention_cpu(q, k, v, mask)
     return _attention_einsum(q, k, v, mask, kv_heads_first=kv_heads_first)
 
@@ -469,51 +358,28 @@ def _attention_einsum(q: Array, k: Array, v: Array, mask: Optional[Array], *,
     return out.reshape(b, t, h, d)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _softmax_to(x: Array, dtype) -> Array:
-    """``softmax(x, -1)`` of float32 ``x``, rounded once to ``dtype``; the backward pass uses
-    the rounded probabilities (as torch's bfloat16 attention does) in float32."""
-    m = jnp.max(x, axis=-1, keepdims=True)
-    e = jnp.exp(x - m)
-    return (e * (1.0 / jnp.sum(e, axis=-1, keepdims=True))).astype(dtype)
-
-
-def _softmax_to_fwd(x, dtype):
-    p = _softmax_to(x, dtype)
-    return p, p
-
-
-def _softmax_to_bwd(dtype, p, g):
-    p = p.astype(jnp.float32)
-    g = g.astype(jnp.float32)
-    return (p * (g - jnp.sum(g * p, axis=-1, keepdims=True)),)
-
-
-_softmax_to.defvjp(_softmax_to_fwd, _softmax_to_bwd)
-
-
 def _attention_cpu(q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array:
     """``dot_product_attention`` on CPU: the same computation with the heads moved in front as
-    row-major copies (``_rowmajor``), so that both products and their gradients are plain
-    batched GEMMs; in bfloat16 they then stay bfloat16 GEMMs (``_bf16_bmm``) instead of being
+    row-major copies (``cpu_forms.rowmajor``), so that both products and their gradients are plain
+    batched GEMMs; in bfloat16 they then stay bfloat16 GEMMs (``cpu_forms.bf16_bmm``) instead of being
     converted to float32 (fwd+bwd vs ``_attention_einsum``: 1.2-1.9x in float32, 1.6-2.3x in
     bfloat16 on a 2-core Zen 4; ``experiments/bench/cpu_layers.py``). The softmax
-    (``_softmax_to``) writes its probabilities once, in the compute dtype, and keeps those for
+    (``cpu_forms.softmax_to``) writes its probabilities once, in the compute dtype, and keeps those for
     the backward pass (bf16 lm-small train step 5 % faster than a float32 softmax then cast)."""
     b, t, h, d = q.shape
     s, kvh = k.shape[1], k.shape[2]
     g = h // kvh
     dt = q.dtype
-    qh = _rowmajor(q.reshape(b, t, kvh, g, d), (0, 2, 3, 1, 4)).reshape(b, kvh, g * t, d)
-    kt = _rowmajor(k.astype(dt), (0, 2, 3, 1))
-    vh = _rowmajor(v.astype(dt), (0, 2, 1, 3))
-    bmm = _bf16_bmm if dt == jnp.bfloat16 else _bmm
+    qh = cpu_forms.rowmajor(q.reshape(b, t, kvh, g, d), (0, 2, 3, 1, 4)).reshape(b, kvh, g * t, d)
+    kt = cpu_forms.rowmajor(k.astype(dt), (0, 2, 3, 1))
+    vh = cpu_forms.rowmajor(v.astype(dt), (0, 2, 1, 3))
+    bmm = cpu_forms.bf16_bmm if dt == jnp.bfloat16 else cpu_forms.bmm
     logits = bmm(qh, kt).reshape(b, kvh, g, t, s) * (1.0 / math.sqrt(d))
     if mask is not None:
         logits = jnp.where(mask[:, None, None, :, :], logits, _NEG_INF)
-    probs = _softmax_to(logits, dt).reshape(b, kvh, g * t, s)
+    probs = cpu_forms.softmax_to(logits, dt).reshape(b, kvh, g * t, s)
     out = bmm(probs, vh).astype(dt).reshape(b, kvh, g, t, d)
-    return _rowmajor(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d)
+    return cpu_forms.rowmajor(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d)
 
 
 class Attention(nnx.Module):

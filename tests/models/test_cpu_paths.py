@@ -1,7 +1,7 @@
-"""The CPU-specific forms of the layers (mllm_jax.models.layers): bfloat16 GEMMs with float32
-accumulation (``matmul_2d`` -> ``_bf16_matmul``), attention with the heads moved in front
-(``_attention_cpu``), row-major transposes (``_rowmajor``), parameters added in float32
-(``add_param``).
+"""The CPU-specific forms of the layers (mllm_jax.models.layers, mllm_jax.models.cpu_forms):
+bfloat16 GEMMs with float32 accumulation (``matmul_2d`` -> ``cpu_forms.bf16_matmul``), attention
+with the heads moved in front (``_attention_cpu``), row-major transposes (``cpu_forms.rowmajor``),
+parameters added in float32 (``add_param``).
 
 They must compute what the generic forms compute (checked against float64 numpy on the same
 bfloat16-rounded operands, and against the einsum attention), and they must keep every product
@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 
 from mllm_jax.config import DecoderConfig, LoRAConfig, MLLMConfig, VisionConfig
+from mllm_jax.models import cpu_forms as C
 from mllm_jax.models import layers as L
 from mllm_jax.models.lora import LoRA
 
@@ -53,7 +54,7 @@ def _assert_all_dots_bf16(fn, *args):
 @pytest.mark.parametrize("perm", [(1, 0), (0, 2, 1), (2, 0, 1), (0, 2, 3, 1), (0, 3, 1, 2, 4)])
 def test_rowmajor_is_a_transpose(perm):
     a = jnp.arange(np.prod([2, 3, 4, 5, 6][:len(perm)]), dtype=jnp.float32).reshape([2, 3, 4, 5, 6][:len(perm)])
-    np.testing.assert_array_equal(jax.jit(lambda x: L._rowmajor(x, perm))(a), jnp.transpose(a, perm))
+    np.testing.assert_array_equal(jax.jit(lambda x: C.rowmajor(x, perm))(a), jnp.transpose(a, perm))
 
 
 @pytest.mark.parametrize("transpose_w", [False, True])
@@ -147,14 +148,14 @@ def test_swiglu_rounds_once_in_bfloat16():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, BF16])
 def test_swiglu_to_gradient_is_autodiffs(dtype):
-    """``_swiglu_to`` (SwiGLU's product with a recomputing backward pass): the value is
+    """``swiglu_to`` (SwiGLU's product with a recomputing backward pass): the value is
     ``silu(gate) * up`` rounded once to ``dtype``, and the gradients are autodiff's of the
     float32 expression (same cotangent)."""
     rng = np.random.default_rng(9)
     gate = jnp.asarray(rng.normal(size=(6, 40)) * 3, jnp.float32)
     up = jnp.asarray(rng.normal(size=(6, 40)), jnp.float32)
     ct = jnp.asarray(rng.normal(size=(6, 40)), dtype)
-    y, vjp = jax.vjp(lambda a, b: L._swiglu_to(a, b, dtype), gate, up)
+    y, vjp = jax.vjp(lambda a, b: C.swiglu_to(a, b, dtype), gate, up)
     ref, ref_vjp = jax.vjp(lambda a, b: jax.nn.silu(a) * b, gate, up)
     assert y.dtype == dtype
     np.testing.assert_array_equal(np.asarray(y), np.asarray(ref.astype(dtype)))
@@ -187,14 +188,14 @@ def test_add_param_rounds_once_and_keeps_a_float32_gradient():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, BF16])
 def test_softmax_to_rounds_once_and_differentiates_the_rounded_probabilities(dtype):
-    """``_softmax_to`` (the CPU attention's softmax): float32 softmax rounded once to ``dtype``;
+    """``softmax_to`` (the CPU attention's softmax): float32 softmax rounded once to ``dtype``;
     its gradient is ``p * (g - sum(g * p))`` on those probabilities (float64 reference), which
     in float32 is jax.nn.softmax's gradient; a fully masked row stays finite (uniform)."""
     rng = np.random.default_rng(8)
     x = np.asarray(rng.normal(size=(3, 5, 17)) * 4, np.float32)
     x[1, 2] = L._NEG_INF
     ct = jnp.asarray(rng.normal(size=x.shape), dtype)
-    p, vjp = jax.vjp(lambda x: L._softmax_to(x, dtype), jnp.asarray(x))
+    p, vjp = jax.vjp(lambda x: C.softmax_to(x, dtype), jnp.asarray(x))
     (dx,) = vjp(ct)
     assert p.dtype == dtype and dx.dtype == jnp.float32
     e = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
