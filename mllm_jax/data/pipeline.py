@@ -262,22 +262,26 @@ def build_dataset(transform: EncodeTransform, num_records: int, collate_fn: Call
         ds = ds[shard_indices(num_records, shard[0], shard[1], even_shards)]
     ds = ds.map(transform)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    it = PadBatchDataset(it, batch_size, collate_fn)
     if workers > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=worker_buffer_size))
-    return it
+        # Workers encode single examples (grain hands worker w every workers-th one) and the
+        # batches are formed here, from the stream in index order: the same batches for any
+        # worker count. (Batching inside the workers made batch w hold examples w, w+W, ...,
+        # so paired views never shared a batch.) ``worker_buffer_size`` counts batches.
+        it = it.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=workers, per_worker_buffer_size=worker_buffer_size * batch_size))
+    return PadBatchDataset(it, batch_size, collate_fn)
 
 
 class DataIterator:
     """Epochs over a per-epoch grain pipeline, with skip accounting and exact resume.
 
-    ``get_state()`` -> ``{"epoch", "grain", "kept", "dropped", "skipped", "batches"}`` (JSON);
+    ``get_state()`` -> ``{"epoch", "grain", "kept", "dropped", "skipped", "batches", "workers"}`` (JSON);
     ``set_state`` rebuilds that epoch's pipeline and moves grain's iterator to the saved point.
     ``summaries`` lists one dict per finished epoch: kept, skipped by reason."""
 
     def __init__(self, build: Callable[[int], Any], *, num_epochs: Optional[int], batch_size: int,
-                 drop_remainder: bool, max_skip_fraction: float, check_after: int = 1000):
-        self._build, self.num_epochs, self.batch_size = build, num_epochs, batch_size
+                 drop_remainder: bool, max_skip_fraction: float, check_after: int = 1000, workers: int = 0):
+        self._build, self.num_epochs, self.batch_size, self.workers = build, num_epochs, batch_size, workers
         self.drop_remainder, self.max_skip_fraction, self.check_after = drop_remainder, max_skip_fraction, check_after
         self.epoch, self._it, self._pending_state = 0, None, None
         self.kept, self.dropped, self.skipped = 0, 0, np.zeros(len(REASONS), np.int64)
@@ -309,7 +313,7 @@ class DataIterator:
             self.skipped += np.asarray(batch.pop("_skipped"))
             self._messages += list(batch.pop("_messages"))[:max(0, 8 - len(self._messages))]
             if valid < self.batch_size and self.drop_remainder:
-                self.dropped += valid          # the incomplete last batch of a worker's stream
+                self.dropped += valid          # the incomplete last batch of the epoch
             else:
                 self.kept += valid
             self._check(final=False)
@@ -351,9 +355,17 @@ class DataIterator:
     def get_state(self) -> dict:
         grain_state = self._it.get_state() if self._it is not None else self._pending_state
         return {"epoch": self.epoch, "grain": grain_state, "kept": self.kept, "dropped": self.dropped,
-                "skipped": [int(x) for x in self.skipped], "batches": self._batches_this_epoch}
+                "skipped": [int(x) for x in self.skipped], "batches": self._batches_this_epoch,
+                "workers": self.workers}
 
     def set_state(self, state: dict) -> None:
+        saved = state.get("workers")
+        if saved is not None and saved != self.workers:
+            # grain's iterator state holds one position per worker process (or one in-process
+            # position): it cannot move between worker counts, though the batches are the same
+            raise ValueError(f"data iterator state was saved with data.worker_count={saved}, this "
+                             f"iterator has worker_count={self.workers}: resume with "
+                             f"data.worker_count={saved}")
         self.close()
         self.epoch, self.kept, self.dropped = int(state["epoch"]), int(state["kept"]), int(state.get("dropped", 0))
         self.skipped = np.asarray(state["skipped"], np.int64)
@@ -424,7 +436,8 @@ def make_iterator(cfg: DataConfig, model: MLLMConfig, *, source=None, tokenizer:
                              workers=cfg.worker_count, worker_buffer_size=cfg.worker_buffer_size)
 
     return DataIterator(build, num_epochs=cfg.num_epochs, batch_size=cfg.batch_size,
-                        drop_remainder=cfg.drop_remainder, max_skip_fraction=cfg.max_skip_fraction)
+                        drop_remainder=cfg.drop_remainder, max_skip_fraction=cfg.max_skip_fraction,
+                        workers=cfg.worker_count)
 
 
 __all__ = [

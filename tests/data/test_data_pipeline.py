@@ -112,19 +112,25 @@ def test_exact_resume_mid_epoch_and_across_epochs(tok):
 
 
 def test_resume_with_worker_processes(tok):
+    """Worker processes give the batches of in-process reading (pairs of views stay together),
+    resume exactly, and a state saved under another worker count is refused by name."""
     from absl import flags
     flags.FLAGS.mark_as_parsed()
+    plain = it(tok, scene(48), worker_count=0)
+    inproc = [digest(next(plain)) for _ in range(8)]
     ref = it(tok, scene(48), worker_count=2)
-    for _ in range(2):
-        next(ref)
+    first = [digest(next(ref)) for _ in range(2)]
     state = json.loads(json.dumps(ref.get_state()))
     want = [digest(next(ref)) for _ in range(6)]                     # crosses the epoch boundary
     ref.close()
+    assert first + want == inproc
     resumed = it(tok, scene(48), worker_count=2)
     resumed.set_state(state)
     got = [digest(next(resumed)) for _ in range(6)]
     resumed.close()
     assert got == want
+    with pytest.raises(ValueError, match="worker_count=2.*resume with data.worker_count=2"):
+        plain.set_state(state)
 
 
 def test_process_shards_disjoint_and_covering(tok):
