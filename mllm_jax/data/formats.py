@@ -72,20 +72,20 @@ class _Lines:
         data = file.read_bytes()
         starts = np.concatenate([[0], np.flatnonzero(np.frombuffer(data, np.uint8) == 10) + 1])
         ends = np.append(starts[1:], len(data))
-        keep = [(int(s), int(e)) for s, e in zip(starts, ends) if data[s:e].strip()]
+        keep = [(int(s), int(e), n + 1) for n, (s, e) in enumerate(zip(starts, ends)) if data[s:e].strip()]
         self.spans = keep
 
     def __len__(self) -> int:
         return len(self.spans)
 
     def raw(self, i: int) -> bytes:
-        s, e = self.spans[i]
+        s, e, _ = self.spans[i]
         with open(self.file, "rb") as f:
             f.seek(s)
             return f.read(e - s).rstrip(b"\r\n")
 
     def record(self, i: int) -> str:
-        return f"{self.file.name}:{i + 1}"
+        return f"{self.file.name}:{self.spans[i][2]}"
 
     def json(self, i: int) -> dict:
         rec = self.record(i)
@@ -128,7 +128,10 @@ class LlavaSource:
             raise DataError("bad_record", rid, "conversations", "record needs a 'conversations' list")
         sid = f"llava:{r.get('id', i)}"
         images = r.get("image") or []
-        images = [images] if isinstance(images, str) else list(images)
+        images = [images] if isinstance(images, str) else images
+        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+            raise DataError("bad_record", f"{rid} (id {r.get('id')})", "image",
+                            f"expected a path or a list of paths, got {r.get('image')!r}")
         slots = sum(str(t.get("value", "")).count(IMAGE_TOKEN) for t in r["conversations"] if isinstance(t, dict))
         if slots != len(images):
             raise DataError("image_count_mismatch", f"{rid} (id {r.get('id')})", "conversations",

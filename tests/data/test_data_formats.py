@@ -61,6 +61,32 @@ def test_interleaved_reader():
         src[6]
 
 
+def test_bad_image_field_is_a_data_error(tmp_path):
+    """An 'image' that is neither a path nor a list of paths is a skippable DataError naming the
+    record and field (it was a TypeError that stopped the pipeline)."""
+    import json
+    turns = [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "yo"}]
+    f = tmp_path / "l.json"
+    f.write_text(json.dumps([{"id": "a", "image": 5, "conversations": turns},
+                             {"id": "b", "image": [None], "conversations": turns}]))
+    src = formats.LlavaSource(f)
+    for i, rid in enumerate("ab"):
+        with pytest.raises(DataError) as e:
+            src[i]
+        assert e.value.reason == "bad_record" and f"l.json[{i}] (id {rid})" in str(e.value) and "image" in str(e.value)
+
+
+def test_line_records_name_the_physical_line(tmp_path):
+    """Blank lines are skipped but still counted in the record name (file:line as an editor shows)."""
+    f = tmp_path / "blank.jsonl"
+    f.write_text('{"texts": ["ok"], "images": []}\n\n\n{"texts": "oops"}\n')
+    src = formats.InterleavedSource(f)
+    assert len(src) == 2
+    with pytest.raises(DataError) as e:
+        src[1]
+    assert "blank.jsonl:4" in str(e.value)
+
+
 def test_pairs_readers():
     src = formats.PairsSource(FIX / "pairs.jsonl")
     assert len(src) == 6
