@@ -122,12 +122,14 @@ class MiniLMTeacher:
     name = "minilm"
     LENGTHS = (16, 32, 64, 128, 256, 512)
 
-    def __init__(self, model, tokenizer, model_id: str, *, max_length: int = 256, batch_size: int = 64):
+    def __init__(self, model, tokenizer, model_id: str, *, max_length: int = 256, batch_size: int = 64,
+                 memo_size: int = 500_000):
         import jax
         from flax import nnx
         from mllm_jax.config import config_hash
         from mllm_jax.models.text_encoder import mean_pool
         self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
+        self.memo_size = memo_size        # distinct texts remembered by embed_texts
         self.dim = model.config.hidden_size
         self._fp = f"minilm:{model_id}:{config_hash(model.config)}:{params_digest(model)}:len={max_length}"
         tokenizer.enable_truncation(max_length=max_length)
@@ -159,12 +161,13 @@ class MiniLMTeacher:
         world repeats its captions a lot) and remembered for later calls."""
         memo = self.__dict__.setdefault("_memo", {})
         todo = list(dict.fromkeys(t for t in texts if t not in memo))
-        if todo:
-            vecs = self._encode(todo)
-            if len(memo) + len(todo) > 500_000:
-                memo.clear()
-            memo.update(zip(todo, vecs))
-        return np.stack([memo[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
+        new = dict(zip(todo, self._encode(todo))) if todo else {}
+        out = (np.stack([new[t] if t in new else memo[t] for t in texts]) if texts
+               else np.zeros((0, self.dim), np.float32))
+        if len(memo) + len(new) > self.memo_size:          # bounded: start over
+            memo.clear()
+        memo.update(new)
+        return out
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         """Padded to fixed (batch, length) buckets, so the forward compiles once per length."""
@@ -296,9 +299,16 @@ class TeacherCache:
         return {**self.__dict__, "_index": None, "_store": None, "_array": None}
 
 
-def _samples(source) -> Iterable[Sample]:
+def _samples(source) -> Iterable[Optional[Sample]]:
+    """The source's samples (each view of a dict item); None for a record that cannot be read
+    (a ``DataError``: the pipeline skips it too)."""
     for i in range(len(source)):
-        item = source[i]
+        try:
+            item = source[i]
+        except DataError as e:
+            log.debug("teacher cache: skipping %s", e)
+            yield None
+            continue
         for s in (item.values() if isinstance(item, dict) else (item,)):
             yield s
 
@@ -334,6 +344,8 @@ def build_cache(teacher, source, path: str | Path, *, chunk: int = 256, source_f
     skipped = 0
     for smp in _samples(source):
         try:
+            if smp is None:
+                raise DataError("bad_record", "?", "", "unreadable record")
             pending.append(validate_sample(smp))
         except DataError:
             skipped += 1

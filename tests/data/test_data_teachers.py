@@ -129,6 +129,26 @@ def test_stale_cache_detected_and_rebuilt(tmp_path, caplog):
         c.features(validate_sample(Sample("b", (text_segment("x"),))))
 
 
+def test_cache_build_skips_unreadable_records(tmp_path):
+    """A record the source cannot read (DataError, e.g. a malformed JSONL line) is left out of the
+    cache and counted, as the pipeline skips it; it used to stop the build."""
+    from mllm_jax.data.schema import DataError
+
+    class Src:
+        good = [Sample(f"s{i}", (text_segment(f"t{i}"),)) for i in range(3)]
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            if i == 1:
+                raise DataError("bad_record", "docs.jsonl:2", "", "invalid JSON")
+            return self.good[{0: 0, 2: 1, 3: 2}[i]]
+
+    c = TC.build_cache(TC.PixelTeacher(), Src(), tmp_path / "c")
+    assert c.meta["num_samples"] == 3 and c.meta["skipped_invalid"] == 1
+
+
 # ---- MiniLM through our BERT, and our vision towers (need the encoders branch) -----------------
 
 def _torch_sentence_embeddings(model_dir, texts):
@@ -160,6 +180,10 @@ def test_minilm_teacher_tiny_bert_parity(tmp_path):
     np.testing.assert_allclose(teacher.embed_texts(texts), _torch_sentence_embeddings(tmp_path, texts), atol=2e-5)
     rows = teacher.embed([image_segment(np.zeros((4, 4, 3), np.uint8)), text_segment(texts[0])])
     assert not rows[0].any() and np.linalg.norm(rows[1]) == pytest.approx(1.0, abs=1e-5)
+    first = teacher.embed_texts(texts)
+    teacher.memo_size = 3                       # full: the next new text starts the memo over
+    again = teacher.embed_texts(texts + ["a blue cross"])
+    np.testing.assert_allclose(again[:3], first, atol=1e-6)
 
 
 @pytest.mark.real
