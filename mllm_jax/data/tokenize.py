@@ -91,9 +91,12 @@ class TextTokenizer:
                 raise ValueError(f"{file}: the vocabulary has no {IMAGE} token; pass add_image_token=True "
                                  "(and size the model's embedding to len(tokenizer))")
             tok.add_special_tokens([AddedToken(IMAGE, special=True, normalized=False)])
-        tmpl = template
-        if special("bos_token", BOS) is None or special("eos_token", EOS) is None:
-            tmpl = dataclasses.replace(template, doc_start=special("bos_token", BOS), doc_end=special("eos_token", EOS))
+        # the template's default document delimiters stand for the tokenizer's own BOS/EOS
+        # (<|endoftext|> in GPT-2/Qwen vocabularies; none for BERT): never encoded as text
+        tmpl = dataclasses.replace(
+            template,
+            doc_start=special("bos_token", BOS) if template.doc_start == BOS else template.doc_start,
+            doc_end=special("eos_token", EOS) if template.doc_end == EOS else template.doc_end)
         return cls(tok, source=str(file), pad_token=special("pad_token", PAD), bos_token=tmpl.doc_start,
                    eos_token=tmpl.doc_end, template=tmpl)
 

@@ -114,3 +114,21 @@ def test_load_foreign_hf_tokenizer(tmp_path):
     assert doc.input_ids.tolist() == [tok.image_id] * 2 + list(tok.encode("\n")) + [6]   # BERT has no <s>/</s> here
     cfg = json.loads((tmp_path / "bert" / "tokenizer_config.json").read_text())
     assert "chat_template" not in cfg
+
+
+def test_foreign_tokenizer_documents_use_its_own_bos_eos(tmp_path):
+    """A GPT-2/Qwen-style vocabulary (BOS = EOS = <|endoftext|>, no <s>/</s>): documents are wrapped
+    in that token, not in the characters '<s>' ... '</s>' encoded as text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tk.train_from_iterator(["a red circle and a blue square"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<image>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                            pad_token="<|endoftext|>").save_pretrained(str(tmp_path / "gpt2like"))
+    tok = TK.TextTokenizer.from_dir(tmp_path / "gpt2like")
+    eot = tok.tok.token_to_id("<|endoftext|>")
+    doc = TK.encode_sample(Sample("d", (text_segment("a red circle"),)), tok, 4)
+    assert doc.input_ids.tolist() == [eot, *tok.encode("a red circle"), eot]
