@@ -144,7 +144,7 @@ def load_image(image: ImageLike, record: str, field: str) -> np.ndarray:
                 from PIL import Image
                 with Image.open(path) as im:
                     im.load()
-                    arr = np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im)
+                    arr = _pil_pixels(im)
         except DataError:
             raise
         except Exception as e:  # PIL raises many types for truncated/corrupt files
@@ -156,11 +156,25 @@ def load_image(image: ImageLike, record: str, field: str) -> np.ndarray:
         try:
             from PIL import Image
             with Image.open(io.BytesIO(image)) as im:
-                arr = np.asarray(im.convert("RGB"))
+                arr = _pil_pixels(im)
         except Exception as e:
             raise DataError("corrupt_image", record, field, f"cannot decode image bytes: {e}") from None
         return check_pixels(arr, record, field)
     return check_pixels(np.asarray(image), record, field)
+
+
+def _pil_pixels(im) -> np.ndarray:
+    """8-bit L or RGB pixels of a PIL image. 16-bit grayscale (modes I;16*, or I holding 16-bit
+    values, as PIL opens 16-bit PNGs) keeps its high byte: PIL's convert("RGB") clips those values
+    at 255, which turned almost every pixel white."""
+    if im.mode in ("L", "RGB"):
+        return np.asarray(im)
+    if im.mode.startswith("I"):
+        arr = np.asarray(im).astype(np.int64)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise ValueError(f"{im.mode} pixel values outside 0..65535")
+        return (arr >> 8).astype(np.uint8) if im.mode.startswith("I;16") or arr.max() > 255 else arr.astype(np.uint8)
+    return np.asarray(im.convert("RGB"))
 
 
 def check_pixels(arr: np.ndarray, record: str, field: str) -> np.ndarray:

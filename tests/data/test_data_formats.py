@@ -87,6 +87,19 @@ def test_line_records_name_the_physical_line(tmp_path):
     assert "blank.jsonl:4" in str(e.value)
 
 
+def test_sixteen_bit_png_keeps_its_high_byte(tmp_path):
+    """A 16-bit grayscale PNG (PIL mode I;16) decodes to its high byte, from a path or from bytes
+    (PIL's convert('RGB') clipped it at 255: a gradient turned white)."""
+    from PIL import Image
+    from mllm_jax.data.schema import load_image
+    g = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(g).save(tmp_path / "g16.png")
+    for img in (tmp_path / "g16.png", (tmp_path / "g16.png").read_bytes()):
+        a = load_image(img, "r", "image")
+        assert a.shape == (64, 64, 1) and a.dtype == np.uint8
+        np.testing.assert_array_equal(a[..., 0], g >> 8)
+
+
 def test_pairs_readers():
     src = formats.PairsSource(FIX / "pairs.jsonl")
     assert len(src) == 6
