@@ -30,7 +30,7 @@ from mllm_jax.config import ExperimentConfig
 from mllm_jax.models import pooling
 from mllm_jax.models.mllm import MLLM, slice_embeddings
 from mllm_jax.objectives.contrastive import contrastive_loss
-from mllm_jax.objectives.lm import next_token_loss
+from mllm_jax.objectives.lm import NTP_DENOMINATOR, next_token_loss
 from mllm_jax.objectives.structure import structure_loss
 
 Array = jax.Array
@@ -54,7 +54,8 @@ def _stream(batch: dict, name: str) -> Optional[dict]:
 
 def _ntp(model, b, z_loss, prefix: str = ""):
     out = forward(model, b)
-    loss, parts = next_token_loss(out.logits, b["labels"], b["loss_mask"], z_loss=z_loss)
+    loss, parts = next_token_loss(out.logits, b["labels"], b["loss_mask"], z_loss=z_loss,
+                                  denominator=b.get(NTP_DENOMINATOR))
     return loss, {f"{prefix}{k}": v for k, v in parts.items()}
 
 
@@ -95,7 +96,8 @@ def sugar(cfg: ExperimentConfig) -> LossFn:
             ld, parts = structure_loss(emb, d, sc)
             terms.append((oc.structure_weight, ld, parts))
             if oc.disc_ntp_weight:
-                l2, p2 = next_token_loss(out.logits, d["labels"], d["loss_mask"])
+                l2, p2 = next_token_loss(out.logits, d["labels"], d["loss_mask"],
+                                         denominator=d.get(NTP_DENOMINATOR))
                 terms.append((oc.disc_ntp_weight, l2, {f"disc_{k}": v for k, v in p2.items()}))
         return _combine(terms, "sugar", "gen, disc")
     return loss_fn

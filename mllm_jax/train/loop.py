@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_jax import sharding as shd
 from mllm_jax.config import ExperimentConfig, save_config, to_dict
+from mllm_jax.objectives.lm import NTP_DENOMINATOR
 from mllm_jax.train import distributed
 from mllm_jax.train.checkpoint import Checkpointer, find_checkpoint_dir
 from mllm_jax.train.flops import device_peak_flops, train_flops
@@ -41,6 +42,9 @@ from mllm_jax.train.state import TrainState, abstract_train_state, count_params,
 
 log = logging.getLogger(__name__)
 
+# ``loss_fn(model, batch, rngs) -> (loss, parts)``: parts are named scalars, logged as
+# ``loss/<name>``; under gradient accumulation they are averaged over the micro-batches, except
+# counts named ``*_tokens``, which are summed.
 LossFn = Callable[[nnx.Module, dict, Optional[nnx.Rngs]], tuple[jax.Array, dict]]
 
 
@@ -52,6 +56,22 @@ class NonFiniteLossError(FloatingPointError):
 
 def _tree_add(a, b):
     return jax.tree.map(jnp.add, a, b)
+
+
+def _ntp_denominators(batch, micro, grad_accum: int):
+    """``micro`` with ``NTP_DENOMINATOR`` (one per micro-batch) in every stream of ``batch`` that
+    has a ``loss_mask``: the whole stream's token count / ``grad_accum``. The next-token loss of a
+    micro-batch divides its token sum by it, so the mean over micro-batches is the token mean over
+    the whole batch, as without accumulation (a mean of per-micro-batch means is not, when the
+    micro-batches hold different numbers of answer tokens)."""
+    if not isinstance(batch, dict):
+        return micro
+    out = {k: _ntp_denominators(v, micro[k], grad_accum) if isinstance(v, dict) else micro[k]
+           for k, v in batch.items()}
+    if "loss_mask" in batch:
+        n = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+        out[NTP_DENOMINATOR] = jnp.full((grad_accum,), n / grad_accum)
+    return out
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
@@ -82,7 +102,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
             if x.shape[0] % grad_accum:
                 raise ValueError(f"batch dimension {x.shape[0]} is not divisible by grad_accum={grad_accum}")
             return x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
-        micro = jax.tree.map(split, batch)
+        micro = _ntp_denominators(batch, jax.tree.map(split, batch), grad_accum)
         first = jax.tree.map(lambda x: x[0], micro)
         shapes = jax.eval_shape(lambda: loss_and_grad(state, state.extra, first, key))
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0], shapes[1], shapes[3]))
@@ -96,7 +116,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
         ((loss, parts, grads), extra), _ = jax.lax.scan(body, (zeros, state.extra),
                                                         (micro, jnp.arange(grad_accum)))
         scale = 1.0 / grad_accum
-        return loss * scale, jax.tree.map(lambda x: x * scale, parts), extra, jax.tree.map(lambda g: g * scale, grads)
+        parts = {k: v if k.endswith("_tokens") else v * scale for k, v in parts.items()}   # counts add up
+        return loss * scale, parts, extra, jax.tree.map(lambda g: g * scale, grads)
 
     def step(state: TrainState, batch):
         with shd.activation_sharding(mesh, rules):
@@ -125,7 +146,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
             new_state = state.replace(params=params, opt_state=opt_state, extra=extra, step=state.step + 1,
                                       bad_streak=bad, skipped=skipped)
         metrics = {"loss": loss, **{f"loss/{k}": v for k, v in parts.items()}, "grad_norm": gnorm,
-                   "lr": schedule(state.step), "finite": ok, "bad_streak": bad, "skipped": skipped}
+                   "lr": schedule(state.step - state.skipped), "finite": ok, "bad_streak": bad, "skipped": skipped}
         return new_state, metrics
     return step
 

@@ -154,11 +154,12 @@ def logits_of(outputs) -> jax.Array:
 def ntp_objective(cfg: Optional[ExperimentConfig]) -> Callable:
     """Masked next-token loss on ``labels`` / ``loss_mask`` (``mllm_jax.objectives.lm``), with
     ``objective.z_loss`` (default 0)."""
-    from mllm_jax.objectives.lm import next_token_loss
+    from mllm_jax.objectives.lm import NTP_DENOMINATOR, next_token_loss
     z_loss = float(cfg.objective.z_loss) if cfg is not None else 0.0
 
     def criterion(outputs, batch):
-        return next_token_loss(logits_of(outputs), batch["labels"], batch["loss_mask"], z_loss=z_loss)
+        return next_token_loss(logits_of(outputs), batch["labels"], batch["loss_mask"], z_loss=z_loss,
+                               denominator=batch.get(NTP_DENOMINATOR))
     return criterion
 
 

@@ -14,7 +14,7 @@ from mllm_jax.config import ExperimentConfig, LoRAConfig, from_dict
 from mllm_jax.models.lora import LoRAParam, apply_lora
 from mllm_jax.train.loop import NonFiniteLossError
 from mllm_jax.train.optim import LORA_ONLY
-from tests.toy import TOY_LM, ToyLM, fit_toy, params_np, tiny_experiment
+from tests.toy import TOY_LM, ToyLM, fit_toy, params_np, scaled_ntp, tiny_experiment
 
 
 def _close(a: dict, b: dict, tol: float):
@@ -85,6 +85,56 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
     r2 = fit_toy(tiny_experiment(**base, **{"train.run_dir": str(tmp_path / "b"), "train.optim.grad_accum": 2}))
     np.testing.assert_allclose([h["loss"] for h in r1.history], [h["loss"] for h in r2.history], atol=1e-5, rtol=0)
     _close(params_np(r1.state), params_np(r2.state), 1e-5)
+
+
+def test_grad_accumulation_weights_micro_batches_by_tokens():
+    """Micro-batches with 12 and 2 answer tokens: grad_accum=2 gives the full batch's token-mean
+    loss, gradient (one SGD step) and token count (a mean of per-micro-batch means does not:
+    loss 2.38 vs 2.32 here before the fix). Also: the logged lr is the applied one after a skipped
+    step."""
+    from mllm_jax.config import OptimConfig
+    from mllm_jax.train.loop import jit_train_step, make_train_step
+    from mllm_jax.train.optim import build_optimizer
+    from mllm_jax.train.registry import make_loss_fn, ntp_objective
+    from mllm_jax.train.state import create_train_state
+    from tests.toy import one_device_mesh
+
+    class M(nnx.Module):
+        def __init__(self, rngs):
+            self.emb, self.out = nnx.Embed(8, 8, rngs=rngs), nnx.Linear(8, 8, rngs=rngs)
+
+        def __call__(self, input_ids, **_):
+            return {"logits": self.out(self.emb(input_ids))}
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((4, 6), np.int32)
+    mask[[0, 2], :] = 1                               # rows j::2 form micro-batch j: 12 and 2 tokens
+    mask[[1, 3], 0] = 1
+    batch = {"input_ids": rng.integers(0, 8, (4, 6)).astype(np.int32),
+             "labels": rng.integers(0, 8, (4, 6)).astype(np.int32), "loss_mask": mask}
+    mesh = one_device_mesh()
+    out = {}
+    for k in (1, 2):
+        cfg = OptimConfig(name="sgd", lr=1.0, schedule="constant", momentum=0.0, clip_norm=0.0, grad_accum=k)
+        tx, sched = build_optimizer(cfg, 10)
+        state, shardings = create_train_state(lambda: M(nnx.Rngs(0)), tx, cfg, mesh, seed=0)
+        step = jit_train_step(make_train_step(make_loss_fn(ntp_objective(None)), tx, sched, grad_accum=k,
+                                              mesh=mesh), shardings, mesh)
+        state, m = step(state, batch)
+        out[k] = (float(m["loss"]), float(m["loss/ntp_tokens"]), params_np(state))
+    assert out[2][0] == pytest.approx(out[1][0], abs=1e-6) and out[1][1] == out[2][1] == 14
+    _close(out[1][2], out[2][2], 1e-6)
+
+    # the logged lr is the one applied: a skipped (non-finite) step does not advance optax's count
+    cfg = OptimConfig(name="sgd", lr=1.0, schedule="linear", warmup_steps=0, momentum=0.0, clip_norm=0.0)
+    tx, sched = build_optimizer(cfg, 4)
+    state, shardings = create_train_state(lambda: M(nnx.Rngs(0)), tx, cfg, mesh, seed=0)
+    step = jit_train_step(make_train_step(make_loss_fn(scaled_ntp()), tx, sched, mesh=mesh), shardings, mesh)
+    lrs = []
+    for scale in (np.nan, 1.0, 1.0):
+        state, m = step(state, {**batch, "scale": np.full((4,), scale, np.float32)})
+        lrs.append(float(m["lr"]))
+    assert lrs == [float(sched(0)), float(sched(0)), float(sched(1))] and lrs[1] > lrs[2]
 
 
 def test_nan_batch_is_skipped_counted_and_changes_nothing(tmp_path):
