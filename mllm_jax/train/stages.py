@@ -98,13 +98,20 @@ def run_stages(cfg: ExperimentConfig, run_one: Callable[[ExperimentConfig], obje
         raise ConfigError(f"stages: names must be unique, got {names}")
     if only is not None and only not in names:
         raise ConfigError(f"--stage {only!r}: no such stage; the recipe has {names}")
-    results, prev = [], None
-    for stage in cfg.stages:
-        scfg = stage_config(cfg, stage, prev, overrides)
+    configs, prev = [], None
+    for stage in cfg.stages:          # every stage's config first: a typo in stage 3 fails now
+        configs.append(stage_config(cfg, stage, prev, overrides))
+        prev = configs[-1].train.run_dir
+    results = []
+    for stage, scfg in zip(cfg.stages, configs):
         if only is None or stage.name == only:
             log.info("stage %s: run dir %s, init from %s", stage.name, scfg.train.run_dir, scfg.train.init_from)
             results.append(run_one(scfg))
-        prev = scfg.train.run_dir
+            if getattr(results[-1], "status", None) == "preempted":
+                # the next stage must not start from this one's unfinished checkpoint; rerunning
+                # the recipe resumes this stage, then goes on
+                log.warning("stage %s was preempted; later stages not started", stage.name)
+                break
     return results
 
 

@@ -117,3 +117,26 @@ def test_command_line_overrides_win_over_stage_updates():
     assert [s.train.optim.lr for s in stages] == [1e-3, 1e-4, 2e-5]          # from the recipe
     assert all(s.model.decoder.num_heads == 4 for s in stages)
     assert [s.train.steps for s in (stage_config(cfg, s, None) for s in cfg.stages)] == [2000, 10000, 5000]
+
+
+def test_run_stages_checks_every_stage_first_and_stops_after_a_preempted_one(tmp_path):
+    """A typo in a later stage's updates fails before any stage trains; a stage that was
+    preempted (SIGTERM) is not followed by the next stage, which would start from its unfinished
+    checkpoint (rerunning the recipe resumes it)."""
+    from types import SimpleNamespace
+    from mllm_jax.config import ConfigError
+    from mllm_jax.train.stages import StageConfig, run_stages
+    base = tiny_experiment(**{"train.run_dir": str(tmp_path)})
+    ran = []
+
+    def run_one(scfg):
+        ran.append(scfg.name.split("/")[-1])
+        return SimpleNamespace(status="preempted" if ran[-1] == "b" else "completed")
+    typo = dataclasses.replace(base, stages=(StageConfig("a", {"train.steps": 3}),
+                                             StageConfig("b", {"train.optim.lrr": 1e-4})))
+    with pytest.raises(ConfigError, match="lrr"):
+        run_stages(typo, run_one)
+    assert ran == []
+    three = dataclasses.replace(base, stages=tuple(StageConfig(n, {"train.steps": 3}, init_from_previous=True)
+                                                   for n in "abc"))
+    assert [r.status for r in run_stages(three, run_one)] == ["completed", "preempted"] and ran == ["a", "b"]
