@@ -140,6 +140,9 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             enable_async_checkpointing=cfg.async_save, create=not read_only, read_only=read_only,
+            # Orbax writes each step's metrics to disk only when best_fn is set (BestN above does
+            # the ranking); without it a resumed run forgot them and deleted the best step
+            best_fn=(lambda m: m[cfg.best_metric]) if cfg.keep_best > 0 else None, best_mode=cfg.best_mode,
             cleanup_tmp_directories=not read_only)
         handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
                     "data": DataStateHandler(), "config": ocp.JsonCheckpointHandler()}

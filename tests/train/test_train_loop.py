@@ -1,5 +1,6 @@
 """The jitted train step and ``fit``: sharding parity, accumulation, NaN guard, freeze masks,
 metrics files, eval hook and best-by-metric retention. Toy model and data: ``tests/toy.py``."""
+import dataclasses
 import json
 import struct
 
@@ -208,6 +209,13 @@ def test_eval_hook_and_best_checkpoint_retention(tmp_path):
     best = 1 + int(np.argmax(losses))
     kept = sorted(int(p.name) for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.isdigit())
     assert kept == sorted({best, 5})
+    # resumed for 2 more steps, the run still knows the saved steps' metrics (on disk): best kept
+    more = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=7))
+    res2 = fit_toy(more, eval_data=lambda: toy_data(more, split="eval"))
+    losses += [e["eval/loss"] for e in res2.eval_history]
+    assert len(losses) == 7
+    kept = sorted(int(p.name) for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == sorted({1 + int(np.argmax(losses)), 7})
 
 
 def test_skip_by_cond_and_by_select_give_the_same_state():
