@@ -128,17 +128,20 @@ TOY_MLLM = ModelSpec(build=_build_mllm)
 class ToyIterator:
     """Wraps a grain ``DatasetIterator``. For tests, by batch index: ``nan_batches`` get
     ``scale = nan`` (a non-finite loss through ``scaled_ntp``), ``drop_batches`` are skipped,
-    and fetching batch ``sigterm_at`` sends this process SIGTERM."""
+    fetching batch ``sigterm_at`` sends this process SIGTERM, and the data ends after
+    ``num_batches`` (as with ``data.num_epochs``)."""
 
-    def __init__(self, it, nan_batches=(), drop_batches=(), sigterm_at=None):
+    def __init__(self, it, nan_batches=(), drop_batches=(), sigterm_at=None, num_batches=None):
         self._it, self._nan, self._drop = it, set(nan_batches), set(drop_batches)
-        self._sigterm_at = sigterm_at
+        self._sigterm_at, self._num_batches = sigterm_at, num_batches
         self._index = 0
 
     def __iter__(self):
         return self
 
     def __next__(self):
+        if self._num_batches is not None and self._index >= self._num_batches:
+            raise StopIteration
         while self._index in self._drop:
             next(self._it)
             self._index += 1
@@ -190,7 +193,7 @@ def toy_data(cfg: ExperimentConfig, *, split: str = "train", process_index: int 
           .batch(B, drop_remainder=True)
           .map(lambda b: {k: v[lo:lo + local] for k, v in b.items()}))
     return ToyIterator(iter(ds), nan_batches=opts.get("nan_batches", ()), drop_batches=opts.get("drop_batches", ()),
-                       sigterm_at=opts.get("sigterm_at"))
+                       sigterm_at=opts.get("sigterm_at"), num_batches=opts.get("num_batches"))
 
 
 def tiny_experiment(**updates) -> ExperimentConfig:

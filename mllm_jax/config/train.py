@@ -135,7 +135,7 @@ class TrainConfig:
     seed: int = 0
     compute_dtype: Optional[str] = None    # float32 | bfloat16; overrides the model dtypes (params stay float32)
     run_dir: str = "runs/default"          # metrics.jsonl, TensorBoard events, config.yaml, checkpoints/
-    log_every: int = 10
+    log_every: int = 10                    # 0: only the last step
     eval_every: int = 0                    # 0: no periodic eval
     eval_steps: int = 10
     max_bad_steps: int = 10                # stop after this many non-finite steps in a row

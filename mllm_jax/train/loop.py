@@ -282,7 +282,9 @@ def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], los
     cost = _step_cost(forward_flops, count_params(abstract.all_params()))
     pending: Optional[tuple[int, Any, tuple[int, float]]] = None
 
-    def drain(p):
+    unlogged: list = []          # the latest drained step's metrics, when log_every skipped them
+
+    def drain(p, last=False):
         s, m, (tokens, flops) = p
         m = {k: v.item() for k, v in jax.device_get(m).items()}
         history.append({"step": s, **m})
@@ -299,16 +301,24 @@ def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], los
             thr.reset()  # the first step includes compilation
         else:
             thr.tick(tokens, flops)
-        if s % tc.log_every == 0 or s == tc.steps:
+        unlogged[:] = [(s, m)]
+        if (tc.log_every and s % tc.log_every == 0) or s == tc.steps or last:
             m.update(thr.measure())
             writer.write(s, m)
+            unlogged.clear()
         progress.update(1, m)
 
-    status, signum = "completed", None
+    status, signum, step_eval = "completed", None, None
     try:
         with StopSignal() as stop:
             while step < tc.steps:
-                batch = distributed.global_batch(next(data), mesh, rules)
+                try:
+                    host_batch = next(data)
+                except StopIteration:       # data.num_epochs reached: save and stop like a finished run
+                    log.warning("the training data ended at step %d of train.steps=%d (data.num_epochs); "
+                                "stopping there", step, tc.steps)
+                    break
+                batch = distributed.global_batch(host_batch, mesh, rules)
                 state, metrics = train_step(state, batch)
                 step += 1
                 if pending is not None:
@@ -331,9 +341,11 @@ def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], los
                     status, signum = "preempted", stop.signum
                     break
             if pending is not None:
-                drain(pending)
-            if last_saved != step:
-                ckpt.save(state, data_state=data.get_state(), config=cfg_dict)
+                drain(pending, last=True)
+            elif unlogged and unlogged[0][0] == step:      # drained early, for an eval at this step
+                writer.write(step, unlogged[0][1])
+            if last_saved != step:     # with the metrics of an eval at this step, if one ran
+                ckpt.save(state, data_state=data.get_state(), config=cfg_dict, metrics=step_eval)
     finally:
         ckpt.close()
         writer.close()

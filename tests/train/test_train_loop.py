@@ -218,6 +218,25 @@ def test_eval_hook_and_best_checkpoint_retention(tmp_path):
     assert kept == sorted({1 + int(np.argmax(losses)), 7})
 
 
+def test_data_that_ends_early_stops_the_run_cleanly(tmp_path):
+    """Training data that ends at batch 5 of train.steps=10 (data.num_epochs reached): fit stops
+    there, saves step 5 with the eval metrics of that step, and logs it (log_every=0: only the
+    last step). It raised a bare StopIteration and lost everything since the last save."""
+    from tests.toy import toy_data
+    cfg = tiny_experiment(**{"train.run_dir": str(tmp_path / "r"), "train.steps": 10, "train.log_every": 0,
+                             "train.eval_every": 5, "train.eval_steps": 1, "train.checkpoint.every_steps": 4,
+                             "train.checkpoint.keep_last": 5, "train.checkpoint.keep_best": 1,
+                             "data_options": {"num_batches": 5}})
+    res = fit_toy(cfg, eval_data=lambda: toy_data(cfg, split="eval"))
+    assert res.status == "completed" and [h["step"] for h in res.history] == [1, 2, 3, 4, 5]
+    ckpts = tmp_path / "r" / "checkpoints"
+    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [4, 5]
+    saved = json.loads((ckpts / "5" / "metrics" / "metrics").read_text())     # Orbax's metrics item
+    assert saved["eval/loss"] == pytest.approx(res.eval_history[-1]["eval/loss"])
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == [5]
+
+
 def test_skip_by_cond_and_by_select_give_the_same_state():
     """The NaN guard's two forms (``lax.cond`` on CPU, a select of new and old values elsewhere)
     train to bit-identical states over steps that include a skipped one."""
