@@ -156,7 +156,7 @@ def vision_forward_flops(cfg: VisionConfig, images: int) -> float:
 
 
 def mllm_forward_flops(cfg: MLLMConfig, batch: int, seq_len: int, images: int) -> float:
-    proj_tokens = cfg.tokens_per_image if cfg.projector.kind == "mlp" else cfg.vision.num_patches
+    proj_tokens = cfg.tokens_per_image        # the pool adapter pools first, then its MLP
     dv, dl = cfg.vision.hidden_size, cfg.decoder.hidden_size
     proj = 2.0 * images * proj_tokens * (dv * dl + dl * dl)
     return decoder_forward_flops(cfg.decoder, batch, seq_len) + vision_forward_flops(cfg.vision, images) + proj

@@ -104,3 +104,24 @@ def test_mllm_eval_shape_matches_the_arithmetic_table(vila):
     got = sum(int(np.prod(x.shape)) for _, x in nnx.to_flat_state(nnx.as_pure(params)))
     want = sum(int(np.prod(s.shape)) for s in F.mllm_params(vila.model))
     assert abs(got - want) / want < 0.01, (got, want)
+
+
+@pytest.mark.parametrize("kind", ["pool", "mlp"])
+def test_projector_flops_agree_with_xla_cost_analysis(kind):
+    """The projector's share of ``mllm_forward_flops`` ~ XLA's count for the module alone (the
+    pool adapter's MLP runs on the pooled P*P tokens: it was counted on every patch, 16x here).
+    XLA also counts the elementwise work (layer norm, pooling, GELU): a few %."""
+    import jax
+    import jax.numpy as jnp
+    from mllm_jax.config import DecoderConfig, MLLMConfig, ProjectorConfig, VisionConfig
+    from mllm_jax.models.projector import MLPProjector, PoolAdapter
+    v = VisionConfig(image_size=32, patch_size=4, hidden_size=256)
+    cfg = MLLMConfig(vision=v, decoder=DecoderConfig(hidden_size=512),
+                     projector=ProjectorConfig(kind=kind, pool_size=2))
+    ours = F.mllm_forward_flops(cfg, 1, 8, 3) - F.mllm_forward_flops(cfg, 1, 8, 0) - F.vision_forward_flops(v, 3)
+    rngs = nnx.Rngs(0)
+    mod = (PoolAdapter(256, 512, v.grid_size, cfg.projector, rngs=rngs) if kind == "pool"
+           else MLPProjector(256, 512, cfg.projector, rngs=rngs))
+    cost = jax.jit(lambda x: mod(x)).lower(jnp.zeros((3, v.num_patches, 256))).compile().cost_analysis()
+    xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    assert 0.85 < ours / xla < 1.1, (ours, xla)
