@@ -72,7 +72,21 @@ def restore_run(checkpoint: str, cfg: Optional[ExperimentConfig] = None, *, mesh
 
 def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: Optional[str] = None, *,
                         steps: Optional[int] = None) -> dict[str, float]:
-    """Eval losses of the newest good checkpoint in ``checkpoint`` (default: the run's own)."""
+    """Eval losses of the newest good checkpoint in ``checkpoint`` (default: the run's own).
+
+    A recipe's config (``stages``) describes several models, not the one a stage trained: the
+    stage's run holds its resolved ``config.yaml``, which is used then (with ``cfg``'s mesh)."""
+    if cfg.stages:
+        import dataclasses
+        from pathlib import Path
+
+        from mllm_jax.config import load_config
+        run = Path(checkpoint or cfg.train.run_dir)
+        run = run if (run / "checkpoints").is_dir() else run.parent
+        if not (run / "config.yaml").exists():
+            raise FileNotFoundError(f"{run}/config.yaml not found: --checkpoint must name one stage's run "
+                                    f"(one of {[str(Path(cfg.train.run_dir) / s.name) for s in cfg.stages]})")
+        cfg = dataclasses.replace(load_config(run / "config.yaml", ExperimentConfig), mesh=cfg.mesh)
     cfg = cfg.resolved()
     mesh = shd.make_mesh(*cfg.mesh.shape)
     state, step = restore_run(checkpoint or cfg.train.run_dir, cfg, mesh=mesh)

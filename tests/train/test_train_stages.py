@@ -140,3 +140,19 @@ def test_run_stages_checks_every_stage_first_and_stops_after_a_preempted_one(tmp
     three = dataclasses.replace(base, stages=tuple(StageConfig(n, {"train.steps": 3}, init_from_previous=True)
                                                    for n in "abc"))
     assert [r.status for r in run_stages(three, run_one)] == ["completed", "preempted"] and ran == ["a", "b"]
+
+
+def test_eval_of_one_stage_of_a_recipe(tmp_path):
+    """``eval --config recipe.yaml --checkpoint RUN/<stage>`` restores with the config that stage
+    trained with (another freeze mask: the recipe's own config gave a different optimiser state
+    and the restore failed)."""
+    from mllm_jax.config import StageConfig
+    from mllm_jax.train.experiment import evaluate_checkpoint
+    cfg = dataclasses.replace(tiny_experiment(**{"train.run_dir": str(tmp_path), "train.steps": 2}), stages=(
+        StageConfig("a", {}), StageConfig("b", {"train.optim.trainable": [r"^layers\.0\.mlp\."]})))
+    train_recipe(cfg, mesh=one_device_mesh())
+    here = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, fsdp=-1))    # this machine's 8 devices
+    out = evaluate_checkpoint(here, str(tmp_path / "b"), steps=1)
+    assert out["step"] == 2 and np.isfinite(out["eval/loss"])
+    with pytest.raises(FileNotFoundError, match="one stage's run"):
+        evaluate_checkpoint(here, str(tmp_path), steps=1)
