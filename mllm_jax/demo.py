@@ -37,6 +37,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -149,12 +150,14 @@ def _vision_init(cfg: ExperimentConfig, out: Path, steps: int) -> str:
     return str(d)
 
 
-def _train_cached(cfg: ExperimentConfig):
-    """Trains ``cfg`` unless its run dir holds a finished run of the same config (hash)."""
+def _train_cached(cfg: ExperimentConfig, parent: Optional[ExperimentConfig] = None):
+    """Trains ``cfg`` unless its run dir holds a finished run of the same config (hash) started
+    from the same ``parent`` run (an arm's config names the shared stage only by its run dir, so
+    a retrained shared stage must invalidate the arms)."""
     from mllm_jax.train.experiment import train
     run = Path(cfg.train.run_dir)
     stamp = run / "config.hash"
-    h = config_hash(cfg)
+    h = config_hash(cfg) + (f"-{config_hash(parent)}" if parent is not None else "")
     if stamp.exists() and stamp.read_text() == h and (run / "checkpoints").exists():
         log.info("reusing %s (config hash %s)", run, h)
         return None
@@ -249,7 +252,7 @@ def main(argv=None) -> int:
         cfg = apply_updates(arm_config(base, name, out, text_teacher), {"train.steps": arm_steps})
         log.info("arm %s: %d steps (%s)", name, arm_steps, cfg.objective.name)
         t0 = time.perf_counter()
-        _train_cached(cfg)
+        _train_cached(cfg, parent=base)
         model = _restore(cfg)
         t1 = time.perf_counter()
         res = run_suite(model, tok, cfg.data, cfg.model, ARMS[name]["embed"], n=eval_n, mode="loglik")

@@ -34,3 +34,24 @@ def test_quick_demo_writes_the_table_json_and_plots(tmp_path):
     _demo(tmp_path, "--arms", "generative")
     again = json.loads((tmp_path / "demo.json").read_text())
     assert again["generative"] == res["generative"]
+
+
+def test_arm_runs_are_retrained_when_the_shared_stage_changes(tmp_path, monkeypatch):
+    """An arm's cached run is reused only if it started from the same shared-stage config: the
+    arm's own config names that stage by its run dir alone, so a shared stage retrained with other
+    settings (e.g. --pretrain-steps) left stale arms in use."""
+    from mllm_jax import demo
+    from mllm_jax.config import ExperimentConfig, apply_updates
+    from mllm_jax.train import experiment
+    calls = []
+
+    def fake_train(cfg):
+        calls.append(cfg.name)
+        (Path(cfg.train.run_dir) / "checkpoints").mkdir(parents=True)
+    monkeypatch.setattr(experiment, "train", fake_train)
+    arm = apply_updates(ExperimentConfig(), {"train.run_dir": str(tmp_path / "arm")})
+    shared = [apply_updates(ExperimentConfig(), {"train.steps": n}) for n in (100, 2000)]
+    demo._train_cached(arm, parent=shared[0])
+    demo._train_cached(arm, parent=shared[0])          # reused
+    demo._train_cached(arm, parent=shared[1])          # the shared stage changed: retrained
+    assert len(calls) == 2
