@@ -40,7 +40,7 @@ class DecoderConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     bos_token_id: Optional[int] = None
-    eos_token_id: Optional[int] = None
+    eos_token_id: Optional[int | tuple[int, ...]] = None  # a tuple: several stop ids (HF list)
     pad_token_id: Optional[int] = None
     dtype: str = "float32"                 # compute dtype; params stay float32
     remat: bool = False                    # rematerialise each block in the backward pass
@@ -80,12 +80,15 @@ class DecoderConfig:
                 raise ConfigError(f"decoder config: rope_type {rtype!r} is not supported (default, linear, llama3)")
             scaling = {k: v for k, v in rope.items() if k != "type"}
             scaling["rope_type"] = rtype
+        if hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or ()):
+            raise ConfigError(f"{mt} config: sliding-window attention (use_sliding_window / layer_types) "
+                              "is not supported (full attention only)")
         head_dim = hf.get("head_dim")
         if head_dim is not None and head_dim * hf["num_attention_heads"] == hf["hidden_size"]:
             head_dim = None  # the default; keep configs canonical
         eos = hf.get("eos_token_id")
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
+        if isinstance(eos, (list, tuple)):
+            eos = (None if not eos else eos[0] if len(eos) == 1 else tuple(int(e) for e in eos))
         return cls(
             family=mt,
             vocab_size=hf["vocab_size"],
@@ -129,7 +132,7 @@ class DecoderConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
+            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
             "pad_token_id": self.pad_token_id,
         }
         if self.family == "llama":
@@ -346,7 +349,9 @@ class MLLMConfig:
             vision=VisionConfig.from_hf(hf["vision_config"]),
             projector=ProjectorConfig(kind="mlp", hidden_act=hf.get("projector_hidden_act", "gelu"),
                                       bias=bool(hf.get("multimodal_projector_bias", True))),
-            decoder=DecoderConfig.from_hf(hf["text_config"]),
+            # transformers ties the LM head when either the top-level or the text config says so
+            decoder=DecoderConfig.from_hf({**hf["text_config"], "tie_word_embeddings": bool(
+                hf.get("tie_word_embeddings") or hf["text_config"].get("tie_word_embeddings"))}),
             image_token_id=hf.get("image_token_index", hf.get("image_token_id", 32000)),
             vision_feature_layer=fl,
             vision_feature_select=hf.get("vision_feature_select_strategy", "default"),

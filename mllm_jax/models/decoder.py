@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from flax import nnx
 
@@ -131,7 +132,11 @@ class Decoder(nnx.Module):
                 raise ValueError("Decoder: a cache needs cache_index (the first slot to write)")
             if len(cache) != len(self.layers):
                 raise ValueError(f"Decoder: cache has {len(cache)} layers, the model {len(self.layers)}")
-            s, offset = cache[0].k.shape[2], jnp.asarray(cache_index, jnp.int32)
+            s = cache[0].k.shape[2]
+            if isinstance(cache_index, (int, np.integer)) and cache_index + t > s:   # concrete: check
+                raise ValueError(f"Decoder: writing {t} tokens at cache_index={int(cache_index)} overflows "
+                                 f"the cache's {s} slots")
+            offset = jnp.asarray(cache_index, jnp.int32)
         if attention_mask is None:
             attention_mask = jnp.broadcast_to(jnp.arange(s) < offset + t, (b, s))
         elif attention_mask.shape != (b, s):

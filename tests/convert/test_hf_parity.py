@@ -136,3 +136,27 @@ def test_sliding_window_qwen2_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="use_sliding_window"):
         load_pretrained(tmp_path)
+
+
+def test_llava_with_a_sliding_window_text_model_is_refused():
+    """The check lives in DecoderConfig.from_hf, so LLaVA's text_config gets it too (it loaded and
+    attended past the window)."""
+    from mllm_jax.config import ConfigError, MLLMConfig
+    vis = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=16, patch_size=4)
+    txt = transformers.Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100, use_sliding_window=True, sliding_window=3,
+                                   max_window_layers=0)
+    hf = transformers.LlavaConfig(vision_config=vis.to_dict(), text_config=txt.to_dict()).to_dict()
+    with pytest.raises(ConfigError, match="sliding-window attention"):
+        MLLMConfig.from_hf(hf)
+
+
+def test_eos_id_list_round_trips():
+    """A list eos_token_id stays a tuple of every id: in our config, its YAML form and to_hf."""
+    import yaml
+    from mllm_jax.config import DecoderConfig, from_dict, to_dict
+    cfg = DecoderConfig.from_hf({**make_hf("llama").config.to_dict(), "eos_token_id": [5, 9]})
+    assert cfg.eos_token_id == (5, 9) and cfg.to_hf()["eos_token_id"] == [5, 9]
+    assert from_dict(DecoderConfig, yaml.safe_load(yaml.safe_dump(to_dict(cfg)))) == cfg
+    assert DecoderConfig.from_hf({**make_hf("llama").config.to_dict(), "eos_token_id": [7]}).eos_token_id == 7

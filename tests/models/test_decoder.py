@@ -80,5 +80,7 @@ def test_input_errors(model):
         model(ids, attention_mask=jnp.ones((2, 5)))
     with pytest.raises(ValueError, match="needs cache_index"):
         model(ids, cache=model.init_cache(2, 8))
+    with pytest.raises(ValueError, match="writing 4 tokens at cache_index=6 overflows the cache's 8 slots"):
+        model(ids, cache=model.init_cache(2, 8), cache_index=6)      # was clamped: earlier slots overwritten
     with pytest.raises(ValueError, match="expected \\(2, 8\\) \\(batch, cache slots"):
         model(ids, attention_mask=jnp.ones((2, 4)), cache=model.init_cache(2, 8), cache_index=0)

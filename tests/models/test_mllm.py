@@ -186,3 +186,55 @@ def test_slice_embeddings_from_forward(pair):
     h = np.asarray(out.last_hidden_state)
     np.testing.assert_allclose(np.asarray(e[0, 0]), h[0, 3:3 + K].mean(0), atol=1e-5)
     np.testing.assert_allclose(np.asarray(e[0, 1]), h[0, 6 + K], atol=1e-6)
+
+
+def test_llava_tied_only_at_the_top_level_loads_tied(tmp_path):
+    """transformers ties the LM head when the top-level LlavaConfig says so, whatever text_config
+    says, and then saves no lm_head: ours loads it tied (it failed, lm_head missing) with the same
+    logits."""
+    model = _hf_llava(seed=2)
+    cfg = model.config
+    cfg.tie_word_embeddings, cfg.text_config.tie_word_embeddings = True, False
+    tied = transformers.LlavaForConditionalGeneration(cfg).eval()
+    tied.load_state_dict(model.state_dict(), strict=False)
+    tied.tie_weights()
+    tied.save_pretrained(tmp_path)
+    ours = load_pretrained(tmp_path)
+    assert ours.config.decoder.tie_word_embeddings
+    ids, mask, pix, image_mask = _batch()
+    with torch.no_grad():
+        ref = tied(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                   pixel_values=torch.tensor(pix[image_mask]).permute(0, 3, 1, 2)).logits.numpy()
+    out = ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask), pixel_values=jnp.asarray(pix),
+               image_mask=jnp.asarray(image_mask)).logits
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(out)[real], ref[real], atol=1e-4, rtol=0)
+
+
+def test_padding_image_before_a_real_one_is_refused(pair):
+    """The k-th <image> slot takes image k: a padding image (mask False) before a real one would
+    put the padding into the slot silently."""
+    _, ours, _ = pair
+    ids, mask, pix, image_mask = _batch()
+    one = ids.copy()
+    one[1] = np.where(one[1] == IMG, 5, one[1])             # sample 1: no slots
+    one[0, np.flatnonzero(ids[0] == IMG)[:K]] = 5           # sample 0: one slot
+    with pytest.raises(ImageSlotError, match=r"samples \[0\]: image_mask has a padding image before a real one"):
+        ours(jnp.asarray(one), attention_mask=jnp.asarray(mask), pixel_values=jnp.asarray(pix),
+             image_mask=np.array([[False, True], [False, False]]))
+
+
+def test_generation_in_train_mode_with_lora_dropout():
+    """A model in train mode (as built or restored) with LoRA dropout generates, deterministically
+    (decoding runs in eval mode; it raised a TraceContextError), the same tokens as in eval mode."""
+    cfg = MLLMConfig(lora=LoRAConfig(rank=4, alpha=8, dropout=0.5, target=r"decoder\..*(q_proj|v_proj)$"))
+    model = MLLM(cfg, rngs=nnx.Rngs(params=0, dropout=1))
+    for _, m in nnx.iter_modules(model):
+        if getattr(m, "lora", None) is not None:
+            m.lora.b[...] = 0.5 * jnp.ones_like(m.lora.b[...])
+    ids = np.full((2, 5), 7, np.int32)
+    model.train()
+    a = np.asarray(model.generate(ids, max_new_tokens=3, stop_tokens=()).tokens)
+    model.eval()
+    b = np.asarray(model.generate(ids, max_new_tokens=3, stop_tokens=()).tokens)
+    np.testing.assert_array_equal(a, b)
