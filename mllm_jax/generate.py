@@ -128,6 +128,7 @@ def _pack_weights(graphdef, state) -> dict:
 
 def _attach(model: nnx.Module, packs: dict | None) -> nnx.Module:
     """Points the modules of a freshly merged ``model`` at their packed weights."""
+    model.eval()  # decoding is deterministic: no dropout (e.g. LoRA's) inside the loop
     if packs:
         for path, m in _packable(model):
             m.packed = packs[path]
@@ -275,12 +276,14 @@ def generate(model: nnx.Module, input_ids=None, *, inputs_embeds=None, attention
         if not 0 < top_p <= 1:
             raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
     cfg = model.config
+    eos = cfg.eos_token_id
+    eos_ids = () if eos is None else tuple(eos) if isinstance(eos, (tuple, list)) else (eos,)
     if stop_tokens is None:
-        stop_tokens = () if cfg.eos_token_id is None else (cfg.eos_token_id,)
+        stop_tokens = eos_ids
     elif isinstance(stop_tokens, int):
         stop_tokens = (stop_tokens,)
     if pad_token_id is None:
-        pad_token_id = next((x for x in (cfg.pad_token_id, cfg.eos_token_id) if x is not None), 0)
+        pad_token_id = next((x for x in (cfg.pad_token_id, *eos_ids[:1]) if x is not None), 0)
     prompt = input_ids if input_ids is not None else inputs_embeds
     if input_ids is not None:
         input_ids = jnp.asarray(input_ids, jnp.int32)

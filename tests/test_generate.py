@@ -100,6 +100,21 @@ def test_stop_tokens_end_rows_like_transformers(models):
     np.testing.assert_array_equal(tokens, hf_greedy(hf, ids, mask, N_NEW, eos=stop))
 
 
+def test_a_list_of_eos_ids_stops_like_transformers(models, tmp_path):
+    """An HF config whose eos_token_id is a list (Llama-3 style): every id stops a row by default,
+    as in transformers (only the first was kept)."""
+    hf, model = models
+    (ids, mask), _ = prompts(hf.config.vocab_size)
+    free = np.asarray(generate(model, ids, attention_mask=mask, max_new_tokens=N_NEW, stop_tokens=()).tokens)
+    unused = next(t for t in range(1, hf.config.vocab_size) if t not in free)
+    eos = [unused, int(free[0, 2])]
+    hf2, ours = hf_and_ours(tmp_path, hf.config.model_type, seed=3, eos_token_id=eos)
+    assert ours.config.eos_token_id == tuple(eos)
+    out = generate(ours, ids, attention_mask=mask, max_new_tokens=N_NEW, pad_token_id=PAD)
+    assert int(out.lengths[0]) <= 3
+    np.testing.assert_array_equal(np.asarray(out.tokens), hf_greedy(hf2, ids, mask, N_NEW, eos=eos))
+
+
 def test_top_k_1_sampling_is_greedy(models):
     hf, model = models
     (ids, mask), _ = prompts(hf.config.vocab_size, seed=1)

@@ -44,8 +44,11 @@ class TrainState:
     skipped: jax.Array
 
     def model(self) -> nnx.Module:
-        """The live module (for evaluation / export; not for use inside a loop)."""
-        return nnx.merge(self.graphdef, self.params, self.frozen, self.extra)
+        """The live module, in eval mode (no dropout: for evaluation / export; not for use inside
+        a loop). ``.train()`` on it switches dropout back on."""
+        model = nnx.merge(self.graphdef, self.params, self.frozen, self.extra)
+        model.eval()
+        return model
 
     def all_params(self) -> nnx.State:
         """Trainable and frozen params together, in the module's layout."""

@@ -262,3 +262,21 @@ def test_skip_by_cond_and_by_select_give_the_same_state():
         assert finite == [True, False, True] and int(state.skipped) == 1
         final[cond] = jax.tree.leaves(jax.device_get((state.params, state.opt_state, state.step)))
     assert all(np.array_equal(a, b) for a, b in zip(final[True], final[False]))
+
+
+def test_state_model_is_in_eval_mode():
+    """``TrainState.model()`` (what eval, the demo and generate_cli use) has dropout off: LoRA
+    dropout applied silently to eval scores and embeddings before."""
+    from mllm_jax.config import OptimConfig
+    from mllm_jax.train.optim import build_optimizer
+    from mllm_jax.train.state import create_train_state
+    from tests.toy import one_device_mesh
+
+    def build():
+        m = TOY_LM.build(tiny_experiment(), nnx.Rngs(params=0, dropout=1))
+        apply_lora(m, LoRAConfig(rank=2, dropout=0.5, target=r"q_proj$"), nnx.Rngs(params=2, dropout=3))
+        return m
+    tx, _ = build_optimizer(OptimConfig(), 1)
+    state, _ = create_train_state(build, tx, OptimConfig(), one_device_mesh(), seed=0)
+    drops = [m for _, m in nnx.iter_modules(state.model()) if isinstance(m, nnx.Dropout)]
+    assert drops and all(m.deterministic for m in drops)
