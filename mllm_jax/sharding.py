@@ -57,6 +57,8 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
     n = len(devices)
     if sizes.count(-1) > 1:
         raise ShardingError("make_mesh: at most one of data/fsdp/tensor may be -1")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ShardingError(f"make_mesh: data, fsdp, tensor = {sizes}: each must be >= 1 (or one of them -1)")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n % known:

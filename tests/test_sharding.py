@@ -19,6 +19,8 @@ def test_make_mesh_shapes_and_errors():
         S.make_mesh(data=3, fsdp=1, tensor=1)
     with pytest.raises(S.ShardingError, match="not divisible by 3"):
         S.make_mesh(data=3, fsdp=-1, tensor=1)
+    with pytest.raises(S.ShardingError, match="each must be >= 1"):      # was ZeroDivisionError
+        S.make_mesh(data=1, fsdp=-1, tensor=0)
 
 
 def test_logical_to_spec():

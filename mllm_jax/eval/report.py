@@ -19,7 +19,7 @@ import numpy as np
 
 
 def _fmt(v, digits: int) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if v is None or (isinstance(v, (float, np.floating)) and math.isnan(v)):
         return "–"
     return f"{v:.{digits}f}" if isinstance(v, (float, np.floating)) else str(v)
 

@@ -21,6 +21,8 @@ def test_markdown_table_bolds_the_best_of_each_row():
     assert len(md) == 5                                                     # details left out
     assert markdown_table(RESULTS, ["i2t_r1"], digits=1, bold_best=False).splitlines()[2] == \
         "| i2t_r1 | 0.1 | 0.8 | 0.5 |"
+    nan32 = markdown_table({"a": {"x": np.float32("nan")}, "b": {"x": 0.5}}).splitlines()[2]
+    assert nan32 == "| x | – | 0.500 |"                                    # numpy NaN too
 
 
 def test_write_json_handles_numpy_and_nan(tmp_path):
