@@ -61,8 +61,8 @@ class DataConfig:
     seed: int = 0
     num_epochs: Optional[int] = None       # None: repeat forever
     drop_remainder: bool = True            # False: the last batch of an epoch is padded with empty rows
-    worker_count: int = 0                  # grain worker processes (0: in the main process)
-    worker_buffer_size: int = 2
+    worker_count: int = 0                  # grain worker processes (0: in the main process); same batches either way
+    worker_buffer_size: int = 2            # batches each worker encodes ahead
     shard_by_process: bool = True          # each jax process reads a disjoint 1/process_count
     bad_input: str = "skip"                # error | skip
     max_skip_fraction: float = 0.01        # more skipped than this (per epoch) is an error

@@ -95,7 +95,7 @@ class OptimConfig:
     momentum: float = 0.9                  # sgd
     nesterov: bool = False                 # sgd
     clip_norm: float = 1.0                 # global-norm clipping; 0 disables
-    grad_accum: int = 1                    # micro-batches per step (scanned inside the step)
+    grad_accum: int = 1                    # micro-batches per step (scanned inside the step; token-weighted NTP)
     trainable: tuple[str, ...] = (".*",)
     frozen: tuple[str, ...] = ()
     no_decay: tuple[str, ...] = (r"(bias|scale)$",)  # params matching these get no weight decay
