@@ -148,10 +148,18 @@ def _backward(view, saved, log_k, lim, plan, cells):
         grad = wf.add_diagonal(grad, plan, ch, t, post if slope is None else post * slope)
         u, logc = _rescale(k * a)
         sig_t = sig + kap + logc
-        ref = jnp.maximum(sig, sig_t)
-        ft, fq = jnp.exp(sig_t - ref), jnp.exp(sig - ref)
+        # combine u (scale sig_t) and q (scale sig) in the scale of whichever is nonzero (the larger
+        # if both: the factors are <= 1), then renormalise the carried sums. Without that, a and q
+        # kept the scale of the first diagonal, shrank by exp(kap + logc) < 1 per step and
+        # flushed to 0 after ~87/|log k| diagonals in float32: d log K came out ~0 for early cells.
+        has_u, has_q = jnp.any(u > 0, axis=0), jnp.any(q > 0, axis=0)
+        ref = jnp.where(has_u & has_q, jnp.maximum(sig, sig_t), jnp.where(has_u, sig_t, sig))
+        ft, fq = jnp.exp(jnp.minimum(sig_t - ref, 0)), jnp.exp(jnp.minimum(sig - ref, 0))
         up = wf.shift_up(u)
-        return (((up + u) * ft + q * fq, up * ft), (ref, grad)), None
+        a, q = (up + u) * ft + q * fq, up * ft
+        c = jnp.maximum(jnp.max(a, axis=0), jnp.max(q, axis=0))
+        c = jnp.where(c > 0, c, 1)
+        return ((a / c, q / c), (ref + jnp.log(c), grad)), None
 
     _, (_, grad), _ = wf.sweep(
         step, init, (jnp.zeros((bsz,), dt), jnp.zeros_like(view)),
