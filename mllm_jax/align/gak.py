@@ -239,6 +239,8 @@ def gak_from_log_kernel(log_kernel: Array, x_len: Array | None = None,
 def _z(x, y, sigma, pairwise):
     """``|x_i - y_j|^2 / (2 sigma^2)`` in the sweep's pairs-last layout, and ``m_valid``
     (square tables get one dummy column: see ``wf.pad_square``)."""
+    if isinstance(sigma, (int, float)) and not sigma > 0:    # a traced sigma is the caller's to check
+        raise ValueError(f"gak: sigma must be > 0, got {sigma}")
     y, m_valid = wf.pad_square(y, x.shape[-2])
     return sqeuclidean(x, y, pairwise, pairs_last=True) / (2 * jnp.square(sigma)), m_valid
 

@@ -180,6 +180,8 @@ def softdtw_from_cost(cost: Array, gamma=1.0, x_len: Array | None = None,
 
 
 def _softdtw(cost, gamma, x_len, y_len, band, return_alignment, pairs_last, m_valid=None):
+    if isinstance(gamma, (int, float)) and not gamma > 0:    # a traced gamma is the caller's to check
+        raise ValueError(f"softdtw: gamma must be > 0, got {gamma}")
     n, m = cost.shape[:2] if pairs_last else cost.shape[-2:]
     m = m if m_valid is None else m_valid
     dt = wf.compute_dtype(cost.dtype)

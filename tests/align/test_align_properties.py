@@ -180,3 +180,13 @@ def test_masks_must_be_prefixes():
         gak(x, x, 1.0, y_mask=jnp.zeros((1, 4), bool))
     with pytest.raises(ValueError, match="sigma"):
         softdtw(x, x, 1.0, cost="neg_log_kernel")
+
+
+def test_non_positive_gamma_or_sigma_is_refused():
+    """softdtw(gamma=0) returned 0 and gak(sigma=0) NaN, silently."""
+    x = jnp.zeros((1, 3, 2))
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="gamma must be > 0"):
+            softdtw(x, x, gamma=bad)
+        with pytest.raises(ValueError, match="sigma must be > 0"):
+            gak(x, x, bad)
