@@ -343,9 +343,10 @@ def build_cache(teacher, source, path: str | Path, *, chunk: int = 256, source_f
 
     skipped = 0
     for smp in _samples(source):
+        if smp is None:
+            skipped += 1
+            continue
         try:
-            if smp is None:
-                raise DataError("bad_record", "?", "", "unreadable record")
             pending.append(validate_sample(smp))
         except DataError:
             skipped += 1

@@ -22,8 +22,8 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mllm_jax.config import DecoderConfig, dtype_of

@@ -49,14 +49,13 @@ def check_image_slots(input_ids, image_mask, tokens_per_image: int, image_token_
     ``ImageSlotError`` naming the sample.
     """
     ids = np.asarray(input_ids)
-    if image_mask is not None:
-        im = np.asarray(image_mask).astype(bool)
-        bad = np.flatnonzero((~im[:, :-1] & im[:, 1:]).any(axis=1))
-        if bad.size:
-            raise ImageSlotError(f"samples {bad.tolist()}: image_mask has a padding image before a real one; "
-                                 "the k-th <image> slot takes image k, so padding images must come last")
+    im = np.zeros((len(ids), 0), bool) if image_mask is None else np.asarray(image_mask).astype(bool)
+    bad = np.flatnonzero((~im[:, :-1] & im[:, 1:]).any(axis=1))
+    if bad.size:
+        raise ImageSlotError(f"samples {bad.tolist()}: image_mask has a padding image before a real one; "
+                             "the k-th <image> slot takes image k, so padding images must come last")
     n_tok = (ids == image_token_id).sum(axis=1)
-    n_img = np.zeros(len(ids), np.int64) if image_mask is None else np.asarray(image_mask).sum(axis=1)
+    n_img = im.sum(axis=1)
     for b in range(len(ids)):
         if n_tok[b] % tokens_per_image:
             raise ImageSlotError(
