@@ -49,6 +49,19 @@ def _hf_tokenizer(path: str, gguf: str | None):
     return encode, lambda ids: tok.decode(ids, skip_special_tokens=True), tok.eos_token_id
 
 
+def _hf_stop_ids(path: Path, model, tokenizer_eos) -> set[int]:
+    """What transformers' generate stops on (generation_config.json's eos_token_id, else the
+    model config's: Llama-3 lists several) plus the tokenizer's EOS."""
+    import json
+
+    def ids(v):
+        return set() if v is None else {int(x) for x in v} if isinstance(v, (list, tuple)) else {int(v)}
+    gen = path / "generation_config.json"
+    cfg = getattr(model.config, "decoder", model.config)
+    out = ids(json.loads(gen.read_text()).get("eos_token_id")) if gen.exists() else ids(cfg.eos_token_id)
+    return out | ids(tokenizer_eos)
+
+
 def _run_model(run: str):
     from mllm_jax.data.tokenize import TextTokenizer
     from mllm_jax.train.experiment import restore_run
@@ -74,12 +87,16 @@ def main(argv=None) -> int:
             body = text if not chat else t.turn_start.format(role="user") + text + t.turn_end + t.after_turn \
                 + t.turn_start.format(role="assistant")
             return list(tok.encode(body))
-        decode, eos = (lambda ids: tok.decode(ids, skip_special_tokens=True)), tok.token_id(t.turn_end)
+        decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+        # the end of an assistant turn (--chat) or of a document (plain prompts)
+        doc_end = tok.tok.token_to_id(tok.eos_token) if tok.eos_token else None
+        stops = {tok.token_id(t.turn_end)} | ({doc_end} if doc_end is not None else set())
         print(f"# {args.run} step {step}", file=sys.stderr)
     else:
         from mllm_jax.convert.hf import load_pretrained
         model = load_pretrained(args.hf, gguf_file=args.gguf)
         encode, decode, eos = _hf_tokenizer(args.hf, args.gguf)
+        stops = _hf_stop_ids(Path(args.hf), model, eos)
     prompts = [encode(p, args.chat) for p in args.prompt]
     width = max(len(p) for p in prompts)
     ids = np.zeros((len(prompts), width), np.int32)
@@ -88,7 +105,7 @@ def main(argv=None) -> int:
         ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
               temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
-              key=jax.random.key(args.seed), stop_tokens=() if eos is None else (eos,))
+              key=jax.random.key(args.seed), stop_tokens=tuple(sorted(stops)))
     if isinstance(model, MLLM):
         out = _generate_mllm(model, ids, mask, args.image, kw)
     else:

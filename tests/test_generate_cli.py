@@ -28,3 +28,27 @@ def test_generate_cli_matches_transformers(tmp_path, capsys):
         out = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=hf_tok.eos_token_id)
         expected.append(hf_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     assert printed == "".join(e + "\n" for e in expected)
+
+
+def test_generate_cli_stops_on_generation_config_eos_ids(tmp_path, capsys):
+    """An HF dir whose generation_config.json lists several eos ids (Llama-3 style): the CLI stops
+    on each, as transformers' generate does (it stopped on the tokenizer's EOS only)."""
+    tok = train_tokenizer(["a red circle left of a blue square", "two green triangles", "is there a cross?"] * 20,
+                          tmp_path, vocab_size=300, min_frequency=1)
+    torch.manual_seed(1)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, eos_token_id=None)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(torch.randn_like(p) * (1.0 if p.ndim == 1 else p.shape[-1] ** -0.5))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ids = torch.tensor([hf_tok("a red circle")["input_ids"]])
+    free = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)[0, ids.shape[1]:]
+    eos = [hf_tok.eos_token_id, int(free[1])]
+    hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = eos, 0
+    hf.save_pretrained(tmp_path)
+    assert generate_cli.main(["--hf", str(tmp_path), "--max-new-tokens", "6", "--prompt", "a red circle"]) == 0
+    out = hf.generate(ids, max_new_tokens=6, do_sample=False)
+    assert out.shape[1] - ids.shape[1] <= 2
+    assert capsys.readouterr().out == hf_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) + "\n"
