@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pickle
 from typing import Any, Callable, Optional, Sequence
 
 import grain
@@ -261,15 +262,59 @@ def build_dataset(transform: EncodeTransform, num_records: int, collate_fn: Call
     if shard[1] > 1:
         ds = ds[shard_indices(num_records, shard[0], shard[1], even_shards)]
     ds = ds.map(transform)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    if workers > 0:
-        # Workers encode single examples (grain hands worker w every workers-th one) and the
-        # batches are formed here, from the stream in index order: the same batches for any
-        # worker count. (Batching inside the workers made batch w hold examples w, w+W, ...,
-        # so paired views never shared a batch.) ``worker_buffer_size`` counts batches.
-        it = it.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=workers, per_worker_buffer_size=worker_buffer_size * batch_size))
-    return PadBatchDataset(it, batch_size, collate_fn)
+    if workers == 0:
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        return PadBatchDataset(it, batch_size, collate_fn)
+    # Workers encode runs of ``batch_size`` consecutive examples (grain hands worker w every
+    # workers-th run: one transfer per run, not per example) and the batches are formed here from
+    # the examples in index order: the same batches for any worker count. (Batching inside the
+    # workers made batch w hold examples w, w+W, ...: paired views never shared a batch.)
+    it = ds.batch(batch_size, batch_fn=_pack_run).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=worker_buffer_size))
+    return PadBatchDataset(_Unbatch(it), batch_size, collate_fn)
+
+
+def _pack_run(examples: list) -> np.ndarray:
+    """A run of encoded examples as one byte array: grain moves each numpy array of an element
+    through its own shared-memory block, and a run of a few dozen small arrays per example cost
+    more than the encoding (2 workers: 660-770 samples/s vs 1,700 when one collated batch
+    crossed). Serialised between this pipeline's own processes only, never stored."""
+    return np.frombuffer(pickle.dumps(examples, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+
+
+class _Unbatch(grain.IterDataset):
+    """The elements of the parent's lists, in order; its state is the parent's state before the
+    current list and the position in it (so a batch may end inside a list)."""
+
+    def __init__(self, parent):
+        super().__init__(parent)
+
+    def __iter__(self):
+        return _UnbatchIterator(self._parent.__iter__())
+
+
+class _UnbatchIterator(grain.DatasetIterator):
+    def __init__(self, parent):
+        super().__init__(parent)
+        self._before, self._items, self._pos = parent.get_state(), [], 0
+
+    def __next__(self):
+        while self._pos >= len(self._items):
+            before = self._parent.get_state()
+            self._items = pickle.loads(next(self._parent))
+            self._before, self._pos = before, 0
+        self._pos += 1
+        return self._items[self._pos - 1]
+
+    def get_state(self):
+        return {"parent": self._before, "pos": self._pos}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._before, self._items, self._pos = state["parent"], [], 0
+        if state["pos"]:
+            self._items = pickle.loads(next(self._parent))
+            self._pos = state["pos"]
 
 
 class DataIterator:
