@@ -110,9 +110,13 @@ def build_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientT
     elif cfg.name == "sgd":
         base = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=wd_mask),
                            optax.sgd(sched, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
-    else:  # adafactor
-        base = optax.adafactor(sched, weight_decay_rate=cfg.weight_decay or None,
-                               weight_decay_mask=wd_mask)
+    else:  # adafactor: optax.adafactor's defaults, with the weight decay inside the lr scaling
+        # (optax adds weight_decay_rate after it: decay not multiplied by the lr, so the same
+        # train.optim.weight_decay decayed ~1/lr times harder than under adamw)
+        parts = [optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0), optax.scale_by_param_block_rms()]
+        if cfg.weight_decay:
+            parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=wd_mask))
+        base = optax.chain(*parts, optax.scale_by_learning_rate(sched))
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     return optax.chain(*parts, base), sched
 

@@ -1,4 +1,5 @@
 """Optimisers, schedules, weight-decay and freeze masks."""
+import dataclasses
 import math
 
 import jax
@@ -42,6 +43,29 @@ def test_weight_decay_skips_biases_and_norm_scales():
     tx, _ = build_optimizer(OptimConfig(name="sgd", lr=0.1, momentum=0.0, weight_decay=0.5, clip_norm=0), 10)
     grads = jax.tree.map(np.zeros_like, params)
     upd, _ = tx.update(grads, tx.init(params), params)
+    new = optax.apply_updates(params, upd)
+    assert np.allclose(new["dense"]["kernel"], 1 - 0.1 * 0.5) and np.allclose(new["dense"]["bias"], 1.0)
+
+
+def test_adafactor_matches_optax_and_decays_like_adamw():
+    """Without weight decay our adafactor is optax.adafactor (same updates); the decay is scaled
+    by the lr as in adamw: zero gradients move a decayed param by lr * wd (optax's
+    weight_decay_rate moved it by wd)."""
+    rng = np.random.default_rng(0)
+    params = nnx.State({"dense": {"kernel": np.ones((130, 4), np.float32), "bias": np.ones((4,), np.float32)}})
+    grads = nnx.State({"dense": {"kernel": rng.normal(size=(130, 4)).astype(np.float32),
+                                 "bias": rng.normal(size=(4,)).astype(np.float32)}})
+    cfg = OptimConfig(name="adafactor", lr=0.1, schedule="constant", clip_norm=0)
+    ours, _ = build_optimizer(cfg, 10)
+    ref = optax.adafactor(0.1)
+    s1, s2 = ours.init(params), ref.init(params)
+    for _ in range(3):
+        u1, s1 = ours.update(grads, s1, params)
+        u2, s2 = ref.update(grads, s2, params)
+        for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    tx, _ = build_optimizer(dataclasses.replace(cfg, weight_decay=0.5), 10)
+    upd, _ = tx.update(jax.tree.map(np.zeros_like, params), tx.init(params), params)
     new = optax.apply_updates(params, upd)
     assert np.allclose(new["dense"]["kernel"], 1 - 0.1 * 0.5) and np.allclose(new["dense"]["bias"], 1.0)
 
