@@ -146,7 +146,9 @@ def load_params_into(state: TrainState, shardings: TrainState, ckpt_dir: str | P
             raise StageHandoverError("\n".join(lines))
         plan["merge"] = merge
         rep = NamedSharding(mesh, P())
-        return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=our_shardings.get(k, rep))
+        # our params keep the model's dtypes (a bfloat16 checkpoint is read as float32 params)
+        return {k: jax.ShapeDtypeStruct(shape, ours[k].dtype if k in ours else dtype,
+                                        sharding=our_shardings.get(k, rep))
                 for k, (shape, dtype) in meta.items()}
 
     found = Checkpointer(ckpt_dir, read_only=True).restore_params(make_target)

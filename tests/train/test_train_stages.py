@@ -156,3 +156,19 @@ def test_eval_of_one_stage_of_a_recipe(tmp_path):
     assert out["step"] == 2 and np.isfinite(out["eval/loss"])
     with pytest.raises(FileNotFoundError, match="one stage's run"):
         evaluate_checkpoint(here, str(tmp_path), steps=1)
+
+
+def test_handover_from_a_bfloat16_checkpoint_keeps_float32_params(tmp_path):
+    """init_from a checkpoint saved in bfloat16 (e.g. converted weights): the params keep the
+    model's float32 (they took the checkpoint's dtype: training would have run on bf16 params)."""
+    import jax.numpy as jnp
+    cfg = tiny_experiment()
+    state, shardings = _fresh_state(cfg, TOY_LM)
+    bf16 = {k: jnp.asarray(v, jnp.bfloat16) for k, v in params_np(state).items()}
+    ck = Checkpointer(tmp_path / "ck")
+    ck.save_params(1, bf16)
+    ck.close()
+    new = params_np(load_params_into(state, shardings, tmp_path / "ck"))
+    for k, v in new.items():
+        assert v.dtype == np.float32, k
+        np.testing.assert_array_equal(v, np.asarray(bf16[k], np.float32))
