@@ -283,11 +283,8 @@ def _pack_run(examples: list) -> np.ndarray:
 
 
 class _Unbatch(grain.IterDataset):
-    """The elements of the parent's lists, in order; its state is the parent's state before the
-    current list and the position in it (so a batch may end inside a list)."""
-
-    def __init__(self, parent):
-        super().__init__(parent)
+    """The examples of the parent's packed runs (``_pack_run``), in order; its state is the
+    parent's state before the current run and the position in it (a batch may end inside a run)."""
 
     def __iter__(self):
         return _UnbatchIterator(self._parent.__iter__())
@@ -298,10 +295,13 @@ class _UnbatchIterator(grain.DatasetIterator):
         super().__init__(parent)
         self._before, self._items, self._pos = parent.get_state(), [], 0
 
+    def _next_run(self) -> list:
+        return pickle.loads(next(self._parent))
+
     def __next__(self):
         while self._pos >= len(self._items):
             before = self._parent.get_state()
-            self._items = pickle.loads(next(self._parent))
+            self._items = self._next_run()
             self._before, self._pos = before, 0
         self._pos += 1
         return self._items[self._pos - 1]
@@ -313,8 +313,7 @@ class _UnbatchIterator(grain.DatasetIterator):
         self._parent.set_state(state["parent"])
         self._before, self._items, self._pos = state["parent"], [], 0
         if state["pos"]:
-            self._items = pickle.loads(next(self._parent))
-            self._pos = state["pos"]
+            self._items, self._pos = self._next_run(), state["pos"]
 
 
 class DataIterator:
