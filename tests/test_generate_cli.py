@@ -6,16 +6,22 @@ from mllm_jax import generate_cli
 from mllm_jax.data.tokenize import train_tokenizer
 
 
-def test_generate_cli_matches_transformers(tmp_path, capsys):
+def _tiny_llama(path, seed: int):
+    """A tokenizer trained into ``path`` and a random tiny Llama of its vocabulary (not saved)."""
     tok = train_tokenizer(["a red circle left of a blue square", "two green triangles", "is there a cross?"] * 20,
-                          tmp_path, vocab_size=300, min_frequency=1)
-    torch.manual_seed(0)
+                          path, vocab_size=300, min_frequency=1)
+    torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, eos_token_id=None)
     hf = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.copy_(torch.randn_like(p) * (1.0 if p.ndim == 1 else p.shape[-1] ** -0.5))
+    return hf
+
+
+def test_generate_cli_matches_transformers(tmp_path, capsys):
+    hf = _tiny_llama(tmp_path, seed=0)
     hf.save_pretrained(tmp_path)
     prompts = ["a red circle", "is there a blue"]
     assert generate_cli.main(["--hf", str(tmp_path), "--max-new-tokens", "6"]
@@ -33,15 +39,7 @@ def test_generate_cli_matches_transformers(tmp_path, capsys):
 def test_generate_cli_stops_on_generation_config_eos_ids(tmp_path, capsys):
     """An HF dir whose generation_config.json lists several eos ids (Llama-3 style): the CLI stops
     on each, as transformers' generate does (it stopped on the tokenizer's EOS only)."""
-    tok = train_tokenizer(["a red circle left of a blue square", "two green triangles", "is there a cross?"] * 20,
-                          tmp_path, vocab_size=300, min_frequency=1)
-    torch.manual_seed(1)
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, eos_token_id=None)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.copy_(torch.randn_like(p) * (1.0 if p.ndim == 1 else p.shape[-1] ** -0.5))
+    hf = _tiny_llama(tmp_path, seed=1)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     ids = torch.tensor([hf_tok("a red circle")["input_ids"]])
     free = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)[0, ids.shape[1]:]
