@@ -30,8 +30,27 @@ log = logging.getLogger(__name__)
 ENV_COORDINATOR = "MLLM_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "MLLM_JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "MLLM_JAX_PROCESS_ID"
-# Environments where jax.distributed.initialize() finds everything by itself.
-_AUTO_ENV = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JOBSET_NAME", "MEGASCALE_COORDINATOR_ADDRESS")
+# What jax.distributed.initialize() reads to find the cluster by itself (jax._src.clusters).
+_SLURM_ENV = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+_OMPI_ENV = "OMPI_MCA_orte_hnp_uri"
+_TPU_ENV = ("TPU_WORKER_HOSTNAMES", "JOBSET_NAME", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def detected_launcher() -> Optional[str]:
+    """The multi-process launch this process is part of, as ``jax.distributed.initialize()``
+    would discover it: ``"slurm"`` (an ``srun`` step of more than one task), ``"openmpi"``
+    (``mpirun`` with ORTE, more than one rank), ``"tpu"`` (TPU pod / JobSet), or None.
+
+    A SLURM allocation alone (``salloc`` or ``sbatch`` shell, no ``srun`` step) or a one-task
+    step is a single process: JAX would find no step node list there, or one process."""
+    env = os.environ
+    if all(k in env for k in _SLURM_ENV) and int(env["SLURM_NTASKS"]) > 1:
+        return "slurm"
+    if _OMPI_ENV in env and int(env.get("OMPI_COMM_WORLD_SIZE", "2")) > 1:
+        return "openmpi"
+    if any(k in env for k in _TPU_ENV):
+        return "tpu"
+    return None
 
 
 def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
@@ -41,7 +60,8 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
 
     Arguments default to ``$MLLM_JAX_COORDINATOR`` / ``$MLLM_JAX_NUM_PROCESSES`` /
     ``$MLLM_JAX_PROCESS_ID``. With none of them set, initialises only where JAX can discover
-    the cluster itself (TPU pod, SLURM, Open MPI, JobSet), unless ``auto`` says otherwise.
+    a multi-process launch itself (``detected_launcher()``: TPU pod or JobSet, a SLURM ``srun``
+    step or Open MPI ``mpirun`` of more than one process), unless ``auto`` says otherwise.
     Must run before anything touches the devices.
     """
     coordinator = coordinator or os.environ.get(ENV_COORDINATOR)
@@ -51,7 +71,7 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
         process_id = int(os.environ[ENV_PROCESS_ID])
     explicit = coordinator is not None or num_processes is not None or process_id is not None
     if auto is None:
-        auto = any(k in os.environ for k in _AUTO_ENV)
+        auto = detected_launcher() is not None
     if not explicit and not auto:
         return False
     if explicit and (coordinator is None or num_processes is None or process_id is None):
@@ -98,5 +118,5 @@ def global_batch(local: dict, mesh: Mesh, rules: shd.Rules = shd.DEFAULT_RULES) 
     return jax.tree_util.tree_map_with_path(put, local)
 
 
-__all__ = ["initialize", "is_primary", "local_batch_size", "global_batch", "ENV_COORDINATOR",
+__all__ = ["initialize", "detected_launcher", "is_primary", "local_batch_size", "global_batch", "ENV_COORDINATOR",
            "ENV_NUM_PROCESSES", "ENV_PROCESS_ID"]

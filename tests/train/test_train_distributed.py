@@ -1,0 +1,56 @@
+"""``distributed.initialize``: which environments start ``jax.distributed`` by themselves.
+
+``jax.distributed.initialize`` is replaced by a recorder: nothing here starts a coordinator."""
+import pytest
+
+from mllm_jax.train import distributed
+
+_ALL = distributed._SLURM_ENV + (distributed._OMPI_ENV, "OMPI_COMM_WORLD_SIZE") + distributed._TPU_ENV + (
+    distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID)
+_SRUN = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "node[001-002]", "SLURM_NTASKS": "2",
+         "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    for k in _ALL:
+        monkeypatch.delenv(k, raising=False)
+    made = []
+    monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda *a, **kw: made.append((a, kw)))
+    monkeypatch.setattr(distributed.jax.config, "update", lambda *a: None)
+    return made
+
+
+@pytest.mark.parametrize("env", [
+    {},
+    {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1"},     # salloc / sbatch shell: no srun step
+    dict(_SRUN, SLURM_NTASKS="1"),                       # a one-task srun step
+    {"OMPI_COMM_WORLD_SIZE": "4"},                       # Open MPI without ORTE: JAX cannot find it
+    {distributed._OMPI_ENV: "123.0;tcp://10.0.0.1:5000", "OMPI_COMM_WORLD_SIZE": "1"},
+])
+def test_single_process_environments_do_not_start_jax_distributed(calls, monkeypatch, env):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert distributed.detected_launcher() is None
+    assert distributed.initialize() is False and calls == []
+
+
+@pytest.mark.parametrize("env,name", [
+    (_SRUN, "slurm"),
+    ({distributed._OMPI_ENV: "123.0;tcp://10.0.0.1:5000", "OMPI_COMM_WORLD_SIZE": "4"}, "openmpi"),
+    ({"TPU_WORKER_HOSTNAMES": "t1,t2"}, "tpu"),
+])
+def test_multi_process_launchers_start_jax_distributed_with_discovery(calls, monkeypatch, env, name):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert distributed.detected_launcher() == name
+    assert distributed.initialize() is True and calls == [((), {})]
+
+
+def test_explicit_coordinator_wins_and_must_be_complete(calls, monkeypatch):
+    for k, v in _SRUN.items():
+        monkeypatch.setenv(k, v)
+    assert distributed.initialize("10.0.0.1:1234", 2, 0) is True
+    assert calls == [(("10.0.0.1:1234",), {"num_processes": 2, "process_id": 0})]
+    with pytest.raises(ValueError, match="process id"):
+        distributed.initialize("10.0.0.1:1234", 2)
