@@ -192,8 +192,11 @@ def toy_data(cfg: ExperimentConfig, *, split: str = "train", process_index: int 
     ds = (grain.MapDataset.range(n).shuffle(seed=d.seed).repeat().map(example)
           .batch(B, drop_remainder=True)
           .map(lambda b: {k: v[lo:lo + local] for k, v in b.items()}))
+    num_batches = opts.get("num_batches")
+    if isinstance(num_batches, (list, tuple)):  # one per process: processes whose data ends at different steps
+        num_batches = num_batches[process_index]
     return ToyIterator(iter(ds), nan_batches=opts.get("nan_batches", ()), drop_batches=opts.get("drop_batches", ()),
-                       sigterm_at=opts.get("sigterm_at"), num_batches=opts.get("num_batches"))
+                       sigterm_at=opts.get("sigterm_at"), num_batches=num_batches)
 
 
 def tiny_experiment(**updates) -> ExperimentConfig:

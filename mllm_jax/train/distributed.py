@@ -91,6 +91,15 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
     return True
 
 
+def any_process(flag: bool) -> bool:
+    """True on every process if ``flag`` is true on any (one all-gather in a multi-process run,
+    nothing otherwise). Every process must call it at the same point."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(np.max(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
 def is_primary() -> bool:
     return jax.process_index() == 0
 
@@ -118,5 +127,5 @@ def global_batch(local: dict, mesh: Mesh, rules: shd.Rules = shd.DEFAULT_RULES) 
     return jax.tree_util.tree_map_with_path(put, local)
 
 
-__all__ = ["initialize", "detected_launcher", "is_primary", "local_batch_size", "global_batch", "ENV_COORDINATOR",
+__all__ = ["initialize", "detected_launcher", "any_process", "is_primary", "local_batch_size", "global_batch", "ENV_COORDINATOR",
            "ENV_NUM_PROCESSES", "ENV_PROCESS_ID"]

@@ -191,11 +191,7 @@ class StopSignal:
 
     def requested(self) -> bool:
         """True on every process once any process has been signalled."""
-        flag = self.signum is not None
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
-        return flag
+        return distributed.any_process(self.signum is not None)
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -313,10 +309,12 @@ def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], los
         with StopSignal() as stop:
             while step < tc.steps:
                 try:
-                    host_batch = next(data)
+                    host_batch, ended = next(data), False
                 except StopIteration:       # data.num_epochs reached: save and stop like a finished run
-                    log.warning("the training data ended at step %d of train.steps=%d (data.num_epochs); "
-                                "stopping there", step, tc.steps)
+                    host_batch, ended = None, True
+                if distributed.any_process(ended):  # every process stops at the same step
+                    log.warning("the training data ended at step %d of train.steps=%d (data.num_epochs)%s; "
+                                "stopping there", step, tc.steps, "" if ended else " on another process")
                     break
                 batch = distributed.global_batch(host_batch, mesh, rules)
                 state, metrics = train_step(state, batch)

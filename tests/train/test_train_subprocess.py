@@ -1,7 +1,7 @@
 """Whole-process behaviour through the CLI (``python -m mllm_jax train``) on the toy model:
 ``kill -9`` + resume is bit-identical to an uninterrupted run, SIGTERM leaves a restorable
 checkpoint at the current step, and a 2-process ``jax.distributed`` run on CPU matches the
-1-process run."""
+1-process run (and stops on both processes when one process's data ends)."""
 import json
 import os
 import random
@@ -145,3 +145,18 @@ def test_two_process_run_matches_one_process(tmp_path, cache_env):
     a, b = _final_params(tmp_path / "multi"), params_np(single.state)
     for k in b:
         np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=0, err_msg=k)
+
+
+def test_two_process_run_stops_together_when_one_process_data_ends(tmp_path, cache_env):
+    """Process 1's data ends after 2 batches, process 0's after 3 (e.g. skipped samples in one
+    shard with data.num_epochs): both stop after step 2 and save it, rather than process 0
+    waiting forever in step 3's collectives for a process that has left."""
+    cfg = _config(tmp_path, **{"train.steps": 5, "mesh.data": 2, "mesh.fsdp": 2, "data.batch_size": 4,
+                               "data_options": {"num_batches": [3, 2]}})
+    port = _free_port()
+    multi = [_launch(cfg, tmp_path / "multi", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                     "--process-id", str(i), devices=2, env_extra=cache_env) for i in range(2)]
+    outs = [_ok(p) for p in multi]
+    assert sorted(_losses(tmp_path / "multi")) == [1, 2]
+    assert _steps(tmp_path / "multi") == [2]
+    assert "the training data ended at step 2 of train.steps=5 (data.num_epochs) on another process" in outs[0]
