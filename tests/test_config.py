@@ -4,8 +4,8 @@ import dataclasses
 import pytest
 import yaml
 
-from mllm_jax.config import (ConfigError, DecoderConfig, MLLMConfig, TextEncoderConfig, VisionConfig,
-                             apply_overrides, apply_updates, config_hash, from_dict, load_config, save_config, to_dict)
+from mllm_jax.config import (ConfigError, DecoderConfig, ExperimentConfig, MLLMConfig, OptimConfig, TextEncoderConfig,
+                             VisionConfig, apply_overrides, apply_updates, config_hash, from_dict, load_config, save_config, to_dict)
 
 
 def test_yaml_overrides_and_roundtrip(tmp_path):
@@ -109,3 +109,24 @@ def test_overrides_are_validated_together_in_any_order():
     both = apply_updates(base, {"decoder": DecoderConfig(hidden_size=32, num_heads=2, num_kv_heads=2),
                                 "decoder.num_layers": 5})        # a whole sub-config, then a key below it
     assert (both.decoder.hidden_size, both.decoder.num_heads, both.decoder.num_layers) == (32, 2, 5)
+
+
+def test_a_mapping_merges_into_a_sub_config(tmp_path):
+    """``train.optim={lr: 0.001}`` changes ``lr`` only: the YAML's other optim fields stay, as
+    with ``train.optim.lr=0.001``; a config instance replaces the whole sub-config."""
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"train": {"steps": 7, "optim": {"lr": 0.01, "warmup_steps": 50, "weight_decay": 0.1}},
+                                 "objective": {"options": {"a": 1}}}))
+    cfg = load_config(p, ExperimentConfig, ["train.optim={lr: 0.001}"])
+    assert (cfg.train.optim.lr, cfg.train.optim.warmup_steps, cfg.train.optim.weight_decay) == (0.001, 50, 0.1)
+    assert cfg == load_config(p, ExperimentConfig, ["train.optim.lr=0.001"])
+    nested = load_config(p, ExperimentConfig, ["train={optim: {b1: 0.8}, checkpoint: {keep_last: 5}}"])
+    assert (nested.train.steps, nested.train.optim.lr, nested.train.optim.warmup_steps) == (7, 0.01, 50)
+    assert (nested.train.optim.b1, nested.train.checkpoint.keep_last) == (0.8, 5)
+    with pytest.raises(ConfigError, match=r"train\.optim\.lrr: unknown key 'lrr' in OptimConfig; did you mean 'lr'"):
+        load_config(p, ExperimentConfig, ["train.optim={lrr: 0.001}"])
+    base = load_config(p, ExperimentConfig)
+    replaced = apply_updates(base, {"train.optim": OptimConfig(lr=0.5)})
+    assert replaced.train.optim == OptimConfig(lr=0.5) and replaced.train.steps == 7
+    assert apply_updates(base, {"eval_data": {"split": "val"}}).eval_data.split == "val"   # None: built from defaults
+    assert apply_updates(base, {"objective.options": {"b": 2}}).objective.options == {"b": 2}  # a dict field is a value

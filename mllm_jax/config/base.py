@@ -127,7 +127,9 @@ def apply_overrides(cfg, overrides: list[str] | tuple[str, ...]):
     """Applies ``a.b.c=value`` overrides (values parsed as YAML) to a frozen config.
 
     All overrides are applied before the config is validated, so coupled fields can change
-    together in any order (``model.decoder.num_heads=4 model.decoder.num_kv_heads=4``)."""
+    together in any order (``model.decoder.num_heads=4 model.decoder.num_kv_heads=4``).
+    A mapping given to a sub-config (``train.optim={lr: 0.001, warmup_steps: 10}``) merges into
+    it field by field, as the dotted keys would; see ``apply_updates``."""
     return apply_updates(cfg, parse_overrides(overrides))
 
 
@@ -160,10 +162,14 @@ def _set_path(cls, d: dict, keys: list[str], value, full: str) -> None:
         near = difflib.get_close_matches(k, names, n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
         raise ConfigError(f"override {full}: unknown key {k!r} in {cls.__name__}{hint}")
-    if len(keys) == 1:
-        d[k] = to_dict(value) if dataclasses.is_dataclass(value) else value   # later keys may go below
-        return
     sub_cls = _dataclass_in(_hints(cls)[k])
+    if len(keys) == 1:
+        if isinstance(value, dict) and sub_cls is not None and isinstance(d.get(k), dict):
+            for sub_key, sub_value in value.items():         # a mapping merges into the sub-config
+                _set_path(sub_cls, d[k], [str(sub_key)], sub_value, f"{full}.{sub_key}")
+        else:
+            d[k] = to_dict(value) if dataclasses.is_dataclass(value) else value   # later keys may go below
+        return
     if sub_cls is None or not isinstance(d.get(k), dict):
         raise ConfigError(f"override {full}: {keys[1]!r} is below a non-config value")
     _set_path(sub_cls, d[k], keys[1:], value, full)
@@ -195,18 +201,24 @@ def config_hash(cfg) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def apply_updates(cfg, updates: dict):
-    """Applies ``{"a.b.c": value}`` (already-parsed values) to a frozen config, all of them
-    before the result is validated (see ``apply_overrides``)."""
-    if not updates:
+def apply_updates(cfg, *updates: dict):
+    """Applies ``{"a.b.c": value}`` dicts (already-parsed values) to a frozen config, one dict
+    after the other and all of them before the result is validated (see ``apply_overrides``).
+
+    A mapping value for a sub-config merges into it, recursively: ``{"train.optim": {"lr": 0.1}}``
+    sets only ``lr`` and keeps the other fields, as ``{"train.optim.lr": 0.1}`` does. A config
+    instance (``{"train.optim": OptimConfig(lr=0.1)}``) replaces the whole sub-config. Values of
+    other fields, ``dict``-typed ones included, replace the old value."""
+    items = [(k.strip(), v) for u in updates for k, v in u.items()]
+    if not items:
         return cfg
     cls, d = type(cfg), to_dict(cfg)
-    for key, value in updates.items():
-        _set_path(cls, d, key.strip().split("."), value, key.strip())
+    for key, value in items:
+        _set_path(cls, d, key.split("."), value, key)
     try:
         return from_dict(cls, d)
     except ConfigError as e:
-        raise ConfigError(f"override {', '.join(k.strip() for k in updates)}: {e}") from e
+        raise ConfigError(f"override {', '.join(dict.fromkeys(k for k, _ in items))}: {e}") from e
 
 
 __all__ = [

@@ -82,7 +82,7 @@ def stage_config(base: ExperimentConfig, stage: StageConfig, previous_run_dir: O
     """The config one stage runs with (its own run dir, its init from the previous stage).
     ``overrides`` (``{"a.b": value}``, e.g. the command line's) apply after the stage's updates:
     what the user typed wins over the recipe."""
-    cfg = apply_updates(dataclasses.replace(base, stages=()), {**stage.updates, **(overrides or {})})
+    cfg = apply_updates(dataclasses.replace(base, stages=()), stage.updates, overrides or {})
     init_from = previous_run_dir if stage.init_from_previous and previous_run_dir else cfg.train.init_from
     train = dataclasses.replace(cfg.train, run_dir=str(Path(base.train.run_dir) / stage.name), init_from=init_from,
                                 checkpoint=dataclasses.replace(cfg.train.checkpoint, dir=None))

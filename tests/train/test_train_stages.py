@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mllm_jax.config import ExperimentConfig, load_config
+from mllm_jax.config import ExperimentConfig, StageConfig, apply_updates, load_config
 from mllm_jax.train.checkpoint import Checkpointer
 from mllm_jax.train.experiment import train_recipe
 from mllm_jax.train.optim import build_optimizer
@@ -118,6 +118,17 @@ def test_command_line_overrides_win_over_stage_updates():
     assert all(s.model.decoder.num_heads == 4 for s in stages)
     assert [s.train.steps for s in (stage_config(cfg, s, None) for s in cfg.stages)] == [2000, 10000, 5000]
 
+
+
+def test_stage_mapping_updates_merge_into_the_config():
+    """A stage's ``{"train.optim": {...}}`` merges into the experiment's optim, and a command-line
+    mapping for the same key merges over the stage's (not the stage's mapping replaced)."""
+    base = apply_updates(ExperimentConfig(), {"train.optim.warmup_steps": 50, "train.optim.weight_decay": 0.1})
+    stage = StageConfig("s", {"train.optim": {"lr": 1e-4, "b1": 0.8}})
+    optim = stage_config(base, stage, None).train.optim
+    assert (optim.lr, optim.b1, optim.warmup_steps, optim.weight_decay) == (1e-4, 0.8, 50, 0.1)
+    optim = stage_config(base, stage, None, {"train.optim": {"lr": 3e-4}}).train.optim
+    assert (optim.lr, optim.b1, optim.warmup_steps, optim.weight_decay) == (3e-4, 0.8, 50, 0.1)
 
 def test_run_stages_checks_every_stage_first_and_stops_after_a_preempted_one(tmp_path):
     """A typo in a later stage's updates fails before any stage trains; a stage that was
