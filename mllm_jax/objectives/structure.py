@@ -76,8 +76,9 @@ def structure_loss(emb: Array, batch: Mapping[str, Array], cfg: StructureConfig,
 
     ``emb: float[B, S, D]`` slice embeddings of the batch's samples (``batch`` holds
     ``slice_mask``, ``slice_is_image`` and the ``teacher_*`` features). Returns ``(loss, parts)``
-    with ``structure`` (the MSE) and ``structure_corr`` (Pearson correlation of the off-diagonal
-    entries: how well the model ranks pairs, for logging).
+    with ``structure`` (the MSE), ``structure_corr`` (Pearson correlation of the off-diagonal
+    entries: how well the model ranks pairs, for logging) and ``structure_pairs`` (the number of
+    pairs the MSE is over).
     """
     s_model = model_similarity(emb, batch["slice_mask"], cfg)
     s_target = target_similarity(batch, cfg) if target is None else target
@@ -89,7 +90,7 @@ def structure_loss(emb: Array, batch: Mapping[str, Array], cfg: StructureConfig,
     mu_m, mu_t = jnp.sum(w * s_model) / n, jnp.sum(w * s_target) / n
     dm, dt = (s_model - mu_m) * w, (s_target - mu_t) * w
     corr = jnp.sum(dm * dt) * jax.lax.rsqrt(jnp.maximum(jnp.sum(dm * dm) * jnp.sum(dt * dt), 1e-20))
-    return mse, {"structure": mse, "structure_corr": jax.lax.stop_gradient(corr)}
+    return mse, {"structure": mse, "structure_corr": jax.lax.stop_gradient(corr), "structure_pairs": w.sum()}
 
 
 __all__ = ["StructureConfig", "model_similarity", "target_similarity", "structure_loss"]

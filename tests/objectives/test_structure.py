@@ -64,11 +64,12 @@ def test_padding_rows_do_not_count():
     emb = jax.random.normal(jax.random.key(0), (3, 2, 4))
     b = _single_slice_batch([[1, 0], [0, 1], [1, 1]])
     b = {k: jnp.concatenate([v, v[:, :1] * 0], axis=1) for k, v in b.items()}   # S = 2, second slice padding
-    loss3, _ = structure_loss(emb, b, StructureConfig())
+    loss3, parts3 = structure_loss(emb, b, StructureConfig())
     b4 = {k: jnp.concatenate([v, jnp.zeros_like(v[:1])], 0) for k, v in b.items()}  # + a row with no slice
     emb4 = jnp.concatenate([emb, 100 * jnp.ones_like(emb[:1])], 0)
-    loss4, _ = structure_loss(emb4, b4, StructureConfig())
+    loss4, parts4 = structure_loss(emb4, b4, StructureConfig())
     np.testing.assert_allclose(float(loss4), float(loss3), rtol=1e-6)
+    assert float(parts3["structure_pairs"]) == float(parts4["structure_pairs"]) == 6      # i != j of 3 rows
     assert np.isfinite(float(jax.grad(lambda e: structure_loss(e, b4, StructureConfig())[0])(emb4).sum()))
 
 

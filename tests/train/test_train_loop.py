@@ -88,6 +88,16 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
     _close(params_np(r1.state), params_np(r2.state), 1e-5)
 
 
+class _Bigram(nnx.Module):
+    """Logits from the current token alone: an 8-token vocabulary, hand-checkable losses."""
+
+    def __init__(self, rngs):
+        self.emb, self.out = nnx.Embed(8, 8, rngs=rngs), nnx.Linear(8, 8, rngs=rngs)
+
+    def __call__(self, input_ids, **_):
+        return {"logits": self.out(self.emb(input_ids))}
+
+
 def test_grad_accumulation_weights_micro_batches_by_tokens():
     """Micro-batches with 12 and 2 answer tokens: grad_accum=2 gives the full batch's token-mean
     loss, gradient (one SGD step) and token count (a mean of per-micro-batch means does not:
@@ -100,13 +110,6 @@ def test_grad_accumulation_weights_micro_batches_by_tokens():
     from mllm_jax.train.state import create_train_state
     from tests.toy import one_device_mesh
 
-    class M(nnx.Module):
-        def __init__(self, rngs):
-            self.emb, self.out = nnx.Embed(8, 8, rngs=rngs), nnx.Linear(8, 8, rngs=rngs)
-
-        def __call__(self, input_ids, **_):
-            return {"logits": self.out(self.emb(input_ids))}
-
     rng = np.random.default_rng(0)
     mask = np.zeros((4, 6), np.int32)
     mask[[0, 2], :] = 1                               # rows j::2 form micro-batch j: 12 and 2 tokens
@@ -118,7 +121,7 @@ def test_grad_accumulation_weights_micro_batches_by_tokens():
     for k in (1, 2):
         cfg = OptimConfig(name="sgd", lr=1.0, schedule="constant", momentum=0.0, clip_norm=0.0, grad_accum=k)
         tx, sched = build_optimizer(cfg, 10)
-        state, shardings = create_train_state(lambda: M(nnx.Rngs(0)), tx, cfg, mesh, seed=0)
+        state, shardings = create_train_state(lambda: _Bigram(nnx.Rngs(0)), tx, cfg, mesh, seed=0)
         step = jit_train_step(make_train_step(make_loss_fn(ntp_objective(None)), tx, sched, grad_accum=k,
                                               mesh=mesh), shardings, mesh)
         state, m = step(state, batch)
@@ -129,13 +132,83 @@ def test_grad_accumulation_weights_micro_batches_by_tokens():
     # the logged lr is the one applied: a skipped (non-finite) step does not advance optax's count
     cfg = OptimConfig(name="sgd", lr=1.0, schedule="linear", warmup_steps=0, momentum=0.0, clip_norm=0.0)
     tx, sched = build_optimizer(cfg, 4)
-    state, shardings = create_train_state(lambda: M(nnx.Rngs(0)), tx, cfg, mesh, seed=0)
+    state, shardings = create_train_state(lambda: _Bigram(nnx.Rngs(0)), tx, cfg, mesh, seed=0)
     step = jit_train_step(make_train_step(make_loss_fn(scaled_ntp()), tx, sched, mesh=mesh), shardings, mesh)
     lrs = []
     for scale in (np.nan, 1.0, 1.0):
         state, m = step(state, {**batch, "scale": np.full((4,), scale, np.float32)})
         lrs.append(float(m["lr"]))
     assert lrs == [float(sched(0)), float(sched(0)), float(sched(1))] and lrs[1] > lrs[2]
+
+
+def test_evaluate_pools_unequal_batches_as_one_batch():
+    """Eval batches with 13 and 1 answer tokens (3 and 1 real rows, plus a padding row) give the
+    metrics of one batch holding all 4 rows: a next-token objective's loss, ntp and z_loss are
+    token means and ntp_tokens adds up; a per-example loss is weighted by real rows. The plain
+    mean over batches gave eval/loss 3.072 vs 2.812 (ntp 2.513 vs 2.344, ntp_tokens 7 vs 14)."""
+    import jax.numpy as jnp
+
+    from mllm_jax.config import OptimConfig
+    from mllm_jax.objectives.lm import next_token_loss
+    from mllm_jax.train.loop import evaluate, make_eval_step
+    from mllm_jax.train.optim import build_optimizer
+    from mllm_jax.train.state import create_train_state
+    from tests.toy import one_device_mesh
+
+    def ntp_loss(model, batch, rngs):
+        return next_token_loss(model(batch["input_ids"])["logits"], batch["labels"], batch["loss_mask"], z_loss=0.1)
+
+    def per_example_loss(model, batch, rngs):
+        real = (batch["sample_index"] >= 0).astype(jnp.float32)
+        return jnp.sum(model(batch["input_ids"])["logits"][:, 0, 0] * real) / jnp.sum(real), {}
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((4, 6), np.int32)
+    mask[[0, 1], :] = 1
+    mask[[2, 3], 0] = 1
+    full = {"input_ids": rng.integers(0, 8, (4, 6)).astype(np.int32),
+            "labels": rng.integers(0, 8, (4, 6)).astype(np.int32), "loss_mask": mask,
+            "sample_index": np.arange(4, dtype=np.int32)}
+    first = {k: v[:3] for k, v in full.items()}                                   # 13 tokens, 3 rows
+    pad = {k: np.zeros_like(v[:1]) for k, v in full.items()} | {"sample_index": np.full((1,), -1, np.int32)}
+    last = {k: np.concatenate([v[3:], pad[k]]) for k, v in full.items()}        # 1 token, 1 row + padding
+    mesh = one_device_mesh()
+    cfg = OptimConfig(name="sgd", lr=1.0, schedule="constant")
+    tx, _ = build_optimizer(cfg, 1)
+    state, _ = create_train_state(lambda: _Bigram(nnx.Rngs(0)), tx, cfg, mesh, seed=0)
+    for loss_fn, keys in ((ntp_loss, {"loss", "loss/ntp", "loss/z_loss", "loss/ntp_tokens"}),
+                          (per_example_loss, {"loss"})):
+        step = jax.jit(make_eval_step(loss_fn, mesh))
+        pooled = evaluate(step, state, iter([first, last]), 5, mesh, shd.DEFAULT_RULES)
+        whole = evaluate(step, state, iter([full]), 1, mesh, shd.DEFAULT_RULES)
+        assert set(pooled) == set(whole) == {f"eval/{k}" for k in keys}
+        _close(pooled, whole, 1e-6)
+    assert pooled["eval/loss"] != pytest.approx((per_example_loss(state.model(), first, None)[0]
+                                                 + per_example_loss(state.model(), last, None)[0]) / 2)
+
+
+def test_evaluate_weights_each_metric_by_name():
+    """The pooling rules of ``evaluate`` on hand-made per-batch metrics (the eval step returns the
+    batch itself): counts add up, ``<p>ntp`` / ``<p>z_loss`` are weighted by ``<p>ntp_tokens``, a
+    part with ``<part>_pairs`` by those, the rest (and a total of terms weighted differently) by
+    ``examples``, or equally per batch when the eval step returns none."""
+    from mllm_jax.train.loop import evaluate
+    from tests.toy import one_device_mesh
+
+    def run(*batches):
+        to_np = [{k: np.float32(v) for k, v in b.items()} for b in batches]
+        return evaluate(lambda state, b: b, None, iter(to_np), 9, one_device_mesh(), shd.DEFAULT_RULES)
+
+    got = run({"loss": 2, "loss/ntp": 1, "loss/ntp_tokens": 3, "loss/disc_ntp": 4, "loss/disc_ntp_tokens": 1,
+               "loss/structure": 0.5, "loss/structure_pairs": 6, "loss/structure_corr": 0.2, "examples": 3},
+              {"loss": 6, "loss/ntp": 3, "loss/ntp_tokens": 1, "loss/disc_ntp": 0, "loss/disc_ntp_tokens": 3,
+               "loss/structure": 1.5, "loss/structure_pairs": 2, "loss/structure_corr": 0.6, "examples": 1})
+    assert got == {"eval/loss": 3.0, "eval/loss/ntp": 1.5, "eval/loss/ntp_tokens": 4, "eval/loss/disc_ntp": 1.0,
+                   "eval/loss/disc_ntp_tokens": 4, "eval/loss/structure": 0.75, "eval/loss/structure_pairs": 8,
+                   "eval/loss/structure_corr": pytest.approx(0.3)}
+    got = run({"loss": 1, "loss/z_loss": 2, "loss/ntp_tokens": 3, "acc": 1},
+              {"loss": 5, "loss/z_loss": 6, "loss/ntp_tokens": 1, "acc": 0})
+    assert got == {"eval/loss": 2.0, "eval/loss/z_loss": 3.0, "eval/loss/ntp_tokens": 4, "eval/acc": 0.5}
 
 
 def test_nan_batch_is_skipped_counted_and_changes_nothing(tmp_path):
