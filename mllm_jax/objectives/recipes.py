@@ -21,6 +21,7 @@ data_d" are configs without that stream); a recipe with none of its streams is a
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import jax
@@ -103,6 +104,13 @@ def sugar(cfg: ExperimentConfig) -> LossFn:
     return loss_fn
 
 
+def _real_rows(views: dict) -> Optional[Array]:
+    """``bool[B]``: the rows that are samples in both views (padding rows of an epoch's last batch
+    have ``sample_index == -1``); None when the views carry no ``sample_index``."""
+    idx = [views[k]["sample_index"] for k in ("image", "text") if "sample_index" in views[k]]
+    return functools.reduce(jnp.logical_and, [i >= 0 for i in idx]) if idx else None
+
+
 def embed_views(model: MLLM, views: dict, cfg: ExperimentConfig) -> tuple[Array, Array]:
     """L2-normalised embeddings ``float32[B, D]`` of the ``image`` and ``text`` views (pooled as
     ``objective.contrastive.pooling``: ``prompt`` = the summary prompt's last token)."""
@@ -135,7 +143,8 @@ def _vladva(cfg: ExperimentConfig, with_ntp: bool, name: str) -> LossFn:
         if views is not None:
             ei, et = embed_views(model, views, cfg)
             scale, bias = _scale_and_bias(model, cfg)
-            lc, parts = contrastive_loss(ei, et, kind=cc.kind, log_scale=scale, bias=bias, chunk=cc.chunk)
+            lc, parts = contrastive_loss(ei, et, kind=cc.kind, log_scale=scale, bias=bias, chunk=cc.chunk,
+                                         valid=_real_rows(views))
             parts = {**parts, "temperature": jax.lax.stop_gradient(jnp.exp(-scale))}
             terms.append((oc.contrastive_weight, lc, parts))
         g = _stream(batch, "gen") if with_ntp and oc.ntp_weight else None

@@ -70,6 +70,31 @@ def test_chunked_equals_dense_with_gradients(kind):
         contrastive_loss(a, b, kind=kind, log_scale=ls, bias=bias, chunk=5)
 
 
+@pytest.mark.parametrize("kind", ["infonce", "siglip"])
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_padding_rows_leave_the_loss_of_the_real_rows(kind, chunk):
+    """An epoch's padded last batch: with ``valid``, the loss, its parts and the gradients of the
+    real rows equal those of the real rows alone; padding rows get zero gradient."""
+    a, b = _emb(jax.random.key(0), 8, 16), _emb(jax.random.key(1), 8, 16)
+    valid = jnp.asarray([1, 1, 0, 1, 1, 0, 0, 1], bool)
+    keep = np.flatnonzero(np.asarray(valid))
+    ls, bias = jnp.log(10.0), jnp.asarray(-2.0)
+
+    def f(a, b, valid, chunk):
+        return contrastive_loss(a, b, kind=kind, log_scale=ls, bias=bias, chunk=chunk, valid=valid)
+
+    (vp, pp), (ga, gb) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(a, b, valid, chunk)
+    (vr, pr), (ra, rb) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(a[keep], b[keep], None, None)
+    np.testing.assert_allclose(float(vp), float(vr), rtol=1e-6)
+    for k in pp:   # the chunked InfoNCE has no contrastive_acc
+        np.testing.assert_allclose(float(pp[k]), float(pr[k]), rtol=1e-6, err_msg=k)
+    np.testing.assert_allclose(np.asarray(ga)[keep], np.asarray(ra), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(gb)[keep], np.asarray(rb), atol=1e-6)
+    assert not np.asarray(ga)[~np.asarray(valid)].any() and not np.asarray(gb)[~np.asarray(valid)].any()
+    # without the mask the padding rows change the loss: the check above is not vacuous
+    assert abs(float(f(a, b, None, chunk)[0]) - float(vr)) > 1e-3
+
+
 @pytest.mark.parametrize("fn", [lambda a, b: infonce_chunked(a, b, jnp.log(5.0), 4)[0],
                                 lambda a, b: siglip_chunked(a, b, jnp.log(5.0), jnp.asarray(-1.0), 4)[0],
                                 lambda a, b: infonce_dense(a, b, jnp.log(5.0))[0]])
