@@ -13,10 +13,14 @@ Retention keeps the last ``keep_last`` steps and, when ``keep_best`` > 0, the be
 ``keep_best`` by ``best_metric``. Saves are asynchronous (``async_save``). Restores go into an
 abstract, sharded target (any mesh shape or device count). Orbax writes each step into a
 temporary directory and renames it when complete, so an interrupted save never looks like a
-checkpoint; a finished step that fails to restore (a truncated or corrupted file) is reported
-with a warning naming it and the previous step is used; once an older step has restored, the
-broken ones are set aside as ``<step>.corrupt`` (kept for inspection, out of the way of the
-saves that follow). If no step restores, nothing is moved and the error lists every failure.
+checkpoint; a finished step whose files cannot be read (missing, truncated or undecodable) is
+reported with a warning naming it and the previous step is used; once an older step has
+restored, the broken ones are set aside as ``<step>.corrupt`` (kept for inspection, out of the
+way of the saves that follow; Orbax neither lists nor deletes them). If no step restores, nothing
+is moved and the error lists every failure. Any other failure is raised as it is and moves
+nothing (running out of memory, a permission, network or timeout error, an interrupt, a bug); a
+step that does not fit the restore target (a changed model or optimiser config) raises
+``CheckpointMismatchError`` naming the leaves and both shapes.
 """
 from __future__ import annotations
 
@@ -45,12 +49,61 @@ class NoValidCheckpointError(RuntimeError):
     """Every checkpoint in the directory failed to restore."""
 
 
-class _CallerError(Exception):
-    """Carries an error raised by caller code during a restore (not a sign of a broken step)."""
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's leaves do not match the restore target's paths or shapes."""
+
+
+class _BrokenStep(Exception):
+    """Carries an error that says a step's files are bad (the step is skipped)."""
 
     def __init__(self, error: Exception):
         super().__init__(str(error))
         self.error = error
+
+
+# errors that say nothing about the files: the same read can succeed later or elsewhere
+_NOT_THE_FILES = (PermissionError, TimeoutError, ConnectionError, InterruptedError, BlockingIOError)
+_NOT_THE_FILES_STATUS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED",
+                         "UNAUTHENTICATED", "ABORTED", "CANCELLED")
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """Orbax wraps an array's read error in a plain ``Exception``: its cause."""
+    while type(e) is Exception and e.__cause__ is not None:
+        e = e.__cause__
+    return e
+
+
+def _bad_files(e: BaseException) -> bool:
+    """Whether ``e``, raised while reading a step, means the step's files are bad: missing files
+    (OSError), undecodable JSON/text and TensorStore read errors (ValueError, e.g. ``DATA_LOSS:``,
+    ``NOT_FOUND:``)."""
+    e = _unwrap(e)
+    if isinstance(e, _NOT_THE_FILES):
+        return False
+    if isinstance(e, ValueError):
+        return not str(e).startswith(_NOT_THE_FILES_STATUS)
+    return isinstance(e, OSError)
+
+
+def _dotted(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _leaves(tree) -> dict[str, Any]:
+    """``{dotted.path: leaf}``; a flat ``{dotted.path: leaf}`` dict gives the same paths."""
+    return {_dotted(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _misfits(saved: dict[str, Any], target: dict[str, Any]) -> list[str]:
+    """One line per leaf whose path or shape differs between ``saved`` and ``target`` (both
+    ``{path: leaf with .shape and .dtype}``). Dtypes may differ: the restore casts."""
+    desc = lambda x: f"{tuple(x.shape)} {np.dtype(x.dtype).name}"  # noqa: E731
+    out = [f"{k}: saved {desc(saved[k])}, target {desc(target[k])}" for k in target
+           if k in saved and tuple(saved[k].shape) != tuple(target[k].shape)]
+    out += [f"{k}: not in the checkpoint (target {desc(target[k])})" for k in target if k not in saved]
+    out += [f"{k}: not in the target (saved {desc(saved[k])})" for k in saved if k not in target]
+    return out
 
 
 # ---- per-process data-iterator state ------------------------------------------------------------
@@ -194,11 +247,12 @@ class Checkpointer:
         """Restores the newest step that restores cleanly into ``abstract`` (its shardings decide
         the placement). Returns ``(state, data_state or None, step)``, or None without checkpoints."""
         def one(step):
-            items = {"params": ocp.args.StandardRestore(flat_params(abstract.all_params())),
-                     "train": ocp.args.StandardRestore(_train_item(abstract))}
+            targets = {"params": flat_params(abstract.all_params()), "train": _train_item(abstract)}
+            self._check_fits(step, self._saved_leaves(step, targets), {k: _leaves(t) for k, t in targets.items()})
+            items = {k: ocp.args.StandardRestore(t) for k, t in targets.items()}
             if with_data:
                 items["data"] = DataStateRestore()
-            r = self._mgr.restore(step, args=ocp.args.Composite(**items))
+            r = self._read(self._mgr.restore, step, args=ocp.args.Composite(**items))
             train = r["train"]
             params = r["params"]
             state = abstract.replace(
@@ -211,21 +265,23 @@ class Checkpointer:
     def restore_params(self, make_target: Callable[[dict], dict]) -> Optional[tuple[dict, Optional[dict], int]]:
         """Restores params from the newest good step: ``make_target(metadata)`` gets ``{path:
         (shape, dtype)}`` of what that step saved and returns the flat target (``{path:
-        jax.ShapeDtypeStruct}`` with shardings, a subset). Returns ``(params, saved config or
-        None, step)``, or None without checkpoints."""
+        jax.ShapeDtypeStruct}`` with shardings, every saved path). Returns ``(params, saved config
+        or None, step)``, or None without checkpoints."""
         def one(step):
-            meta = self.params_metadata(step)
-            try:
-                target = make_target(meta)
-            except Exception as e:  # the caller's verdict on what was saved, not a broken step
-                raise _CallerError(e) from e
-            r = self._mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-            return r["params"], self.saved_config(step)
+            meta = self._read(self.params_metadata, step)
+            target = make_target(meta)
+            self._check_fits(step, {"params": {k: jax.ShapeDtypeStruct(*m) for k, m in meta.items()}},
+                             {"params": target})
+            r = self._read(self._mgr.restore, step,
+                           args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+            return r["params"], self._read(self.saved_config, step)
         return self._first_good(one)
 
     def params_metadata(self, step: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """``{path: (shape, dtype)}`` of the params saved at ``step``."""
         meta = self._mgr.item_metadata(step)["params"]
+        if meta is None:
+            raise FileNotFoundError(f"{self.step_dir(step) / 'params'}: its metadata file is missing")
         tree = getattr(meta, "tree", meta)
         return {k: (tuple(m.shape), np.dtype(m.dtype)) for k, m in tree.items()}
 
@@ -235,7 +291,52 @@ class Checkpointer:
             return None
         return self._mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
+    @staticmethod
+    def _read(fn, step, *args, **kw):
+        """``fn(step, ...)``, a read of the step's files; an error meaning they are bad becomes
+        ``_BrokenStep``, any other propagates."""
+        try:
+            return fn(step, *args, **kw)
+        except Exception as e:
+            if _bad_files(e):
+                raise _BrokenStep(_unwrap(e)) from e
+            raise
+
+    def _saved_leaves(self, step: int, items) -> dict[str, Optional[dict]]:
+        """``{item: {path: metadata}}`` of ``step``; None for an item the step does not have. An
+        item whose metadata files are missing or unreadable is left out (the restore judges it)."""
+        try:
+            meta = self._mgr.item_metadata(step)
+        except Exception as e:
+            if _bad_files(e):
+                return {}
+            raise
+        out = {}
+        for k in items:
+            if meta.get(k) is not None:
+                out[k] = _leaves(getattr(meta[k], "tree", meta[k]))
+            elif not (self.step_dir(step) / k).exists():
+                out[k] = None
+        return out
+
+    def _check_fits(self, step: int, saved: dict[str, dict], target: dict[str, dict]) -> None:
+        """Raises ``CheckpointMismatchError`` unless each item's ``{path: leaf}`` in ``saved``
+        (None: the step has no such item) and ``target`` have the same paths and shapes. Items
+        not in ``saved`` (their metadata file is missing) are left to the restore to judge."""
+        lines = [f"{item}: not saved in this step" for item in target
+                 if item in saved and saved[item] is None]
+        lines += [f"{item}: {m}" for item in target if saved.get(item) is not None
+                  for m in _misfits(saved[item], target[item])]
+        if lines:
+            more = [f"... and {len(lines) - 20} more"] if len(lines) > 20 else []
+            raise CheckpointMismatchError(
+                f"checkpoint {self.step_dir(step)} does not fit the state it is restored into (was the "
+                "model or optimiser config changed?); nothing on disk was changed:\n  "
+                + "\n  ".join(lines[:20] + more))
+
     def _first_good(self, restore_one):
+        """``restore_one(step)`` of the newest step whose files are good (older steps are tried
+        only after a ``_BrokenStep``), then the broken newer steps are set aside."""
         steps = sorted(self.all_steps(), reverse=True)
         if not steps:
             return None
@@ -243,9 +344,8 @@ class Checkpointer:
         for step in steps:
             try:
                 out = restore_one(step)
-            except _CallerError as e:
-                raise e.error from None
-            except Exception as e:  # noqa: BLE001 — any other failure means this step is unusable
+            except _BrokenStep as broken:
+                e = broken.error
                 msg = (f"checkpoint {self.step_dir(step)} could not be restored "
                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
                 errors.append(msg)
@@ -287,5 +387,5 @@ def find_checkpoint_dir(path: str | os.PathLike) -> Path:
     return p / "checkpoints" if (p / "checkpoints").is_dir() else p
 
 
-__all__ = ["Checkpointer", "NoValidCheckpointError", "DataStateHandler", "DataStateSave", "DataStateRestore",
-           "find_checkpoint_dir"]
+__all__ = ["Checkpointer", "NoValidCheckpointError", "CheckpointMismatchError", "DataStateHandler", "DataStateSave",
+           "DataStateRestore", "find_checkpoint_dir"]

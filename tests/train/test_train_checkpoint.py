@@ -1,6 +1,8 @@
 """Checkpoints: resume == uninterrupted (bit for bit, data state included), SIGTERM saves the
-current step, restore onto other mesh shapes, a corrupted latest step falls back."""
+current step, restore onto other mesh shapes, a corrupted latest step falls back (and is kept);
+a step that does not fit the target, or an error that is not about the files, moves nothing."""
 import os
+import shutil
 import warnings
 
 import jax
@@ -9,7 +11,7 @@ import pytest
 from flax import nnx
 
 from mllm_jax import sharding as shd
-from mllm_jax.train.checkpoint import Checkpointer
+from mllm_jax.train.checkpoint import CheckpointMismatchError, Checkpointer
 from mllm_jax.train.optim import build_optimizer
 from mllm_jax.train.state import abstract_train_state
 from tests.toy import TOY_LM, fit_toy, one_device_mesh, params_np, tiny_experiment
@@ -68,16 +70,82 @@ def test_corrupted_latest_checkpoint_falls_back(tmp_path):
     step3 = tmp_path / "r" / "checkpoints" / "3"
     files = [os.path.join(d, f) for d, _, fs in os.walk(step3) for f in fs]
     victim = max(files, key=os.path.getsize)
+    size = os.path.getsize(victim)
     with open(victim, "r+b") as f:
-        f.truncate(os.path.getsize(victim) // 2)
+        f.truncate(size // 2)
     ck = Checkpointer(tmp_path / "r" / "checkpoints")
     with pytest.warns(RuntimeWarning, match=f"checkpoint {step3} could not be restored"):
         state, data, step = ck.restore(_abstract(cfg, one_device_mesh()))
     assert step == 2 and int(state.step) == 2 and data["index"] == 2
     assert (tmp_path / "r" / "checkpoints" / "3.corrupt").is_dir() and not step3.exists()
-    # training goes on from step 2 and writes a new step 3
+    # training goes on from step 2 and writes new steps 3..5; keeping only the last one deletes
+    # the others but not the set-aside step (Orbax does not see it as a step)
+    more = tiny_experiment(**{"train.run_dir": str(tmp_path / "r"), "train.steps": 5,
+                              "train.checkpoint.every_steps": 1, "train.checkpoint.keep_last": 1})
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        again = fit_toy(cfg)
-    assert [h["step"] for h in again.history] == [3]
-    assert 3 in Checkpointer(tmp_path / "r" / "checkpoints").all_steps()
+        again = fit_toy(more)
+    assert [h["step"] for h in again.history] == [3, 4, 5]
+    assert Checkpointer(tmp_path / "r" / "checkpoints").all_steps() == [5]
+    kept = tmp_path / "r" / "checkpoints" / "3.corrupt" / os.path.relpath(victim, step3)
+    assert kept.is_file() and os.path.getsize(kept) == size // 2
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    """Checkpoints of a toy run at steps 1 and 2, its config and its abstract state."""
+    run = tmp_path_factory.mktemp("two_steps") / "r"
+    cfg = tiny_experiment(**{"train.run_dir": str(run), "train.steps": 2, "train.checkpoint.every_steps": 1})
+    fit_toy(cfg)
+    return run / "checkpoints", cfg, _abstract(cfg, one_device_mesh())
+
+
+def test_step_that_does_not_fit_names_the_leaves_and_moves_nothing(two_steps, tmp_path):
+    """The MLP made narrower (intermediate size 64 -> 48) since the run saved: an error naming
+    the step, the leaves and both shapes; no fallback to step 1, nothing renamed; the run's own
+    config still restores step 2."""
+    src, cfg, abstract = two_steps
+    d = shutil.copytree(src, tmp_path / "ck")
+    narrow = _abstract(tiny_experiment(**{"model.decoder.intermediate_size": 48}), one_device_mesh())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(CheckpointMismatchError) as err:
+            Checkpointer(d).restore(narrow)
+    msg = str(err.value)
+    assert f"checkpoint {d / '2'} does not fit" in msg
+    assert "params: layers.0.mlp.down_proj.kernel: saved (64, 32) float32, target (48, 32) float32" in msg
+    assert "params: layers.0.mlp.up_proj.kernel: saved (32, 64) float32, target (32, 48) float32" in msg
+    assert ".mu.layers.0.mlp.gate_proj.kernel: saved (32, 64) float32, target (32, 48) float32" in msg
+    assert "embed_tokens" not in msg  # same shape in both
+    assert sorted(os.listdir(d)) == ["1", "2"]
+    state, data, step = Checkpointer(d).restore(abstract)
+    assert step == 2 and int(state.step) == 2 and data["index"] == 2
+
+
+def _orbax_read_error(cause):
+    e = Exception("Encountered error while reading array index")  # how Orbax wraps a read error
+    e.__cause__ = cause
+    return e
+
+
+@pytest.mark.parametrize("error", [
+    MemoryError("host out of memory"), KeyboardInterrupt(), TypeError("a bug in the restore code"),
+    TimeoutError("read timed out"), _orbax_read_error(ValueError("UNAVAILABLE: GCS said 503"))],
+    ids=["memory", "interrupt", "bug", "timeout", "unavailable"])
+def test_errors_not_about_the_files_propagate_and_move_nothing(two_steps, tmp_path, monkeypatch, error):
+    """Reading step 2 fails for a reason that says nothing about its files: the error itself is
+    raised, step 1 is not restored instead and step 2 is not set aside."""
+    src, _, abstract = two_steps
+    d = shutil.copytree(src, tmp_path / "ck")
+    ck = Checkpointer(d)
+    read = ck._mgr.restore
+
+    def failing(step, *a, **kw):
+        if step == 2:
+            raise error
+        return read(step, *a, **kw)
+    monkeypatch.setattr(ck._mgr, "restore", failing)
+    with pytest.raises(BaseException) as got:
+        ck.restore(abstract)
+    assert got.value is error
+    assert sorted(os.listdir(d)) == ["1", "2"]
