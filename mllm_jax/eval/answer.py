@@ -5,9 +5,9 @@
     scores = ans.score(samples, [["yes", "no"]] * len(samples))   # list[float32[C]]
 
 ``generate`` renders each sample's prompt (its conversation without the trailing answer, plus
-the assistant header) and decodes greedily through ``MLLM.generate`` until ``<|im_end|>`` /
-EOS. ``score`` renders the full conversation once per candidate answer (the candidate in place
-of the sample's last assistant turn), exactly as training renders it, and sums the log
+the assistant header) and decodes greedily through ``MLLM.generate`` until the end of the
+assistant turn (``<|im_end|>``) or the tokenizer's EOS. ``score`` renders the full conversation
+once per candidate answer (the candidate in place of the sample's last assistant turn), exactly as training renders it, and sums the log
 probabilities of the tokens training puts the loss on (the answer and its ``<|im_end|>``).
 
 ``normalize_answer`` is the exact-match normalisation: lowercase, punctuation to spaces,
@@ -26,7 +26,6 @@ import numpy as np
 from flax import nnx
 
 from mllm_jax.data.schema import Sample
-from mllm_jax.data.tokenize import EOS, IM_END
 from mllm_jax.eval.encode import BatchEncoder
 
 _PUNCT = re.compile(r"[^\w\s]")
@@ -73,7 +72,9 @@ class Answerer:
     def __init__(self, model, encoder: BatchEncoder):
         self.model, self.encoder = model, encoder
         tok = encoder.tokenizer
-        ids = (_maybe_id(tok, IM_END), _maybe_id(tok, EOS))
+        # the end of an assistant turn and the tokenizer's own end of document (its EOS: "</s>",
+        # "<|endoftext|>", ...), as training renders them
+        ids = (_maybe_id(tok, tok.template.turn_end), _maybe_id(tok, tok.eos_token) if tok.eos_token else None)
         self.stop_tokens = tuple(sorted({i for i in ids if i is not None}))
         self.graphdef, self.state = nnx.split(model)
 

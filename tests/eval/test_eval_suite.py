@@ -105,3 +105,16 @@ def test_run_suite_loglik_mode_and_skipped_tasks(model, tok):
         run_suite(model, tok, DATA_CFG, MODEL_CFG, tasks=("vqa", "nope"))
     with pytest.raises(ValueError, match="model=None"):
         run_suite(None, tok, DATA_CFG, MODEL_CFG, tasks=("vqa",))
+
+
+def test_generation_stops_at_the_turn_end_and_the_tokenizers_own_eos(model, tok):
+    """A vocabulary whose end of document is ``<|endoftext|>`` (GPT-2 / Qwen style): generation
+    stops there and at ``<|im_end|>``, not at a ``</s>`` that is ordinary text to it."""
+    from tokenizers import AddedToken, Tokenizer
+
+    from mllm_jax.data.tokenize import TextTokenizer
+    raw = Tokenizer.from_str(tok.tok.to_str())
+    raw.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
+    qwen_like = TextTokenizer(raw, eos_token="<|endoftext|>", bos_token=None)
+    ans = Answerer(model, BatchEncoder(qwen_like, MODEL_CFG, DATA_CFG))
+    assert set(ans.stop_tokens) == {qwen_like.token_id(IM_END), qwen_like.token_id("<|endoftext|>")}
