@@ -7,7 +7,10 @@
 
 A run's tokenizer is its config's ``data.tokenizer``; an HF dir's is its own tokenizer files
 (GGUF: the tokenizer inside the file, read by transformers). ``--chat`` wraps the prompt in the
-chat template. Images (``--image``, repeatable) go in front of the prompt, one ``<image>`` slot each.
+chat template. Images (``--image``, repeatable) go in front of the prompt text, one ``<image>``
+slot each. A run's prompts are rendered as its training data was (``encode_sample``): a document
+(its start token, the images, the text, without the end-of-document token), or with ``--chat`` a
+user turn holding the images and the text, then the assistant header.
 """
 from __future__ import annotations
 
@@ -62,6 +65,24 @@ def _hf_stop_ids(path: Path, model, tokenizer_eos) -> set[int]:
     return out | ids(tokenizer_eos)
 
 
+def run_prompt_ids(tok, tokens_per_image: int, prompts, images=(), chat: bool = False) -> list[list[int]]:
+    """Token ids of each prompt (with ``images``, file paths or arrays, in front of its text) as
+    training renders a sample: with ``chat`` a user turn and the assistant header, else a
+    document without its end token."""
+    from mllm_jax.data.schema import Sample, image_segment, text_segment, validate_sample
+    from mllm_jax.data.tokenize import encode_sample
+    role = "user" if chat else None
+    end = list(tok.encode(tok.template.doc_end)) if tok.template.doc_end and not chat else []
+    out = []
+    for i, text in enumerate(prompts):
+        segs = tuple(image_segment(im, role) for im in images) + (text_segment(text, role),)
+        sample = validate_sample(Sample(f"prompt {i}", segs, source="--prompt"))
+        ids = encode_sample(sample, tok, tokens_per_image, add_generation_prompt=True if chat else None
+                            ).input_ids.tolist()
+        out.append(ids[:len(ids) - len(end)] if end and ids[-len(end):] == end else ids)
+    return out
+
+
 def _run_model(run: str):
     from mllm_jax.data.tokenize import TextTokenizer
     from mllm_jax.train.experiment import restore_run
@@ -82,11 +103,10 @@ def main(argv=None) -> int:
     if args.run:
         model, tok, step = _run_model(args.run)
         t = tok.template
-
-        def encode(text, chat):
-            body = text if not chat else t.turn_start.format(role="user") + text + t.turn_end + t.after_turn \
-                + t.turn_start.format(role="assistant")
-            return list(tok.encode(body))
+        if args.image and not isinstance(model, MLLM):
+            raise SystemExit("--image needs a multimodal model (LLaVA / an MLLM run)")
+        tpi = model.config.tokens_per_image if isinstance(model, MLLM) else 0
+        run_prompts = run_prompt_ids(tok, tpi, args.prompt, args.image, args.chat)
         decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
         # the end of an assistant turn (--chat) or of a document (plain prompts)
         doc_end = tok.tok.token_to_id(tok.eos_token) if tok.eos_token else None
@@ -97,7 +117,7 @@ def main(argv=None) -> int:
         model = load_pretrained(args.hf, gguf_file=args.gguf)
         encode, decode, eos = _hf_tokenizer(args.hf, args.gguf)
         stops = _hf_stop_ids(Path(args.hf), model, eos)
-    prompts = [encode(p, args.chat) for p in args.prompt]
+    prompts = run_prompts if args.run else [encode(p, args.chat) for p in args.prompt]
     width = max(len(p) for p in prompts)
     ids = np.zeros((len(prompts), width), np.int32)
     mask = np.zeros_like(ids)
@@ -106,7 +126,12 @@ def main(argv=None) -> int:
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
               temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
               key=jax.random.key(args.seed), stop_tokens=tuple(sorted(stops)))
-    if isinstance(model, MLLM):
+    if isinstance(model, MLLM) and args.run:      # image slots already in the prompts
+        pix = _pixels(model, args.image)
+        out = model.generate(ids, attention_mask=mask, **kw) if pix is None else \
+            model.generate(ids, attention_mask=mask, pixel_values=np.broadcast_to(pix, (len(ids),) + pix.shape).copy(),
+                           image_mask=np.ones((len(ids), len(pix)), bool), **kw)
+    elif isinstance(model, MLLM):
         out = _generate_mllm(model, ids, mask, args.image, kw)
     else:
         if args.image:
@@ -118,16 +143,22 @@ def main(argv=None) -> int:
     return 0
 
 
-def _generate_mllm(model, ids, mask, images, kw):
-    from PIL import Image
-
+def _pixels(model, images):
+    """``float32[M, H, W, C]`` of the image files as the model's vision tower takes them (None
+    without images)."""
+    if not images:
+        return None
     from mllm_jax.data.pipeline import ImageSpec
-    cfg = model.config
-    k = cfg.tokens_per_image
+    from mllm_jax.data.schema import load_image
+    spec = ImageSpec.from_vision(model.config.vision)
+    return np.stack([spec(load_image(f, "--image", f)) for f in images])
+
+
+def _generate_mllm(model, ids, mask, images, kw):
+    k = model.config.tokens_per_image
     if not images:
         return model.generate(ids, attention_mask=mask, **kw)
-    spec = ImageSpec.from_vision(cfg.vision)
-    pix = np.stack([spec(np.asarray(Image.open(f).convert("RGB"))) for f in images])
+    pix = _pixels(model, images)
     rows = []
     for r in range(len(ids)):  # each prompt gets all images, in front of its text
         real = ids[r][mask[r].astype(bool)]

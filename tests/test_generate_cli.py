@@ -50,3 +50,22 @@ def test_generate_cli_stops_on_generation_config_eos_ids(tmp_path, capsys):
     out = hf.generate(ids, max_new_tokens=6, do_sample=False)
     assert out.shape[1] - ids.shape[1] <= 2
     assert capsys.readouterr().out == hf_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) + "\n"
+
+
+def test_run_prompts_are_rendered_as_training_renders_samples(tmp_path):
+    """``--run`` prompts: a document starts with the tokenizer's BOS, then the image slots, the
+    separator and the text, and stops before the end-of-document token; ``--chat`` puts the
+    images and text inside the user turn, then the assistant header (built here by hand from the
+    template's pieces)."""
+    import numpy as np
+
+    tok = train_tokenizer(["a red circle left of a blue square", "describe the image"] * 20, tmp_path,
+                          vocab_size=300, min_frequency=1)
+    t, img, k = tok.template, np.zeros((8, 8, 3), np.uint8), 4
+    text = list(tok.encode("describe the image"))
+    slots = [tok.image_id] * k + list(tok.encode(t.separator))
+    doc, chat = (generate_cli.run_prompt_ids(tok, k, ["describe the image"], [img], chat=c)[0] for c in (False, True))
+    assert doc == list(tok.encode(t.doc_start)) + slots + text
+    assert chat == (list(tok.encode(t.turn_start.format(role="user"))) + slots + text + list(tok.encode(t.turn_end))
+                    + list(tok.encode(t.after_turn)) + list(tok.encode(t.turn_start.format(role="assistant"))))
+    assert generate_cli.run_prompt_ids(tok, k, ["describe the image"])[0] == list(tok.encode(t.doc_start)) + text
