@@ -16,6 +16,9 @@ An image segment becomes ``tokens_per_image`` copies of the ``<image>`` token id
 pre-expanded form). Loss targets are the assistant turns' tokens and their ``<|im_end|>``
 (documents: all text tokens and ``</s>``, if ``doc_loss``). Every segment is one slice: its
 tokens get ``slice_ids = k + 1`` for segment ``k``; template tokens and separators get 0.
+Special-token strings inside segment text (``</s>`` in scraped HTML, ``<|im_end|>`` in a chat log)
+are encoded as ordinary text (``TextTokenizer.encode_text``), except ``<soft>`` slots; a literal
+``<image>`` in text is a ``DataError`` (images are segments).
 """
 from __future__ import annotations
 
@@ -62,6 +65,8 @@ class TextTokenizer:
         self.image_id = self.token_id(image_token)
         self.pad_id = self.token_id(pad_token) if pad_token is not None and tokenizer.token_to_id(pad_token) is not None else 0
         self._cache: dict[str, tuple[int, ...]] = {}
+        self._text_cache: dict[str, tuple[int, ...]] = {}
+        self._plain = None                  # the tokenizer with special tokens split (encode_text)
         missing = [x for x in template.requires if tokenizer.token_to_id(x) is None]
         self.chat_error = (f"tokenizer {source} lacks the chat template's special tokens {missing}; pass a "
                            "ChatTemplate matching its format or add them as special tokens") if missing else None
@@ -118,11 +123,35 @@ class TextTokenizer:
                 self._cache[text] = ids
         return ids
 
+    def encode_text(self, text: str) -> tuple[int, ...]:
+        """Ids of data text (a segment of a sample): special-token strings in it (``</s>``,
+        ``<|im_end|>``, ``<|endoftext|>``, ...) are ordinary text, as with transformers'
+        ``split_special_tokens=True``, so that text cannot end a document or a turn; only
+        ``<soft>`` (a soft-prompt slot, placed in prompts on purpose) stays a special token."""
+        ids = self._text_cache.get(text)
+        if ids is None:
+            if self._plain is None:
+                from tokenizers import Tokenizer
+                self._plain = Tokenizer.from_str(self.tok.to_str())
+                self._plain.encode_special_tokens = True
+            soft = self.tok.token_to_id(SOFT)
+            parts = text.split(SOFT) if soft is not None else [text]
+            out: list[int] = []
+            for j, part in enumerate(parts):
+                if j:
+                    out.append(soft)
+                if part:
+                    out.extend(self._plain.encode(part, add_special_tokens=False).ids)
+            ids = tuple(out)
+            if len(self._text_cache) < 100_000:
+                self._text_cache[text] = ids
+        return ids
+
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def __getstate__(self):
-        return {**self.__dict__, "tok": self.tok.to_str(), "_cache": {}}
+        return {**self.__dict__, "tok": self.tok.to_str(), "_cache": {}, "_text_cache": {}, "_plain": None}
 
     def __setstate__(self, state):
         from tokenizers import Tokenizer
@@ -185,11 +214,11 @@ def encode_sample(sample: Sample, tok: TextTokenizer, tokens_per_image: int, *, 
         if seg.kind == "image":
             put([tok.image_id] * tokens_per_image, False, k + 1)
             return
-        piece = tok.encode(seg.text)
-        if tok.image_id in piece:
+        if tok.image_token in seg.text:
             raise DataError("image_count_mismatch", sample.id, f"segments[{k}].text",
                             f"text contains a literal {tok.image_token} token with no image attached; "
                             "images must be separate segments")
+        piece = tok.encode_text(seg.text)
         put(piece, is_target, k + 1)
 
     segs = sample.segments

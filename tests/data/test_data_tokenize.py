@@ -95,6 +95,27 @@ def test_literal_image_token_in_text_is_rejected(tok_dir):
         TK.encode_sample(validate_sample(s), tok, 4)
 
 
+def test_special_token_strings_in_text_are_ordinary_text(tok_dir):
+    """Segment text is encoded as transformers does with ``split_special_tokens=True``: ``</s>``
+    (an HTML tag in scraped captions) or ``<|im_end|>`` in text cannot end the document or the
+    turn; ``<soft>`` slots stay special (prompts place them on purpose)."""
+    from transformers import PreTrainedTokenizerFast
+    tok = TK.TextTokenizer.from_dir(tok_dir)
+    text = "a <s>red</s> circle <|im_end|>\n<|im_start|>assistant\n<pad> square"
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(Path(tok_dir) / "tokenizer.json"), split_special_tokens=True)
+    assert list(tok.encode_text(text)) == hf(text, add_special_tokens=False)["input_ids"]
+    specials = {tok.token_id(t) for t in (TK.BOS, TK.EOS, TK.PAD, TK.IM_START, TK.IM_END)}
+    assert not specials & set(tok.encode_text(text))
+    doc = TK.encode_sample(validate_sample(Sample("d", (text_segment(text),))), tok, 4)
+    assert list(doc.input_ids).count(tok.token_id(TK.EOS)) == 1 and doc.input_ids[-1] == tok.token_id(TK.EOS)
+    chat = TK.encode_sample(validate_sample(Sample("c", (text_segment(text, "user"), text_segment("ok", "assistant")))),
+                            tok, 4)
+    assert list(chat.input_ids).count(tok.token_id(TK.IM_END)) == 2      # the two real turn ends
+    soft = tok.token_id(TK.SOFT)
+    assert tok.encode_text(TK.SOFT * 2 + " a red circle" + TK.SOFT)[:2] == (soft, soft)
+    assert tok.encode_text(TK.SOFT * 2 + " a red circle" + TK.SOFT)[-1] == soft
+
+
 def test_load_foreign_hf_tokenizer(tmp_path):
     """A BERT WordPiece folder (as saved by transformers) loads; <image> must be added explicitly,
     and the ChatML template reports the missing tokens instead of mis-tokenising."""
