@@ -130,3 +130,17 @@ def test_a_mapping_merges_into_a_sub_config(tmp_path):
     assert replaced.train.optim == OptimConfig(lr=0.5) and replaced.train.steps == 7
     assert apply_updates(base, {"eval_data": {"split": "val"}}).eval_data.split == "val"   # None: built from defaults
     assert apply_updates(base, {"objective.options": {"b": 2}}).objective.options == {"b": 2}  # a dict field is a value
+
+
+@pytest.mark.parametrize("override", ["train.run_dir=gs://bucket/run", "train.checkpoint.dir=s3://b/ckpt",
+                                      "train.init_from=gs://bucket/run/stage1"])
+def test_remote_uris_are_refused_by_name(override):
+    """A ``gs://`` run dir would become a local folder ``gs:`` (pathlib), lost with the VM."""
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.") + ".*remote URI.*mount"):
+        apply_overrides(ExperimentConfig(), [override])
+
+
+def test_checkpointer_refuses_a_remote_uri():
+    from mllm_jax.train.checkpoint import Checkpointer
+    with pytest.raises(ConfigError, match="remote URI"):
+        Checkpointer("gs://bucket/run/checkpoints")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Optional
 
 from mllm_jax.config.base import ConfigError
@@ -111,6 +112,15 @@ class OptimConfig:
             raise ConfigError(f"train.optim.warmup_ratio: {self.warmup_ratio}; must be in [0, 1)")
 
 
+def check_local_path(field: str, value: Optional[str]) -> None:
+    """Runs, checkpoints and logs go through the local filesystem (pathlib): a URI such as
+    ``gs://bucket/run`` would silently become a local folder named ``gs:``."""
+    if value is not None and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(value)):
+        raise ConfigError(f"{field}: {value!r} is a remote URI; runs and checkpoints are written through "
+                          "the local filesystem: mount the bucket (e.g. gcsfuse, or a shared NFS path) and "
+                          "give the mount path")
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """Orbax checkpointing: cadence, retention (last N and best N by a metric), async save."""
@@ -127,6 +137,7 @@ class CheckpointConfig:
             raise ConfigError(f"train.checkpoint.best_mode: {self.best_mode!r}; expected min or max")
         if self.keep_last < 1:
             raise ConfigError(f"train.checkpoint.keep_last: {self.keep_last}; keep at least 1")
+        check_local_path("train.checkpoint.dir", self.dir)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +164,8 @@ class TrainConfig:
             raise ConfigError(f"train.compute_dtype: {self.compute_dtype!r}; expected float32 or bfloat16")
         if self.max_bad_steps < 1:
             raise ConfigError(f"train.max_bad_steps: {self.max_bad_steps}; must be >= 1")
+        check_local_path("train.run_dir", self.run_dir)
+        check_local_path("train.init_from", self.init_from)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -182,6 +182,8 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, cfg: CheckpointConfig = CheckpointConfig(), *,
                  read_only: bool = False):
+        from mllm_jax.config.train import check_local_path
+        check_local_path("checkpoint directory", str(directory))
         self.directory = Path(directory).absolute()
         self.cfg = cfg
         self._read_only = read_only
