@@ -68,3 +68,39 @@ def test_gak_gradient_over_long_sequences_matches_the_log_sweep():
         ref = grad("log", jnp.float64, u, v, 0.5)
     got = grad("linear", jnp.float32, u, v, 0.5)
     assert np.abs(got - ref).max() < 1e-3 * np.abs(ref).max()
+
+
+def test_gak_auto_is_exact_where_the_linear_sweep_loses_mass_silently():
+    """The per-diagonal rescaled linear sweep drops cells far below their diagonal's largest
+    even when most alignments pass through them; ``K`` stays finite, so nothing flags it.
+    float32 against tslearn (float64, log space): (a) 1-d integers, sigma^2 = 1/2 (k = e^-(x-y)^2
+    / (2 - e^-(x-y)^2)): the linear sweep gave log K = -245.6 instead of -192.0 and a gradient
+    of 4e24; (b) N(0, 1) in 32-d, sigma = 1, 128 x 128: log K off by 3.1, and the gradient of the
+    normalised log-GAK (where the backward sweep loses mass the same way) off by 20 times its
+    largest entry."""
+    be = instantiate_backend("numpy")
+    s = float(np.sqrt(0.5))
+    x = np.array([[1.0, 15, 11, 15, 14]])[..., None]
+    y = np.array([[10.0, 7, 4, 14, 5, 11]])[..., None]
+    kw = dict(normalize=False, log=True)
+    v, g = jax.value_and_grad(lambda a: gak(a, jnp.asarray(y, jnp.float32), s, **kw).sum())(
+        jnp.asarray(x, jnp.float32))
+    ref = _log_unnormalized_gak(x[0], y[0], s, be)
+    h, eye = 1e-5, np.eye(5)[..., None]
+    fd = [(_log_unnormalized_gak(x[0] + h * e, y[0], s, be)
+           - _log_unnormalized_gak(x[0] - h * e, y[0], s, be)) / (2 * h) for e in eye]
+    assert abs(float(v) - ref) < 1e-4 * abs(ref)
+    np.testing.assert_allclose(np.asarray(g)[0, :, 0], fd, rtol=1e-4, atol=1e-3)
+
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(1, 128, 32)), rng.normal(size=(1, 128, 32))
+    ref = _log_unnormalized_gak(x[0], y[0], 1.0, be)
+    got = gak(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32), 1.0, **kw)
+    assert abs(float(got[0]) - ref) < 1e-5 * abs(ref)      # float32 rounding: ~1e-3 of 4e3
+
+    def grad(dt, **kw):
+        return np.asarray(jax.grad(lambda a: gak(a, jnp.asarray(y, dt), 1.0, log=True, **kw).sum())(
+            jnp.asarray(x, dt)))
+    with jax.enable_x64(True):
+        ref = grad(jnp.float64, method="log")
+    assert np.abs(grad(jnp.float32) - ref).max() < 1e-3 * np.abs(ref).max()   # was 20x
