@@ -120,7 +120,7 @@ def test_cdist_softdtw_variable_lengths():
 
 
 @pytest.mark.parametrize("n,m", [(1, 1), (1, 6), (6, 1), (20, 13)])
-@pytest.mark.parametrize("method", ["auto", "log"])
+@pytest.mark.parametrize("method", ["auto", "linear"])  # auto is the log sweep
 def test_gak_float64(n, m, method):
     rng = np.random.default_rng(n + 31 * m)
     x, y = batch(rng, n, m, 3)
