@@ -245,8 +245,9 @@ def _eval_weight(name: str, m: dict) -> Optional[str]:
 
 def evaluate(eval_step, state: TrainState, batches: Iterator, steps: int, mesh, rules,
              hooks: Sequence[Callable] = ()) -> dict[str, float]:
-    """``eval_step``'s metrics over ``steps`` batches as the metrics of all of them together (as if
-    one batch held them), plus each hook's ``hook(model, step)`` dict. By name, a metric is
+    """``eval_step``'s metrics over ``steps`` batches (fewer where any process's data ends first)
+    as the metrics of all of them together (as if one batch held them), plus each hook's
+    ``hook(model, step)`` dict. By name, a metric is
 
         loss/<x>_tokens, loss/<x>_pairs   a count: summed
         loss/<p>ntp, loss/<p>z_loss       a token mean: weighted by that next-token loss's loss/<p>ntp_tokens
@@ -261,8 +262,10 @@ def evaluate(eval_step, state: TrainState, batches: Iterator, steps: int, mesh, 
     acc, n = {}, 0           # metric -> (sum of weight * value, sum of weights, sum of values)
     for _ in range(steps):
         try:
-            batch = next(batches)
+            batch, ended = next(batches), False
         except StopIteration:
+            batch, ended = None, True
+        if distributed.any_process(ended):   # every process runs the same eval steps
             break
         m = jax.device_get(eval_step(state, distributed.global_batch(batch, mesh, rules)))
         m = {EXAMPLES: 1.0, **{k: float(v) for k, v in m.items()}}

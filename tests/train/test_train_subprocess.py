@@ -160,3 +160,25 @@ def test_two_process_run_stops_together_when_one_process_data_ends(tmp_path, cac
     assert sorted(_losses(tmp_path / "multi")) == [1, 2]
     assert _steps(tmp_path / "multi") == [2]
     assert "the training data ended at step 2 of train.steps=5 (data.num_epochs) on another process" in outs[0]
+
+
+def test_two_process_eval_stops_together_when_one_process_eval_data_ends(tmp_path, cache_env):
+    """Process 1's eval data ends after 2 batches, process 0's after 3 (train.eval_steps=3): both
+    evaluate the 2 batches every process has, rather than process 0 running a third eval step
+    whose collectives process 1 never joins."""
+    cfg = _config(tmp_path, **{"train.steps": 1, "train.eval_every": 1, "train.eval_steps": 3, "mesh.data": 2,
+                               "mesh.fsdp": 2, "data.batch_size": 4, "data_options": {"num_batches": [3, 2]}})
+    port = _free_port()
+    multi = [_launch(cfg, tmp_path / "multi", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                     "--process-id", str(i), devices=2, env_extra=cache_env) for i in range(2)]
+    try:
+        rcs = [_finish(p, timeout=120) for p in multi]
+    finally:
+        for p in multi:
+            p.kill()
+    assert all(rc == 0 for rc, _ in rcs), rcs[0][1][-3000:] + rcs[1][1][-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    assert [r["step"] for r in evals] == [1]
+    # 2 global batches of 2 x 4 rows with 16 target tokens each
+    assert evals[0]["eval/loss/ntp_tokens"] == 2 * 8 * 16
