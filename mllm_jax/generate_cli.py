@@ -162,7 +162,7 @@ def _generate_mllm(model, ids, mask, images, kw):
     rows = []
     for r in range(len(ids)):  # each prompt gets all images, in front of its text
         real = ids[r][mask[r].astype(bool)]
-        rows.append(np.concatenate([np.full(k * len(images), cfg.image_token_id, np.int32), real]))
+        rows.append(np.concatenate([np.full(k * len(images), model.config.image_token_id, np.int32), real]))
     width = max(len(r) for r in rows)
     ids2 = np.zeros((len(rows), width), np.int32)
     mask2 = np.zeros_like(ids2)

@@ -69,3 +69,23 @@ def test_run_prompts_are_rendered_as_training_renders_samples(tmp_path):
     assert chat == (list(tok.encode(t.turn_start.format(role="user"))) + slots + text + list(tok.encode(t.turn_end))
                     + list(tok.encode(t.after_turn)) + list(tok.encode(t.turn_start.format(role="assistant"))))
     assert generate_cli.run_prompt_ids(tok, k, ["describe the image"])[0] == list(tok.encode(t.doc_start)) + text
+
+
+def test_hf_mllm_images_go_in_front_of_each_prompt(monkeypatch):
+    """``--hf`` with a LLaVA model and ``--image``: each prompt's real ids get ``tokens_per_image``
+    ``<image>`` ids per image in front, rows left-padded again (ids here by hand)."""
+    import types
+
+    import numpy as np
+
+    pix = np.zeros((1, 4, 4, 3), np.float32)
+    monkeypatch.setattr(generate_cli, "_pixels", lambda model, images: pix)
+    seen = {}
+    model = types.SimpleNamespace(config=types.SimpleNamespace(tokens_per_image=2, image_token_id=7),
+                                  generate=lambda ids, **kw: seen.update(ids=ids, **kw) or "out")
+    ids = np.array([[0, 5, 6], [9, 10, 11]], np.int32)
+    mask = np.array([[0, 1, 1], [1, 1, 1]], np.int32)
+    assert generate_cli._generate_mllm(model, ids, mask, ["a.png"], {"max_new_tokens": 3}) == "out"
+    np.testing.assert_array_equal(seen["ids"], [[0, 7, 7, 5, 6], [7, 7, 9, 10, 11]])
+    np.testing.assert_array_equal(seen["attention_mask"], [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert seen["pixel_values"].shape == (2, 1, 4, 4, 3) and seen["max_new_tokens"] == 3
