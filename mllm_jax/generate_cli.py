@@ -102,15 +102,12 @@ def main(argv=None) -> int:
     from mllm_jax.models.mllm import MLLM
     if args.run:
         model, tok, step = _run_model(args.run)
-        t = tok.template
         if args.image and not isinstance(model, MLLM):
             raise SystemExit("--image needs a multimodal model (LLaVA / an MLLM run)")
         tpi = model.config.tokens_per_image if isinstance(model, MLLM) else 0
         run_prompts = run_prompt_ids(tok, tpi, args.prompt, args.image, args.chat)
         decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
-        # the end of an assistant turn (--chat) or of a document (plain prompts)
-        doc_end = tok.tok.token_to_id(tok.eos_token) if tok.eos_token else None
-        stops = {tok.token_id(t.turn_end)} | ({doc_end} if doc_end is not None else set())
+        stops = set(tok.stop_ids())   # the end of an assistant turn (--chat) or of a document
         print(f"# {args.run} step {step}", file=sys.stderr)
     else:
         from mllm_jax.convert.hf import load_pretrained

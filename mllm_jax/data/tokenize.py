@@ -123,6 +123,13 @@ class TextTokenizer:
                 self._cache[text] = ids
         return ids
 
+    def stop_ids(self) -> tuple[int, ...]:
+        """Where generation ends, as training renders samples: the template's turn end
+        (``<|im_end|>``) and the tokenizer's own EOS, those of them in the vocabulary."""
+        ids = (self.tok.token_to_id(self.template.turn_end),
+               self.tok.token_to_id(self.eos_token) if self.eos_token else None)
+        return tuple(sorted({i for i in ids if i is not None}))
+
     def encode_text(self, text: str) -> tuple[int, ...]:
         """Ids of data text (a segment of a sample): special-token strings in it (``</s>``,
         ``<|im_end|>``, ``<|endoftext|>``, ...) are ordinary text, as with transformers'
@@ -132,8 +139,9 @@ class TextTokenizer:
         if ids is None:
             if self._plain is None:
                 from tokenizers import Tokenizer
-                self._plain = Tokenizer.from_str(self.tok.to_str())
-                self._plain.encode_special_tokens = True
+                plain = Tokenizer.from_str(self.tok.to_str())
+                plain.encode_special_tokens = True
+                self._plain = plain
             soft = self.tok.token_to_id(SOFT)
             parts = text.split(SOFT) if soft is not None else [text]
             out: list[int] = []

@@ -48,13 +48,6 @@ def with_answer(sample: Sample, answer: str) -> Sample:
     return dataclasses.replace(sample, segments=tuple(segs))
 
 
-def _maybe_id(tok, token: str):
-    try:
-        return tok.token_id(token)
-    except ValueError:
-        return None
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _target_logprob(graphdef, state, batch):
     """Sum over ``loss_mask`` of ``log p(labels)``: ``float32[B]``."""
@@ -74,8 +67,7 @@ class Answerer:
         tok = encoder.tokenizer
         # the end of an assistant turn and the tokenizer's own end of document (its EOS: "</s>",
         # "<|endoftext|>", ...), as training renders them
-        ids = (_maybe_id(tok, tok.template.turn_end), _maybe_id(tok, tok.eos_token) if tok.eos_token else None)
-        self.stop_tokens = tuple(sorted({i for i in ids if i is not None}))
+        self.stop_tokens = tok.stop_ids()
         self.graphdef, self.state = nnx.split(model)
 
     def generate(self, samples: Sequence[Sample], max_new_tokens: int) -> list[str]:

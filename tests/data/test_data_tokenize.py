@@ -153,3 +153,10 @@ def test_foreign_tokenizer_documents_use_its_own_bos_eos(tmp_path):
     eot = tok.tok.token_to_id("<|endoftext|>")
     doc = TK.encode_sample(Sample("d", (text_segment("a red circle"),)), tok, 4)
     assert doc.input_ids.tolist() == [eot, *tok.encode("a red circle"), eot]
+
+
+def test_stop_ids_are_the_turn_end_and_eos_in_the_vocabulary(tok_dir):
+    tok = TK.TextTokenizer.from_dir(tok_dir)
+    assert tok.stop_ids() == tuple(sorted((tok.token_id(TK.IM_END), tok.token_id(TK.EOS))))
+    other = TK.TextTokenizer.from_dir(tok_dir, template=TK.ChatTemplate(turn_end="<end_of_turn>", requires=()))
+    assert other.stop_ids() == (tok.token_id(TK.EOS),)      # a turn end the vocabulary lacks is no stop
