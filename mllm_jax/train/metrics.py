@@ -82,14 +82,14 @@ class Progress:
     def update(self, n: int, metrics: Optional[dict] = None) -> None:
         if self._bar is None:
             return
-        self._bar.update(n)
-        if metrics:
+        if metrics:     # before update(), whose refresh shows it: the bar at step n shows step n's loss
             post = {"loss": f"{metrics['loss']:.4f}"}
             if "tokens_per_s" in metrics:
                 post["tok/s"] = f"{metrics['tokens_per_s']:.3g}"
             if metrics.get("mfu") is not None:
                 post["mfu"] = f"{100 * metrics['mfu']:.1f}%"
             self._bar.set_postfix(post, refresh=False)
+        self._bar.update(n)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -353,3 +353,28 @@ def test_state_model_is_in_eval_mode():
     state, _ = create_train_state(build, tx, OptimConfig(), one_device_mesh(), seed=0)
     drops = [m for _, m in nnx.iter_modules(state.model()) if isinstance(m, nnx.Dropout)]
     assert drops and all(m.deterministic for m in drops)
+
+
+def test_progress_bar_shows_the_loss_of_the_step_it_counts(monkeypatch):
+    """Each refresh of the bar at step n (``update``) carries step n's loss, not step n-1's."""
+    import tqdm.auto
+
+    from mllm_jax.train.metrics import Progress
+    shown = []
+
+    class Bar:
+        def __init__(self, **kw):
+            self.n, self.post = kw.get("initial", 0), {}
+
+        def set_postfix(self, post, refresh=True):
+            self.post = dict(post)
+
+        def update(self, n):
+            self.n += n
+            shown.append((self.n, self.post.get("loss")))
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    bar = Progress(3, 0, enabled=True)
+    for loss in (3.0, 2.0, 1.0):
+        bar.update(1, {"loss": loss})
+    assert shown == [(1, "3.0000"), (2, "2.0000"), (3, "1.0000")]
