@@ -253,6 +253,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the tiny cases only, fewer steps")
     ap.add_argument("--steps", type=int, help="timed steps per side (default 10, quick 5)")
+    ap.add_argument("--cases", help=f"comma-separated subset of {', '.join(CASES)} (default: all, or --quick's)")
     ap.add_argument("--out", default=str(ROOT / "results"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--payload", help=argparse.SUPPRESS)
@@ -273,7 +274,12 @@ def main(argv=None) -> int:
     n = 1536 if args.quick else 2048
     peaks = [_run_worker("peak", {"n": n})]
     cases, skipped = [], []
-    for name in (QUICK if args.quick else tuple(CASES)):
+    names = tuple(c.strip() for c in args.cases.split(",") if c.strip()) if args.cases else \
+        (QUICK if args.quick else tuple(CASES))
+    unknown = [c for c in names if c not in CASES]
+    if unknown:
+        ap.error(f"--cases: unknown {unknown}; known: {', '.join(CASES)}")
+    for name in names:
         case = CASES[name]
         if case.get("mllm") and not _mllm_available():
             skipped.append(f"{name}: mllm_jax.models.mllm / decoder not importable yet")
