@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -100,6 +100,18 @@ def any_process(flag: bool) -> bool:
     return bool(np.max(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
 
+def next_on_every_process(it) -> tuple[Optional[Any], bool]:
+    """``(next(it), False)``, or ``(batch or None, True)`` on every process as soon as any
+    process's ``it`` has ended (its shard ran out first): all processes run the same steps,
+    none waits in a collective for one that has left. ``batch`` is None where ``it`` itself
+    ended."""
+    try:
+        batch, ended = next(it), False
+    except StopIteration:
+        batch, ended = None, True
+    return batch, any_process(ended)
+
+
 def is_primary() -> bool:
     return jax.process_index() == 0
 
@@ -127,5 +139,5 @@ def global_batch(local: dict, mesh: Mesh, rules: shd.Rules = shd.DEFAULT_RULES) 
     return jax.tree_util.tree_map_with_path(put, local)
 
 
-__all__ = ["initialize", "detected_launcher", "any_process", "is_primary", "local_batch_size", "global_batch", "ENV_COORDINATOR",
+__all__ = ["initialize", "detected_launcher", "any_process", "next_on_every_process", "is_primary", "local_batch_size", "global_batch", "ENV_COORDINATOR",
            "ENV_NUM_PROCESSES", "ENV_PROCESS_ID"]

@@ -261,11 +261,8 @@ def evaluate(eval_step, state: TrainState, batches: Iterator, steps: int, mesh, 
     """
     acc, n = {}, 0           # metric -> (sum of weight * value, sum of weights, sum of values)
     for _ in range(steps):
-        try:
-            batch, ended = next(batches), False
-        except StopIteration:
-            batch, ended = None, True
-        if distributed.any_process(ended):   # every process runs the same eval steps
+        batch, ended = distributed.next_on_every_process(batches)   # the same eval steps everywhere
+        if ended:
             break
         m = jax.device_get(eval_step(state, distributed.global_batch(batch, mesh, rules)))
         m = {EXAMPLES: 1.0, **{k: float(v) for k, v in m.items()}}
@@ -361,13 +358,11 @@ def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], los
     try:
         with StopSignal() as stop:
             while step < tc.steps:
-                try:
-                    host_batch, ended = next(data), False
-                except StopIteration:       # data.num_epochs reached: save and stop like a finished run
-                    host_batch, ended = None, True
-                if distributed.any_process(ended):  # every process stops at the same step
+                # data.num_epochs reached (here or on another process): save and stop like a finished run
+                host_batch, ended = distributed.next_on_every_process(data)
+                if ended:
                     log.warning("the training data ended at step %d of train.steps=%d (data.num_epochs)%s; "
-                                "stopping there", step, tc.steps, "" if ended else " on another process")
+                                "stopping there", step, tc.steps, "" if host_batch is None else " on another process")
                     break
                 batch = distributed.global_batch(host_batch, mesh, rules)
                 state, metrics = train_step(state, batch)
