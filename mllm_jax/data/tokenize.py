@@ -115,12 +115,39 @@ class TextTokenizer:
         return i
 
     def encode(self, text: str) -> tuple[int, ...]:
-        """Ids of ``text`` without added BOS/EOS (cached: the scene world repeats many strings)."""
-        ids = self._cache.get(text)
+        """Ids of ``text`` without added BOS/EOS, special-token strings in it as special tokens
+        (template pieces; cached: the scene world repeats many strings)."""
+        return self._memo(self._cache, text, lambda t: self.tok.encode(t, add_special_tokens=False).ids)
+
+    def encode_text(self, text: str) -> tuple[int, ...]:
+        """Ids of data text (a segment of a sample): special-token strings in it (``</s>``,
+        ``<|im_end|>``, ``<|endoftext|>``, ...) are ordinary text, as with transformers'
+        ``split_special_tokens=True``, so that text cannot end a document or a turn; only
+        ``<soft>`` (a soft-prompt slot, placed in prompts on purpose) stays a special token."""
+        return self._memo(self._text_cache, text, self._encode_plain)
+
+    def _encode_plain(self, text: str) -> list[int]:
+        if self._plain is None:
+            from tokenizers import Tokenizer
+            plain = Tokenizer.from_str(self.tok.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        soft = self.tok.token_to_id(SOFT)
+        out: list[int] = []
+        for j, part in enumerate(text.split(SOFT) if soft is not None else [text]):
+            if j:
+                out.append(soft)
+            if part:
+                out.extend(self._plain.encode(part, add_special_tokens=False).ids)
+        return out
+
+    @staticmethod
+    def _memo(cache: dict, text: str, encode) -> tuple[int, ...]:
+        ids = cache.get(text)
         if ids is None:
-            ids = tuple(self.tok.encode(text, add_special_tokens=False).ids)
-            if len(self._cache) < 100_000:
-                self._cache[text] = ids
+            ids = tuple(encode(text))
+            if len(cache) < 100_000:
+                cache[text] = ids
         return ids
 
     def stop_ids(self) -> tuple[int, ...]:
@@ -129,31 +156,6 @@ class TextTokenizer:
         ids = (self.tok.token_to_id(self.template.turn_end),
                self.tok.token_to_id(self.eos_token) if self.eos_token else None)
         return tuple(sorted({i for i in ids if i is not None}))
-
-    def encode_text(self, text: str) -> tuple[int, ...]:
-        """Ids of data text (a segment of a sample): special-token strings in it (``</s>``,
-        ``<|im_end|>``, ``<|endoftext|>``, ...) are ordinary text, as with transformers'
-        ``split_special_tokens=True``, so that text cannot end a document or a turn; only
-        ``<soft>`` (a soft-prompt slot, placed in prompts on purpose) stays a special token."""
-        ids = self._text_cache.get(text)
-        if ids is None:
-            if self._plain is None:
-                from tokenizers import Tokenizer
-                plain = Tokenizer.from_str(self.tok.to_str())
-                plain.encode_special_tokens = True
-                self._plain = plain
-            soft = self.tok.token_to_id(SOFT)
-            parts = text.split(SOFT) if soft is not None else [text]
-            out: list[int] = []
-            for j, part in enumerate(parts):
-                if j:
-                    out.append(soft)
-                if part:
-                    out.extend(self._plain.encode(part, add_special_tokens=False).ids)
-            ids = tuple(out)
-            if len(self._text_cache) < 100_000:
-                self._text_cache[text] = ids
-        return ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

@@ -7,8 +7,9 @@
 ``generate`` renders each sample's prompt (its conversation without the trailing answer, plus
 the assistant header) and decodes greedily through ``MLLM.generate`` until the end of the
 assistant turn (``<|im_end|>``) or the tokenizer's EOS. ``score`` renders the full conversation
-once per candidate answer (the candidate in place of the sample's last assistant turn), exactly as training renders it, and sums the log
-probabilities of the tokens training puts the loss on (the answer and its ``<|im_end|>``).
+once per candidate answer (the candidate in place of the sample's last assistant turn), exactly
+as training renders it, and sums the log probabilities of the tokens training puts the loss on
+(the answer and its ``<|im_end|>``).
 
 ``normalize_answer`` is the exact-match normalisation: lowercase, punctuation to spaces,
 articles (a, an, the) dropped, whitespace collapsed.
