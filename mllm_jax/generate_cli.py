@@ -124,10 +124,7 @@ def main(argv=None) -> int:
               temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
               key=jax.random.key(args.seed), stop_tokens=tuple(sorted(stops)))
     if isinstance(model, MLLM) and args.run:      # image slots already in the prompts
-        pix = _pixels(model, args.image)
-        out = model.generate(ids, attention_mask=mask, **kw) if pix is None else \
-            model.generate(ids, attention_mask=mask, pixel_values=np.broadcast_to(pix, (len(ids),) + pix.shape).copy(),
-                           image_mask=np.ones((len(ids), len(pix)), bool), **kw)
+        out = _generate_with_images(model, ids, mask, args.image, kw)
     elif isinstance(model, MLLM):
         out = _generate_mllm(model, ids, mask, args.image, kw)
     else:
@@ -151,11 +148,20 @@ def _pixels(model, images):
     return np.stack([spec(load_image(f, "--image", f)) for f in images])
 
 
-def _generate_mllm(model, ids, mask, images, kw):
-    k = model.config.tokens_per_image
+def _generate_with_images(model, ids, mask, images, kw):
+    """``model.generate`` on prompts that hold every image's slots, each row with all images."""
     if not images:
         return model.generate(ids, attention_mask=mask, **kw)
     pix = _pixels(model, images)
+    return model.generate(ids, attention_mask=mask, pixel_values=np.broadcast_to(pix, (len(ids),) + pix.shape).copy(),
+                          **kw)
+
+
+def _generate_mllm(model, ids, mask, images, kw):
+    """An HF LLaVA's prompts: all images' slots go in front of each prompt's text."""
+    k = model.config.tokens_per_image
+    if not images:
+        return model.generate(ids, attention_mask=mask, **kw)
     rows = []
     for r in range(len(ids)):  # each prompt gets all images, in front of its text
         real = ids[r][mask[r].astype(bool)]
@@ -165,8 +171,7 @@ def _generate_mllm(model, ids, mask, images, kw):
     mask2 = np.zeros_like(ids2)
     for i, r in enumerate(rows):
         ids2[i, width - len(r):], mask2[i, width - len(r):] = r, 1
-    pixel_values = np.broadcast_to(pix, (len(rows),) + pix.shape).copy()
-    return model.generate(ids2, attention_mask=mask2, pixel_values=pixel_values, **kw)
+    return _generate_with_images(model, ids2, mask2, images, kw)
 
 
 if __name__ == "__main__":
