@@ -131,6 +131,7 @@ class CheckpointConfig:
     best_metric: str = "eval/loss"
     best_mode: str = "min"                 # min | max
     async_save: bool = True
+    restore_data: bool = True              # false: resume params/optimiser/step, data from its start
 
     def __post_init__(self):
         if self.best_mode not in ("min", "max"):

@@ -20,7 +20,9 @@ way of the saves that follow; Orbax neither lists nor deletes them). If no step 
 is moved and the error lists every failure. Any other failure is raised as it is and moves
 nothing (running out of memory, a permission, network or timeout error, an interrupt, a bug); a
 step that does not fit the restore target (a changed model or optimiser config) raises
-``CheckpointMismatchError`` naming the leaves and both shapes.
+``CheckpointMismatchError`` naming the leaves and both shapes, and one whose data state was
+written by another number of processes raises ``DataStateMismatchError`` (restore with
+``with_data=False`` to resume everything else).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -51,6 +54,10 @@ class NoValidCheckpointError(RuntimeError):
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint's leaves do not match the restore target's paths or shapes."""
+
+
+class DataStateMismatchError(CheckpointMismatchError):
+    """A checkpoint's data-iterator state was written by a different number of processes."""
 
 
 class _BrokenStep(Exception):
@@ -108,22 +115,31 @@ def _misfits(saved: dict[str, Any], target: dict[str, Any]) -> list[str]:
 
 # ---- per-process data-iterator state ------------------------------------------------------------
 
+_DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+
+
+def _data_file_name() -> str:
+    return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+def _saved_process_counts(data_dir: Path) -> set[int]:
+    """The process counts that wrote the data-state files in ``data_dir`` (empty if none)."""
+    if not data_dir.is_dir():
+        return set()
+    return {int(m.group(2)) for p in data_dir.iterdir() if (m := _DATA_FILE.fullmatch(p.name))}
+
+
 class DataStateHandler(ocp.CheckpointHandler):
     """Saves ``get_state()`` of each process's data iterator as JSON, one file per process."""
 
     def save(self, directory: epath.Path, args: "DataStateSave"):
-        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        (directory / name).write_text(json.dumps(args.state))
+        (directory / _data_file_name()).write_text(json.dumps(args.state))
 
     def restore(self, directory: epath.Path, args: "DataStateRestore" = None):
-        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        path = directory / name
-        if not path.exists():
+        path = directory / _data_file_name()
+        if not path.exists():  # a count mismatch is caught before (Checkpointer._check_process_count)
             found = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
-            raise FileNotFoundError(
-                f"{path}: no data-iterator state for this process (found {found}). The checkpoint was "
-                "written by a different number of processes; restart the data from scratch with a "
-                "new run directory and train.init_from pointing at this one.")
+            raise FileNotFoundError(f"{path}: no data-iterator state for this process (found {found})")
         return json.loads(path.read_text())
 
     def metadata(self, directory):
@@ -251,6 +267,8 @@ class Checkpointer:
         def one(step):
             targets = {"params": flat_params(abstract.all_params()), "train": _train_item(abstract)}
             self._check_fits(step, self._saved_leaves(step, targets), {k: _leaves(t) for k, t in targets.items()})
+            if with_data:
+                self._check_process_count(step)
             items = {k: ocp.args.StandardRestore(t) for k, t in targets.items()}
             if with_data:
                 items["data"] = DataStateRestore()
@@ -336,6 +354,20 @@ class Checkpointer:
                 "model or optimiser config changed?); nothing on disk was changed:\n  "
                 + "\n  ".join(lines[:20] + more))
 
+    def _check_process_count(self, step: int) -> None:
+        """Raises ``DataStateMismatchError`` if ``step``'s data state was written only by a
+        different number of processes (each process's iterator position is its own: it cannot
+        be split or merged for another process count)."""
+        counts = _saved_process_counts(self.step_dir(step) / "data")
+        n = jax.process_count()
+        if counts and n not in counts:
+            raise DataStateMismatchError(
+                f"checkpoint {self.step_dir(step)}: its data-iterator state was written by "
+                f"{'/'.join(map(str, sorted(counts)))} processes and this run has {n}; a data position "
+                "cannot be carried over to another process count. Set train.checkpoint.restore_data=false "
+                "to resume params, optimiser state and step with the data pipeline started afresh (its "
+                "first batches are seen again); nothing on disk was changed.")
+
     def _first_good(self, restore_one):
         """``restore_one(step)`` of the newest step whose files are good (older steps are tried
         only after a ``_BrokenStep``), then the broken newer steps are set aside."""
@@ -389,5 +421,5 @@ def find_checkpoint_dir(path: str | os.PathLike) -> Path:
     return p / "checkpoints" if (p / "checkpoints").is_dir() else p
 
 
-__all__ = ["Checkpointer", "NoValidCheckpointError", "CheckpointMismatchError", "DataStateHandler", "DataStateSave",
-           "DataStateRestore", "find_checkpoint_dir"]
+__all__ = ["Checkpointer", "NoValidCheckpointError", "CheckpointMismatchError", "DataStateMismatchError",
+           "DataStateHandler", "DataStateSave", "DataStateRestore", "find_checkpoint_dir"]

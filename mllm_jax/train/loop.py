@@ -303,11 +303,14 @@ def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], los
         save_config(cfg, run_dir / "config.yaml")
 
     abstract, shardings = abstract_train_state(model, tx, tc.optim, mesh, rules)
-    restored = ckpt.restore(abstract)
+    restored = ckpt.restore(abstract, with_data=tc.checkpoint.restore_data)
     if restored is not None:
         state, data_state, start = restored
         if data_state is not None:
             data.set_state(data_state)
+        elif not tc.checkpoint.restore_data:
+            log.warning("resumed from %s at step %d with the data pipeline started afresh "
+                        "(train.checkpoint.restore_data=false)", ckpt.step_dir(start), start)
         log.info("resumed from %s at step %d", ckpt.step_dir(start), start)
     else:
         state, _ = create_train_state(model, tx, tc.optim, mesh, seed=tc.seed, rules=rules)

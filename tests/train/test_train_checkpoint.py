@@ -1,6 +1,7 @@
 """Checkpoints: resume == uninterrupted (bit for bit, data state included), SIGTERM saves the
 current step, restore onto other mesh shapes, a corrupted latest step falls back (and is kept);
 a step that does not fit the target, or an error that is not about the files, moves nothing."""
+import json
 import os
 import shutil
 import warnings
@@ -11,7 +12,7 @@ import pytest
 from flax import nnx
 
 from mllm_jax import sharding as shd
-from mllm_jax.train.checkpoint import CheckpointMismatchError, Checkpointer
+from mllm_jax.train.checkpoint import CheckpointMismatchError, Checkpointer, DataStateMismatchError
 from mllm_jax.train.optim import build_optimizer
 from mllm_jax.train.state import abstract_train_state
 from tests.toy import TOY_LM, fit_toy, one_device_mesh, params_np, tiny_experiment
@@ -149,3 +150,38 @@ def test_errors_not_about_the_files_propagate_and_move_nothing(two_steps, tmp_pa
         ck.restore(abstract)
     assert got.value is error
     assert sorted(os.listdir(d)) == ["1", "2"]
+
+
+def _as_if_written_by_two_processes(step_dir):
+    data = step_dir / "data"
+    state = (data / "process_0-of-1.json").read_text()
+    (data / "process_0-of-1.json").unlink()
+    for i in range(2):
+        (data / f"process_{i}-of-2.json").write_text(state)
+
+
+def test_data_state_of_another_process_count(two_steps, tmp_path):
+    """Steps written by 2 processes, restored by 1: not taken for broken files (no fallback to an
+    older step, nothing renamed) but an error saying so and naming the way out; restoring without
+    the data state gives the step; fit with train.checkpoint.restore_data=false resumes the state
+    and starts the data afresh."""
+    src, cfg, abstract = two_steps
+    run = tmp_path / "r"
+    d = shutil.copytree(src, run / "checkpoints")
+    for step in (1, 2):
+        _as_if_written_by_two_processes(d / str(step))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(DataStateMismatchError, match=r"written by 2 processes and this run has 1.*"
+                           r"train\.checkpoint\.restore_data=false") as err:
+            Checkpointer(d).restore(abstract)
+    assert str(d / "2") in str(err.value) and isinstance(err.value, CheckpointMismatchError)
+    assert sorted(os.listdir(d)) == ["1", "2"]
+    state, data, step = Checkpointer(d).restore(abstract, with_data=False)
+    assert step == 2 and int(state.step) == 2 and data is None
+    more = tiny_experiment(**{"train.run_dir": str(run), "train.steps": 3, "train.checkpoint.every_steps": 1,
+                              "train.checkpoint.restore_data": False})
+    res = fit_toy(more)
+    assert [h["step"] for h in res.history] == [3]
+    # one batch drawn since the data restarted (the uninterrupted run's position would be 3)
+    assert json.loads((d / "3" / "data" / "process_0-of-1.json").read_text())["index"] == 1
