@@ -144,3 +144,18 @@ def test_checkpointer_refuses_a_remote_uri():
     from mllm_jax.train.checkpoint import Checkpointer
     with pytest.raises(ConfigError, match="remote URI"):
         Checkpointer("gs://bucket/run/checkpoints")
+
+
+def test_exponent_floats_are_numbers_in_yaml_and_overrides(tmp_path):
+    """PyYAML's safe loader (YAML 1.1) reads ``1e-3`` as the string "1e-3": inside a free-form
+    mapping nothing converted it. Config files and overrides read it as 0.001 (YAML 1.2, JSON);
+    strings and ints stay what they were."""
+    assert yaml.safe_load("x: 1e-3") == {"x": "1e-3"}  # the behaviour this guards against
+    p = tmp_path / "c.yaml"
+    p.write_text("data_options: {eps: 1e-3, big: 2E+4, neg: -5e-1, dotted: 1.5e-2, n: 12, name: 1e3x, v: '1e-3'}\n"
+                 "objective: {options: {tau: 1.0}}\n")
+    cfg = load_config(p, ExperimentConfig, overrides=["train.optim.lr=3e-4", "objective.options={tau: 5e-2}"])
+    assert cfg.data_options == {"eps": 0.001, "big": 20000.0, "neg": -0.5, "dotted": 0.015, "n": 12,
+                                "name": "1e3x", "v": "1e-3"}
+    assert type(cfg.data_options["big"]) is float and type(cfg.data_options["n"]) is int
+    assert cfg.objective.options == {"tau": 0.05} and cfg.train.optim.lr == 3e-4

@@ -9,12 +9,30 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-3`` as a float, as YAML 1.2 and JSON do (PyYAML
+    follows YAML 1.1, where a float needs a dot: ``1.0e-3``; ``1e-3`` would be the string
+    "1e-3", and inside a free-form mapping such as ``objective.options`` nothing converts it)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def load_yaml(text: str):
+    """YAML text -> Python values (safe loader; ``1e-3`` is a float)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -140,7 +158,7 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, raw = item.split("=", 1)
-        updates[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+        updates[key.strip()] = load_yaml(raw) if raw != "" else ""
     return updates
 
 
@@ -179,7 +197,7 @@ def load_config(path: str | Path, cls, overrides=()):
     """Reads a YAML file into ``cls`` and applies overrides; errors name the file."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as e:
