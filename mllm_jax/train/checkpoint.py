@@ -48,6 +48,15 @@ from mllm_jax.train.state import TrainState, unflatten_like
 log = logging.getLogger(__name__)
 
 
+def _not_read_only_notice(record: logging.LogRecord) -> bool:
+    """Drops Orbax's "Given directory is read only" warning: our read-only managers (eval,
+    init_from, generate) are read-only on purpose, and it printed on every restore."""
+    return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_not_read_only_notice)
+
+
 class NoValidCheckpointError(RuntimeError):
     """Every checkpoint in the directory failed to restore."""
 

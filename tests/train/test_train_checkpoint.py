@@ -2,6 +2,7 @@
 current step, restore onto other mesh shapes, a corrupted latest step falls back (and is kept);
 a step that does not fit the target, or an error that is not about the files, moves nothing."""
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -185,3 +186,12 @@ def test_data_state_of_another_process_count(two_steps, tmp_path):
     assert [h["step"] for h in res.history] == [3]
     # one batch drawn since the data restarted (the uninterrupted run's position would be 3)
     assert json.loads((d / "3" / "data" / "process_0-of-1.json").read_text())["index"] == 1
+
+
+def test_read_only_restore_does_not_warn_that_it_is_read_only(two_steps, caplog):
+    """Orbax warned "Given directory is read only" on each read-only manager (eval, init_from)."""
+    src, _, abstract = two_steps
+    caplog.set_level(logging.INFO, logger="absl")
+    state, _, step = Checkpointer(src, read_only=True).restore(abstract, with_data=False)
+    assert step == 2
+    assert not [r for r in caplog.records if "read only" in r.getMessage()]
