@@ -56,7 +56,8 @@ def make_teacher(name: str, cfg: DataConfig, model: MLLMConfig):
 
 def open_teachers(cfg: DataConfig, model: MLLMConfig, source) -> list:
     """Feature providers for ``cfg.teachers``: the cheap ones (scene_graph, pixel) computed
-    online; the others cached in ``cfg.teacher_cache/<name>`` (built, or rebuilt when stale)."""
+    online; the others cached in ``cache_dir(cfg.teacher_cache, name, source)`` (built, or
+    rebuilt when stale)."""
     from mllm_jax.data import teachers as T
     out = []
     for name in cfg.teachers:
@@ -67,10 +68,21 @@ def open_teachers(cfg: DataConfig, model: MLLMConfig, source) -> list:
         if name in ("scene_graph", "pixel"):  # microseconds per sample: computed online, never cached
             out.append(T.OnlineFeatures(teacher))
         elif cfg.teacher_cache:
-            out.append(_shared_cache(teacher, source, Path(cfg.teacher_cache) / name))
+            out.append(_shared_cache(teacher, source, cache_dir(cfg.teacher_cache, name, source)))
         else:
             raise ConfigError(f"data.teachers: {name!r} needs data.teacher_cache (it is too slow to run per batch)")
     return out
+
+
+def cache_dir(root, name: str, source) -> Path:
+    """``root/<teacher name>/<digest of the source's fingerprint>``: one folder per source, so that
+    the eval pipeline (the same data config on split ``val``) or another stream never rebuilds
+    the folder a training pipeline is reading (its index then pointed at the other source's rows:
+    wrong features, or a missing sample in a worker)."""
+    import hashlib
+    fp = source.fingerprint() if hasattr(source, "fingerprint") else None
+    sub = hashlib.blake2b(fp.encode(), digest_size=8).hexdigest() if fp is not None else "no_fingerprint"
+    return Path(root) / name / sub
 
 
 def _shared_cache(teacher, source, path: Path):
@@ -87,4 +99,4 @@ def _shared_cache(teacher, source, path: Path):
     return T.TeacherCache(path, fingerprint=teacher.fingerprint(), source=fp)
 
 
-__all__ = ["SOURCES", "TEACHERS", "open_source", "make_teacher", "open_teachers"]
+__all__ = ["SOURCES", "TEACHERS", "open_source", "make_teacher", "open_teachers", "cache_dir"]

@@ -149,6 +149,34 @@ def test_cache_build_skips_unreadable_records(tmp_path):
     assert c.meta["num_samples"] == 3 and c.meta["skipped_invalid"] == 1
 
 
+
+def test_eval_split_does_not_rebuild_the_training_cache(tmp_path, monkeypatch):
+    """The eval pipeline is the training data config on split val, with the same teacher_cache:
+    its cache used to be built in the training cache's folder (teacher_cache/<name>), deleting it
+    under the training reader, whose index then pointed at the val rows: train sample 5 got val
+    sample 5's features, silently (and a grain worker reopening it found no train samples)."""
+    from mllm_jax.data import sources
+
+    class Slow(TC.PixelTeacher):          # stands for a cached teacher (MiniLM)
+        name = "minilm"
+
+    monkeypatch.setattr(sources, "make_teacher", lambda name, cfg, model: Slow())
+    cfg = DataConfig(tasks=("pair:1",), teachers=("minilm",), teacher_cache=str(tmp_path))
+    train = SceneSource(SceneConfig(), "train", {"pair": 1}, size=16)
+    val = SceneSource(SceneConfig(), "val", {"pair": 1}, size=16)
+    (cache,) = sources.open_teachers(cfg, MLLMConfig(), train)
+    reader = TC.TeacherCache(cache.path, preload_bytes=0)            # a large cache: read per sample
+    s = validate_sample(train[5])
+    np.testing.assert_array_equal(reader.features(s), Slow().embed(s.segments))
+    (val_cache,) = sources.open_teachers(cfg, MLLMConfig(), val)
+    np.testing.assert_array_equal(reader.features(s), Slow().embed(s.segments))
+    worker = pickle.loads(pickle.dumps(cache))                       # reopened by a worker
+    np.testing.assert_array_equal(worker.features(s), Slow().embed(s.segments))
+    v = validate_sample(val[5])
+    np.testing.assert_array_equal(val_cache.features(v), Slow().embed(v.segments))
+    assert val_cache.path != cache.path
+
+
 # ---- MiniLM through our BERT, and our vision towers (need the encoders branch) -----------------
 
 def _torch_sentence_embeddings(model_dir, texts):
