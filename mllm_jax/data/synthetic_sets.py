@@ -243,7 +243,8 @@ class SceneSource:
         from mllm_jax.config import config_hash
         soft = f":soft{self.soft_prompts}" if self.soft_prompts else ""
         paired = ":paired" if self.paired_views else ""
-        return (f"scene:v{W.WORLD_VERSION}:{config_hash(self.cfg)}:{self.split}:{sorted(self.tasks.items())}:"
+        # the tasks in table order: index i is task table[i % len(table)], so the order matters
+        return (f"scene:v{W.WORLD_VERSION}:{config_hash(self.cfg)}:{self.split}:{list(self.tasks.items())}:"
                 f"{self.size}{soft}{paired}")
 
     def __getstate__(self):

@@ -177,6 +177,19 @@ def test_eval_split_does_not_rebuild_the_training_cache(tmp_path, monkeypatch):
     assert val_cache.path != cache.path
 
 
+
+def test_scene_source_fingerprint_follows_task_order():
+    """Index i is task table[i % L], the table in the order the tasks are listed: reordering
+    them gives other samples at every index, so a cache built before is stale (the fingerprint
+    sorted the tasks: ensure_cache kept the old cache, then every read raised StaleCacheError)."""
+    a = SceneSource(SceneConfig(), "train", {"vqa": 1, "pair": 1}, size=8, render=False)
+    b = SceneSource(SceneConfig(), "train", {"pair": 1, "vqa": 1}, size=8, render=False)
+    assert a[0].id == "scene/train/vqa/0" and b[0].id == "scene/train/pair/0"
+    assert a.fingerprint() != b.fingerprint()
+    same = SceneSource(SceneConfig(), "train", {"vqa": 1, "pair": 1}, size=8, render=False)
+    assert same.fingerprint() == a.fingerprint()
+
+
 # ---- MiniLM through our BERT, and our vision towers (need the encoders branch) -----------------
 
 def _torch_sentence_embeddings(model_dir, texts):
