@@ -230,6 +230,12 @@ def validate_sample(sample: Sample) -> Sample:
                 seg = dataclasses.replace(seg, text=text)
             if not isinstance(text, str):
                 raise DataError("bad_record", sample.id, f"{field}.text", f"expected a string, got {type(text).__name__}")
+            try:                # lone surrogates (JSON "\ud800" escapes) decode but cannot be encoded/tokenised
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError("invalid_utf8", sample.id, f"{field}.text",
+                                f"characters {e.start}..{e.end} are lone UTF-16 surrogates (e.g. a JSON "
+                                "\\ud800 escape), not text; fix or remove them in the source") from None
             if not text.strip():
                 raise DataError("empty_text", sample.id, f"{field}.text",
                                 "text segment is empty; drop the segment or fix the source")

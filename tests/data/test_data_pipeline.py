@@ -293,3 +293,22 @@ def test_views_and_generation_prompts(tok):
     assert not g["loss_mask"].any()
     text = tok.decode(g["input_ids"][0][g["attention_mask"][0] == 1])
     assert text.endswith("?<|im_end|>\n<|im_start|>assistant\n") and vqa[0].targets[0] not in text.split("?")[-1]
+
+
+def test_lone_surrogate_text_is_skipped_and_counted(tok, tmp_path):
+    """JSON decodes "\\ud800" to a lone surrogate, a str that is not text: the tokenizer raised
+    TypeError (TextInputSequence must be str) and the run died on the record. It is now an
+    invalid_utf8 DataError naming the sample and segment, skipped and counted."""
+    from PIL import Image
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    good = '{"texts": ["a red circle", null], "images": ["a.png"]}'
+    bad = '{"id": "bad", "texts": ["a \\ud800 circle", null], "images": ["a.png"]}'
+    (tmp_path / "docs.jsonl").write_text("\n".join([good, bad, good, good]) + "\n")
+    src = InterleavedSource(tmp_path / "docs.jsonl")
+    with pytest.raises(DataError) as e:
+        next(it(tok, src, bad_input="error", shuffle=False, num_epochs=1, drop_remainder=False))
+    assert e.value.reason == "invalid_utf8" and "interleaved:bad, segments[0].text" in str(e.value)
+    x = it(tok, src, shuffle=False, num_epochs=1, drop_remainder=False, max_skip_fraction=0.5)
+    (b,) = list(x)
+    assert b["sample_index"].tolist() == [0, 2, 3, -1]
+    assert x.summaries[0]["by_reason"] == {"invalid_utf8": 1} and x.summaries[0]["kept"] == 3
