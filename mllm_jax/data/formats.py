@@ -113,6 +113,12 @@ class LlavaSource:
         if not isinstance(self.records, list):
             raise ValueError(f"{self.path}: expected a JSON list of conversation records")
         self.root = Path(image_root) if image_root else self.path.parent
+        # LLaVA-format files reuse ids (the image's id for several conversations about it); sample
+        # ids key the teacher caches, so a repeated id gets the record index: "llava:<id>#<index>"
+        seen, self._repeated = set(), set()
+        for i, r in enumerate(self.records):
+            key = str(r.get("id", i)) if isinstance(r, dict) else None
+            (self._repeated if key in seen else seen).add(key)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -126,7 +132,8 @@ class LlavaSource:
         rid = f"{self.path.name}[{i}]"
         if not isinstance(r, dict) or not isinstance(r.get("conversations"), list):
             raise DataError("bad_record", rid, "conversations", "record needs a 'conversations' list")
-        sid = f"llava:{r.get('id', i)}"
+        key = str(r.get("id", i))
+        sid = f"llava:{key}#{i}" if key in self._repeated else f"llava:{key}"
         images = r.get("image") or []
         images = [images] if isinstance(images, str) else images
         if not isinstance(images, list) or not all(isinstance(p, str) for p in images):

@@ -190,6 +190,29 @@ def test_scene_source_fingerprint_follows_task_order():
     assert same.fingerprint() == a.fingerprint()
 
 
+
+def test_llava_ids_repeated_across_records_can_be_cached(tmp_path):
+    """LLaVA-format files reuse an id for several conversations about one image; ids key the
+    cache, and building one for such a file raised 'duplicate sample ids' (no run could start)."""
+    from PIL import Image
+    from mllm_jax.data.formats import LlavaSource
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((8, 8, 3), 10, np.uint8)).save(tmp_path / "b.png")
+
+    def rec(id_, image, q):
+        return {"id": id_, "image": image, "conversations": [{"from": "human", "value": f"<image>\n{q}"},
+                                                              {"from": "gpt", "value": "yes"}]}
+    f = tmp_path / "l.json"
+    f.write_text(json.dumps([rec("x", "a.png", "Is it red?"), rec("y", "b.png", "Dark?"),
+                             rec("x", "a.png", "Is it square?")]))
+    src = LlavaSource(f)
+    cache = TC.ensure_cache(TC.PixelTeacher(), src, tmp_path / "cache")
+    assert [src[i].id for i in range(3)] == ["llava:x#0", "llava:y", "llava:x#2"]
+    for i in range(3):
+        s = validate_sample(src[i])
+        np.testing.assert_array_equal(cache.features(s), TC.PixelTeacher().embed(s.segments))
+
+
 # ---- MiniLM through our BERT, and our vision towers (need the encoders branch) -----------------
 
 def _torch_sentence_embeddings(model_dir, texts):
