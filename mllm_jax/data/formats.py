@@ -70,7 +70,8 @@ class _Lines:
         if not file.exists():
             raise FileNotFoundError(f"{file}: not found")
         data = file.read_bytes()
-        starts = np.concatenate([[0], np.flatnonzero(np.frombuffer(data, np.uint8) == 10) + 1])
+        bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0     # a UTF-8 byte-order mark (Notepad, Excel) is not line 1's
+        starts = np.concatenate([[bom], np.flatnonzero(np.frombuffer(data, np.uint8) == 10) + 1])
         ends = np.append(starts[1:], len(data))
         keep = [(int(s), int(e), n + 1) for n, (s, e) in enumerate(zip(starts, ends)) if data[s:e].strip()]
         self.spans = keep
@@ -107,7 +108,7 @@ class LlavaSource:
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path}: LLaVA JSON not found")
         try:
-            self.records = json.loads(self.path.read_bytes().decode("utf-8"))
+            self.records = json.loads(self.path.read_bytes().decode("utf-8-sig"))   # with or without a BOM
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{self.path}: not a UTF-8 JSON file: {e}") from None
         if not isinstance(self.records, list):

@@ -142,3 +142,22 @@ def test_fashion_mnist_installed():
     assert (counts == 1000).all()                                        # the test set is balanced
     img = validate_sample(src[0]).segments[0].image
     assert img.shape == (28, 28, 1) and img.dtype == np.uint8 and img.max() > 0
+
+
+def test_utf8_byte_order_mark_is_not_data(tmp_path):
+    """Files saved with a UTF-8 BOM (Windows Notepad, Excel exports): the JSONL reader lost the
+    first record (invalid JSON), the TSV reader took the header for a pair, and the LLaVA reader
+    refused the file as 'not a UTF-8 JSON file'."""
+    import json
+    bom = "\ufeff"
+    (tmp_path / "docs.jsonl").write_text(bom + '{"id": "a", "texts": ["hi"], "images": []}\n'
+                                         '{"id": "b", "texts": ["yo"], "images": []}\n', encoding="utf-8")
+    src = formats.InterleavedSource(tmp_path / "docs.jsonl")
+    assert [src[i].id for i in range(len(src))] == ["interleaved:a", "interleaved:b"]
+    assert src[0].meta["record"] == "docs.jsonl:1"
+    (tmp_path / "p.tsv").write_text(bom + "image\tcaption\nred.png\ta red square\n", encoding="utf-8")
+    pairs = formats.PairsSource(tmp_path / "p.tsv")
+    assert len(pairs) == 1 and pairs[0].segments[0].image == tmp_path / "red.png"
+    turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
+    (tmp_path / "l.json").write_text(bom + json.dumps([{"id": "c", "conversations": turns}]), encoding="utf-8")
+    assert formats.LlavaSource(tmp_path / "l.json")[0].targets == ["yo"]
