@@ -19,6 +19,17 @@ def _freeze(v):
 
 _HF_ACT_ALIASES = {"gelu_new": "gelu_pytorch_tanh", "gelu_fast": "gelu_pytorch_tanh"}
 
+# transformers' LlamaConfig / Qwen2Config defaults for the keys ``DecoderConfig.from_hf`` reads that
+# a config dict may leave out: transformers 4.x saved a LLaVA's nested text_config as a diff
+# against them (llava-hf/llava-1.5-7b-hf's lists only vocab_size, max_position_embeddings and
+# rms_norm_eps), and transformers fills them in on load.
+_HF_DECODER_DEFAULTS = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2),
+    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=32768),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
@@ -68,6 +79,7 @@ class DecoderConfig:
         mt = hf.get("model_type", "llama")
         if mt not in ("llama", "qwen2"):
             raise ConfigError(f"decoder config: model_type {mt!r} is not supported (llama, qwen2)")
+        hf = {**_HF_DECODER_DEFAULTS[mt], **hf}
         rope = dict(hf.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         legacy = hf.get("rope_scaling")

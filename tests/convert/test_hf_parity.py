@@ -160,3 +160,25 @@ def test_eos_id_list_round_trips():
     assert cfg.eos_token_id == (5, 9) and cfg.to_hf()["eos_token_id"] == [5, 9]
     assert from_dict(DecoderConfig, yaml.safe_load(yaml.safe_dump(to_dict(cfg)))) == cfg
     assert DecoderConfig.from_hf({**make_hf("llama").config.to_dict(), "eos_token_id": [7]}).eos_token_id == 7
+
+
+@pytest.mark.parametrize("text_config", [
+    # llava-hf/llava-1.5-7b-hf's text_config (transformers 4.x saved nested configs as a diff
+    # against the class defaults): hidden_size, layers, heads, bos/eos are left out
+    {"model_type": "llama", "max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "vocab_size": 32064},
+    {"vocab_size": 32064},                                   # model_type left out too: llama
+    {"model_type": "qwen2", "hidden_size": 128, "num_attention_heads": 64},   # Qwen2: kv heads default 32
+])
+def test_abbreviated_llava_text_config_takes_transformers_defaults(text_config):
+    """A LLaVA config.json whose text_config lists only non-default values loads with the values
+    transformers fills in (it raised KeyError 'hidden_size')."""
+    from mllm_jax.config import MLLMConfig
+    hf = {"model_type": "llava", "image_token_index": 32000, "text_config": text_config,
+          "vision_config": {"model_type": "clip_vision_model", "hidden_size": 32, "num_attention_heads": 2}}
+    ref = transformers.LlavaConfig(**hf).text_config
+    ours = MLLMConfig.from_hf(hf).decoder
+    assert ours == DecoderConfig.from_hf(ref.to_dict())
+    assert (ours.hidden_size, ours.intermediate_size, ours.num_layers, ours.num_heads, ours.num_kv_heads,
+            ours.bos_token_id, ours.eos_token_id) == (ref.hidden_size, ref.intermediate_size, ref.num_hidden_layers,
+                                                      ref.num_attention_heads, ref.num_key_value_heads,
+                                                      ref.bos_token_id, ref.eos_token_id)
