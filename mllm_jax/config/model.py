@@ -357,8 +357,15 @@ class MLLMConfig:
         fl = hf.get("vision_feature_layer", -2)
         if isinstance(fl, list):
             raise ConfigError("mllm config: a list vision_feature_layer is not supported")
+        vision = VisionConfig.from_hf(hf["vision_config"])
+        select = hf.get("vision_feature_select_strategy", "default")
+        if select == "default" and vision.variant == "siglip":
+            raise ConfigError(
+                "mllm config: vision_feature_select_strategy 'default' with a SigLIP tower: transformers "
+                "then drops the first patch token (SigLIP has no CLS token), which this model does not do; "
+                "only 'full' (every patch) is supported with SigLIP")
         return cls(
-            vision=VisionConfig.from_hf(hf["vision_config"]),
+            vision=vision,
             projector=ProjectorConfig(kind="mlp", hidden_act=hf.get("projector_hidden_act", "gelu"),
                                       bias=bool(hf.get("multimodal_projector_bias", True))),
             # transformers ties the LM head when either the top-level or the text config says so
@@ -366,7 +373,7 @@ class MLLMConfig:
                 hf.get("tie_word_embeddings") or hf["text_config"].get("tie_word_embeddings"))}),
             image_token_id=hf.get("image_token_index", hf.get("image_token_id", 32000)),
             vision_feature_layer=fl,
-            vision_feature_select=hf.get("vision_feature_select_strategy", "default"),
+            vision_feature_select=select,
             **kw)
 
     def to_hf(self) -> dict:
@@ -378,7 +385,9 @@ class MLLMConfig:
             "image_token_index": self.image_token_id, "image_seq_length": self.tokens_per_image,
             "projector_hidden_act": self.projector.hidden_act,
             "multimodal_projector_bias": self.projector.bias,
-            "vision_feature_select_strategy": self.vision_feature_select,
+            # transformers' "default" drops hidden state 0 whatever it is; ours drops only a CLS
+            # token, so a SigLIP tower (none) keeps every patch: transformers' "full"
+            "vision_feature_select_strategy": "full" if self.vision.variant == "siglip" else self.vision_feature_select,
             "vision_feature_layer": self.vision_feature_layer,
             "tie_word_embeddings": self.decoder.tie_word_embeddings,
         }

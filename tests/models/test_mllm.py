@@ -238,3 +238,31 @@ def test_generation_in_train_mode_with_lora_dropout():
     model.eval()
     b = np.asarray(model.generate(ids, max_new_tokens=3, stop_tokens=()).tokens)
     np.testing.assert_array_equal(a, b)
+
+
+def test_siglip_llava_export_runs_in_transformers(tmp_path):
+    """A SigLIP tower has no CLS token, so every patch feeds the projector; transformers'
+    'default' strategy drops hidden state 0 whatever it is, so the export says 'full' (it said
+    'default', and transformers refused: 16 image tokens, 15 features each). Loading a SigLIP
+    LLaVA whose config says 'default' is refused (this model cannot drop a patch)."""
+    from mllm_jax.config import ConfigError, DecoderConfig, VisionConfig
+    cfg = MLLMConfig(vision=VisionConfig(variant="siglip", image_size=16, patch_size=4, hidden_size=32, num_heads=2,
+                                         intermediate_size=48, hidden_act="gelu_pytorch_tanh"),
+                     decoder=DecoderConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_heads=4,
+                                           num_kv_heads=2), image_token_id=IMG)
+    ours = MLLM(cfg, rngs=nnx.Rngs(0))
+    save_pretrained(ours, tmp_path)
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    k = cfg.tokens_per_image
+    ids = np.full((1, k + 4), 7, np.int32)
+    ids[0, 2:2 + k] = IMG
+    pix = np.random.default_rng(0).normal(size=(1, 1, 16, 16, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids, dtype=torch.long),
+                 pixel_values=torch.tensor(pix[:, 0].transpose(0, 3, 1, 2))).logits.numpy()
+    got = np.asarray(ours(jnp.asarray(ids), pixel_values=jnp.asarray(pix)).logits)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    again = load_pretrained(tmp_path)
+    assert again.config.tokens_per_image == k
+    with pytest.raises(ConfigError, match="SigLIP"):
+        MLLMConfig.from_hf({**hf.config.to_dict(), "vision_feature_select_strategy": "default"})
