@@ -149,7 +149,6 @@ def test_cache_build_skips_unreadable_records(tmp_path):
     assert c.meta["num_samples"] == 3 and c.meta["skipped_invalid"] == 1
 
 
-
 def test_eval_split_does_not_rebuild_the_training_cache(tmp_path, monkeypatch):
     """The eval pipeline is the training data config on split val, with the same teacher_cache:
     its cache used to be built in the training cache's folder (teacher_cache/<name>), deleting it
@@ -177,7 +176,6 @@ def test_eval_split_does_not_rebuild_the_training_cache(tmp_path, monkeypatch):
     assert val_cache.path != cache.path
 
 
-
 def test_scene_source_fingerprint_follows_task_order():
     """Index i is task table[i % L], the table in the order the tasks are listed: reordering
     them gives other samples at every index, so a cache built before is stale (the fingerprint
@@ -188,7 +186,6 @@ def test_scene_source_fingerprint_follows_task_order():
     assert a.fingerprint() != b.fingerprint()
     same = SceneSource(SceneConfig(), "train", {"vqa": 1, "pair": 1}, size=8, render=False)
     assert same.fingerprint() == a.fingerprint()
-
 
 
 def test_llava_ids_repeated_across_records_can_be_cached(tmp_path):
