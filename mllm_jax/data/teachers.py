@@ -39,6 +39,12 @@ log = logging.getLogger("mllm_jax.data")
 CACHE_FORMAT = 1
 
 
+# the source fingerprint that ensure_cache checks covers the records, not the image files they
+# name: a changed image is caught per sample (content hash), and only deleting the cache rebuilds it
+_REBUILD = ("the source changed after the cache was built (e.g. an image file was replaced); delete "
+            "this cache folder and start again: it is rebuilt at the start of the run")
+
+
 class StaleCacheError(RuntimeError):
     """A teacher cache does not match the teacher, the data source or a sample."""
 
@@ -287,10 +293,10 @@ class TeacherCache:
             off, n, h = self._index[sample.id]
         except KeyError:
             raise StaleCacheError(f"{self.path}: sample {sample.id!r} is not in the {self.name} cache; "
-                                  "rebuild it with ensure_cache for this source") from None
+                                  f"{_REBUILD}") from None
         if h != content_hash(sample) or n != len(sample.segments):
             raise StaleCacheError(f"{self.path}: sample {sample.id!r} changed since the {self.name} cache was "
-                                  "built (content hash differs); rebuild it with ensure_cache")
+                                  f"built (content hash differs); {_REBUILD}")
         if self._array is not None:
             return self._array[off:off + n]
         return self._store[off:off + n].read().result()

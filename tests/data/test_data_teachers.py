@@ -272,3 +272,24 @@ def test_vision_teacher_glue():
     want = np.asarray(tower(ImageSpec.from_vision(cfg)(img)[None]).pooled)[0]
     np.testing.assert_allclose(rows[1], want / np.linalg.norm(want), atol=1e-5)
     assert not rows[0].any()
+
+
+def test_an_image_replaced_under_a_cache_names_the_way_to_rebuild_it(tmp_path):
+    """The source fingerprint covers the records, not the image files: after an image is
+    replaced, ensure_cache keeps the cache and the sample's read raises. The error used to say
+    "rebuild it with ensure_cache", which keeps it; it says to delete the folder, which works."""
+    import shutil
+    from PIL import Image
+    from mllm_jax.data.formats import LlavaSource
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    turns = [{"from": "human", "value": "<image>\nRed?"}, {"from": "gpt", "value": "yes"}]
+    (tmp_path / "l.json").write_text(json.dumps([{"id": "x", "image": "a.png", "conversations": turns}]))
+    src = LlavaSource(tmp_path / "l.json")
+    TC.ensure_cache(TC.PixelTeacher(), src, tmp_path / "cache")
+    Image.fromarray(np.full((8, 8, 3), 10, np.uint8)).save(tmp_path / "a.png")
+    s = validate_sample(src[0])
+    with pytest.raises(TC.StaleCacheError, match="changed since .* delete this cache folder"):
+        TC.ensure_cache(TC.PixelTeacher(), src, tmp_path / "cache").features(s)
+    shutil.rmtree(tmp_path / "cache")
+    np.testing.assert_array_equal(TC.ensure_cache(TC.PixelTeacher(), src, tmp_path / "cache").features(s),
+                                  TC.PixelTeacher().embed(s.segments))
