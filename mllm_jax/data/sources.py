@@ -86,15 +86,25 @@ def cache_dir(root, name: str, source) -> Path:
 
 
 def _shared_cache(teacher, source, path: Path):
-    """Process 0 builds (or checks) the cache; the others wait for it, then open it read-only."""
+    """Process 0 builds (or checks) the cache; the others wait for it, then open it read-only.
+    If the build fails, every process raises (process 0 its error) instead of the others waiting
+    for a cache that never comes."""
     import jax
     from mllm_jax.data import teachers as T
+    from mllm_jax.train.distributed import any_process
     if jax.process_count() == 1:
         return T.ensure_cache(teacher, source, path)
-    from jax.experimental import multihost_utils
+    error = None
     if jax.process_index() == 0:
-        T.ensure_cache(teacher, source, path)
-    multihost_utils.sync_global_devices(f"teacher_cache:{path}")
+        try:
+            T.ensure_cache(teacher, source, path)
+        except Exception as e:  # re-raised below, once the others know
+            error = e
+    if any_process(error is not None):
+        if error is not None:
+            raise error
+        raise RuntimeError(f"{path}: process 0 failed to build the {getattr(teacher, 'name', '')} teacher cache "
+                           "(its log has the error)")
     fp = source.fingerprint() if hasattr(source, "fingerprint") else None
     return T.TeacherCache(path, fingerprint=teacher.fingerprint(), source=fp)
 

@@ -293,3 +293,30 @@ def test_an_image_replaced_under_a_cache_names_the_way_to_rebuild_it(tmp_path):
     shutil.rmtree(tmp_path / "cache")
     np.testing.assert_array_equal(TC.ensure_cache(TC.PixelTeacher(), src, tmp_path / "cache").features(s),
                                   TC.PixelTeacher().embed(s.segments))
+
+
+def test_a_failed_cache_build_on_process_0_stops_every_process(tmp_path, monkeypatch):
+    """Multi-process: process 0 builds the cache, the others wait for it. When the build failed,
+    the others waited in a barrier until it timed out; now process 0 raises its error and the
+    others an error naming the cache (one all-gather, faked here)."""
+    import jax
+    from mllm_jax.data import sources
+    from mllm_jax.train import distributed
+
+    class Broken(TC.PixelTeacher):
+        name = "minilm"
+
+        def embed(self, segments):
+            raise MemoryError("teacher ran out of memory")
+    told = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(distributed, "any_process", lambda flag: told.append(flag) or True)
+    src = SceneSource(SceneConfig(), "train", {"pair": 1}, size=4)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    with pytest.raises(MemoryError, match="ran out of memory"):
+        sources._shared_cache(Broken(), src, tmp_path / "c")
+    assert told == [True]
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    with pytest.raises(RuntimeError, match=f"{tmp_path / 'c'}: process 0 failed to build the minilm teacher cache"):
+        sources._shared_cache(Broken(), src, tmp_path / "c")
+    assert told == [True, False]  # process 1 itself had nothing to report
