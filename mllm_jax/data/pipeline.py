@@ -450,6 +450,11 @@ def make_iterator(cfg: DataConfig, model: MLLMConfig, *, source=None, tokenizer:
             raise ValueError("data.tokenizer is not set: train one with mllm_jax.data.tokenize.train_tokenizer "
                              "(or `python -m mllm_jax.data.tokenize --out DIR`) and set data.tokenizer=DIR")
         tokenizer = TextTokenizer.from_dir(cfg.tokenizer)
+    n_ids = max(tokenizer.tok.get_vocab(with_added_tokens=True).values()) + 1
+    if n_ids > model.decoder.vocab_size:   # the embedding lookup would give NaN rows for the ids above
+        raise ValueError(f"tokenizer {tokenizer.source}: its ids go up to {n_ids - 1} but the model's "
+                         f"embedding has model.decoder.vocab_size={model.decoder.vocab_size} rows; set "
+                         f"model.decoder.vocab_size >= {n_ids} or use a tokenizer made for this model")
     if tokenizer.image_id != model.image_token_id:
         raise ValueError(f"tokenizer {tokenizer.source}: <image> has id {tokenizer.image_id} but "
                          f"model.image_token_id={model.image_token_id}; set them equal")

@@ -312,3 +312,15 @@ def test_lone_surrogate_text_is_skipped_and_counted(tok, tmp_path):
     (b,) = list(x)
     assert b["sample_index"].tolist() == [0, 2, 3, -1]
     assert x.summaries[0]["by_reason"] == {"invalid_utf8": 1} and x.summaries[0]["kept"] == 3
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tok):
+    """Ids past the embedding's rows looked up NaN rows (jnp.take's fill), so every step's loss
+    was NaN and skipped until the NaN guard stopped the run: refused up front, naming both."""
+    import dataclasses
+    small = dataclasses.replace(MODEL, decoder=dataclasses.replace(MODEL.decoder, vocab_size=len(tok) - 1))
+    with pytest.raises(ValueError, match=f"ids go up to {len(tok) - 1} but .*vocab_size={len(tok) - 1} rows"):
+        P.make_iterator(DataConfig(batch_size=4, seq_buckets=(48,)), small, source=scene(8), tokenizer=tok)
+    P.make_iterator(DataConfig(batch_size=4, seq_buckets=(48,)),
+                    dataclasses.replace(MODEL, decoder=dataclasses.replace(MODEL.decoder, vocab_size=len(tok))),
+                    source=scene(8), tokenizer=tok, teachers=[])
