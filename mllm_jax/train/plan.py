@@ -83,9 +83,8 @@ def abstract_params(cfg: ExperimentConfig):
     try:
         model = abstract_model(lambda: spec.build(cfg, nnx.Rngs(0)))
     except ImportError:
-        # TODO(mllm): once mllm_jax.models.mllm imports (it waits for models/decoder.py),
-        # eval_shape above covers the MLLM and this arithmetic fallback only serves models that
-        # cannot be built here (tests/train/test_train_plan.py then checks the two agree).
+        # a model whose code cannot be imported here: its arithmetic parameter table, when it has
+        # one (tests/train/test_train_plan.py checks the MLLM's table against eval_shape)
         if spec.param_table is None:
             raise
         return None, table_state(spec.param_table(cfg)), nnx.State({}), "arithmetic parameter table"
