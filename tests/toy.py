@@ -129,12 +129,21 @@ class ToyIterator:
     """Wraps a grain ``DatasetIterator``. For tests, by batch index: ``nan_batches`` get
     ``scale = nan`` (a non-finite loss through ``scaled_ntp``), ``drop_batches`` are skipped,
     fetching batch ``sigterm_at`` sends this process SIGTERM, and the data ends after
-    ``num_batches`` (as with ``data.num_epochs``)."""
+    ``num_batches`` (as with ``data.num_epochs``). Its batches can be padded to agreed sequence
+    lengths (pad id 0) as the project pipeline's."""
 
     def __init__(self, it, nan_batches=(), drop_batches=(), sigterm_at=None, num_batches=None):
         self._it, self._nan, self._drop = it, set(nan_batches), set(drop_batches)
         self._sigterm_at, self._num_batches = sigterm_at, num_batches
         self._index = 0
+
+    def seq_lengths(self, batch):
+        from mllm_jax.data.pipeline import seq_lengths
+        return seq_lengths(batch)
+
+    def pad_seq_lengths(self, batch, lengths):
+        from mllm_jax.data.pipeline import pad_seq_lengths
+        return pad_seq_lengths(batch, lengths, 0)
 
     def __iter__(self):
         return self
@@ -189,9 +198,21 @@ def toy_data(cfg: ExperimentConfig, *, split: str = "train", process_index: int 
         return ex
 
     lo = process_index * local
+    # row_lengths: row r of every global batch ends after row_lengths[r] tokens (masks 0 beyond);
+    # each process's batch is then cut to its own rows' longest, as the pipeline's buckets are
+    ends = opts.get("row_lengths")
+
+    def rows(b):
+        b = {k: v[lo:lo + local] for k, v in b.items()}
+        if ends is None:
+            return b
+        mine = np.asarray(ends[lo:lo + local])
+        keep = np.arange(T)[None] < mine[:, None]
+        b["attention_mask"], b["loss_mask"] = b["attention_mask"] * keep, b["loss_mask"] * keep
+        return {k: v[:, :mine.max()] if k in ("input_ids", "labels", "loss_mask", "attention_mask") else v
+                for k, v in b.items()}
     ds = (grain.MapDataset.range(n).shuffle(seed=d.seed).repeat().map(example)
-          .batch(B, drop_remainder=True)
-          .map(lambda b: {k: v[lo:lo + local] for k, v in b.items()}))
+          .batch(B, drop_remainder=True).map(rows))
     num_batches = opts.get("num_batches")
     if isinstance(num_batches, (list, tuple)):  # one per process: processes whose data ends at different steps
         num_batches = num_batches[process_index]

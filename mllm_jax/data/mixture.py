@@ -23,6 +23,20 @@ class MixtureIterator:
     def __next__(self) -> dict:
         return {name: next(it) for name, it in self.streams.items()}
 
+    def seq_lengths(self, batch: dict) -> dict[str, int]:
+        """``{stream/path: T}`` over the streams that have ``seq_lengths``."""
+        return {f"{name}/{p}" if p else name: t for name, it in self.streams.items() if hasattr(it, "seq_lengths")
+                for p, t in it.seq_lengths(batch[name]).items()}
+
+    def pad_seq_lengths(self, batch: dict, lengths: dict[str, int]) -> dict:
+        out = dict(batch)
+        for name, it in self.streams.items():
+            if hasattr(it, "pad_seq_lengths"):
+                mine = {p[len(name) + 1:] if p != name else "": t for p, t in lengths.items()
+                        if p == name or p.startswith(name + "/")}
+                out[name] = it.pad_seq_lengths(batch[name], mine)
+        return out
+
     def get_state(self) -> dict:
         return {name: it.get_state() for name, it in self.streams.items()}
 

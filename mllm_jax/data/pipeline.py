@@ -182,6 +182,55 @@ def collate(examples: list[dict], batch_size: int, limits: Limits, image_shape: 
     return out
 
 
+# the [B, T] fields and how collate fills the columns past a row's end (None: the pad id;
+# "edge": the row's last value, = L - 1 for positions)
+_SEQ_FIELDS = {"input_ids": None, "labels": None, "attention_mask": 0, "loss_mask": 0, "slice_ids": 0,
+               "positions": "edge"}
+
+
+def pad_to_length(batch: dict, length: int, pad_id: int) -> dict:
+    """``batch`` (``collate``'s output) with its sequence fields padded to ``length`` columns:
+    equal to collating the same examples at bucket ``length``."""
+    t = batch["input_ids"].shape[1]
+    if length == t:
+        return batch
+    if length < t:
+        raise ValueError(f"cannot pad a batch of sequence length {t} to {length}")
+    out = dict(batch)
+    widths = ((0, 0), (0, length - t))
+    for k, fill in _SEQ_FIELDS.items():
+        if k in batch:
+            x = np.asarray(batch[k])
+            out[k] = (np.pad(x, widths, mode="edge") if fill == "edge"
+                      else np.pad(x, widths, constant_values=pad_id if fill is None else fill))
+    return out
+
+
+def seq_lengths(batch: dict) -> dict[str, int]:
+    """``{path: T}`` of each collated batch inside ``batch``: ``""`` for a plain batch, the view
+    or stream names (``"image"``, ``"stream/text"``) for nested ones."""
+    out = {}
+
+    def walk(b, path):
+        if "input_ids" in b:
+            out[path] = int(np.shape(b["input_ids"])[1])
+            return
+        for k, v in b.items():
+            if isinstance(v, dict):
+                walk(v, f"{path}/{k}" if path else str(k))
+    walk(batch, "")
+    return out
+
+
+def pad_seq_lengths(batch: dict, lengths: dict[str, int], pad_id: int) -> dict:
+    """Pads each collated batch inside ``batch`` to ``lengths[path]`` (paths as ``seq_lengths``)."""
+    def walk(b, path):
+        if "input_ids" in b:
+            return pad_to_length(b, lengths.get(path, np.shape(b["input_ids"])[1]), pad_id)
+        return {k: walk(v, f"{path}/{k}" if path else str(k)) if isinstance(v, dict) else v for k, v in b.items()}
+    return walk(batch, "")
+
+
 class PadBatchDataset(grain.IterDataset):
     """Collects ``batch_size`` valid examples (counting skip markers by reason) and pads them
     with ``collate_fn``. The last, partial batch of the stream is padded with empty rows.
@@ -324,8 +373,10 @@ class DataIterator:
     ``summaries`` lists one dict per finished epoch: kept, skipped by reason."""
 
     def __init__(self, build: Callable[[int], Any], *, num_epochs: Optional[int], batch_size: int,
-                 drop_remainder: bool, max_skip_fraction: float, check_after: int = 1000, workers: int = 0):
+                 drop_remainder: bool, max_skip_fraction: float, check_after: int = 1000, workers: int = 0,
+                 pad_id: int = 0):
         self._build, self.num_epochs, self.batch_size, self.workers = build, num_epochs, batch_size, workers
+        self.pad_id = pad_id
         self.drop_remainder, self.max_skip_fraction, self.check_after = drop_remainder, max_skip_fraction, check_after
         self.epoch, self._it, self._pending_state = 0, None, None
         self.kept, self.dropped, self.skipped = 0, 0, np.zeros(len(REASONS), np.int64)
@@ -395,6 +446,14 @@ class DataIterator:
         self.epoch += 1
         self.kept, self.dropped, self.skipped = 0, 0, np.zeros(len(REASONS), np.int64)
         self._messages, self._batches_this_epoch = [], 0
+
+    # processes of a multi-process run pick their buckets alone; before their rows become one
+    # global array they agree on the longest (distributed.next_on_every_process)
+    def seq_lengths(self, batch: dict) -> dict[str, int]:
+        return seq_lengths(batch)
+
+    def pad_seq_lengths(self, batch: dict, lengths: dict[str, int]) -> dict:
+        return pad_seq_lengths(batch, lengths, self.pad_id)
 
     def get_state(self) -> dict:
         grain_state = self._it.get_state() if self._it is not None else self._pending_state
@@ -486,10 +545,11 @@ def make_iterator(cfg: DataConfig, model: MLLMConfig, *, source=None, tokenizer:
 
     return DataIterator(build, num_epochs=cfg.num_epochs, batch_size=cfg.batch_size,
                         drop_remainder=cfg.drop_remainder, max_skip_fraction=cfg.max_skip_fraction,
-                        workers=cfg.worker_count)
+                        workers=cfg.worker_count, pad_id=tokenizer.pad_id)
 
 
 __all__ = [
-    "TooManySkipsError", "ImageSpec", "Limits", "EncodeTransform", "collate", "PadBatchDataset",
+    "TooManySkipsError", "ImageSpec", "Limits", "EncodeTransform", "collate", "pad_to_length", "seq_lengths",
+    "pad_seq_lengths", "PadBatchDataset",
     "epoch_seed", "shard_indices", "build_dataset", "DataIterator", "make_iterator",
 ]

@@ -109,7 +109,25 @@ def next_on_every_process(it) -> tuple[Optional[Any], bool]:
         batch, ended = next(it), False
     except StopIteration:
         batch, ended = None, True
-    return batch, any_process(ended)
+    ended = any_process(ended)
+    if not ended and jax.process_count() > 1 and hasattr(it, "seq_lengths"):
+        batch = same_seq_lengths(it, batch)
+    return batch, ended
+
+
+def same_seq_lengths(it, batch):
+    """``batch`` padded to the longest sequence length any process has this step (one
+    all-gather): each process's pipeline picks the bucket that fits its own rows, and the rows of
+    one global array must have one shape on every process. ``it`` has ``seq_lengths(batch) ->
+    {path: T}`` and ``pad_seq_lengths(batch, {path: T})`` (``mllm_jax.data.pipeline``)."""
+    mine = it.seq_lengths(batch)
+    if not mine:
+        return batch
+    from jax.experimental import multihost_utils
+    keys = sorted(mine)
+    longest = np.max(multihost_utils.process_allgather(np.asarray([mine[k] for k in keys], np.int64)), axis=0)
+    want = {k: int(t) for k, t in zip(keys, np.atleast_1d(longest))}
+    return batch if want == mine else it.pad_seq_lengths(batch, want)
 
 
 def is_primary() -> bool:
@@ -139,5 +157,5 @@ def global_batch(local: dict, mesh: Mesh, rules: shd.Rules = shd.DEFAULT_RULES) 
     return jax.tree_util.tree_map_with_path(put, local)
 
 
-__all__ = ["initialize", "detected_launcher", "any_process", "next_on_every_process", "is_primary", "local_batch_size", "global_batch", "ENV_COORDINATOR",
-           "ENV_NUM_PROCESSES", "ENV_PROCESS_ID"]
+__all__ = ["initialize", "detected_launcher", "any_process", "next_on_every_process", "same_seq_lengths", "is_primary",
+           "local_batch_size", "global_batch", "ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID"]

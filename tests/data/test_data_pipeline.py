@@ -324,3 +324,26 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tok):
     P.make_iterator(DataConfig(batch_size=4, seq_buckets=(48,)),
                     dataclasses.replace(MODEL, decoder=dataclasses.replace(MODEL.decoder, vocab_size=len(tok))),
                     source=scene(8), tokenizer=tok, teachers=[])
+
+
+@pytest.mark.parametrize("tasks", [TASKS, ("vladva:1",)], ids=["samples", "views"])
+def test_padding_to_a_longer_bucket_equals_collating_at_it(tok, tasks):
+    """Processes of a multi-process run pad their batches to the longest bucket any of them
+    picked: the padded batch equals the pipeline's own batch at that bucket, field by field
+    (pad ids, masks, positions, slices), for plain batches and for view pairs."""
+    src = SceneSource(SceneConfig(), "train", DataConfig(tasks=tasks).task_weights(), size=16)
+    buckets = it(tok, src, shuffle=False, num_epochs=1)
+    single = it(tok, src, shuffle=False, num_epochs=1, seq_buckets=(160,))
+    seen = set()
+    for a, b in zip(buckets, single):
+        lengths = buckets.seq_lengths(a)
+        seen.update(lengths.values())
+        assert set(lengths) == ({""} if "input_ids" in a else set(a))
+        padded = buckets.pad_seq_lengths(a, {k: 160 for k in lengths})
+        assert single.seq_lengths(padded) == single.seq_lengths(b)
+        flat = lambda x: {f"{v}.{k}": y for v, d in (x.items() if "input_ids" not in x else [("", x)])  # noqa: E731
+                          for k, y in d.items()}
+        assert flat(padded).keys() == flat(b).keys()
+        for k, y in flat(b).items():
+            np.testing.assert_array_equal(flat(padded)[k], y, err_msg=k)
+    assert seen - {160}, "no batch had a shorter bucket: the test checked nothing"

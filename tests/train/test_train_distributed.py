@@ -54,3 +54,33 @@ def test_explicit_coordinator_wins_and_must_be_complete(calls, monkeypatch):
     assert calls == [(("10.0.0.1:1234",), {"num_processes": 2, "process_id": 0})]
     with pytest.raises(ValueError, match="process id"):
         distributed.initialize("10.0.0.1:1234", 2)
+
+
+def test_processes_agree_on_the_longest_sequence_length(monkeypatch):
+    """Each process's pipeline picks its own bucket; before the rows become one global array all
+    take the longest one any process has (one all-gather, faked here: the other process's
+    lengths), per stream and view, padding with the iterator's own rule."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from mllm_jax.data.mixture import MixtureIterator
+    from mllm_jax.data.pipeline import DataIterator
+
+    def batch(t):
+        return {"input_ids": np.ones((2, t), np.int32), "attention_mask": np.ones((2, t), np.int32),
+                "positions": np.tile(np.arange(t, dtype=np.int32), (2, 1)), "image_mask": np.ones((2, 3), bool)}
+    other = {}
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda x: np.stack([x, np.asarray([other[k] for k in sorted(other)])]))
+    stream = DataIterator(lambda epoch: iter(()), num_epochs=1, batch_size=2, drop_remainder=True,
+                          max_skip_fraction=0.0, pad_id=7)
+    mix = MixtureIterator({"pairs": stream, "views": stream})
+    mine = {"pairs": batch(8), "views": {"image": batch(16), "text": batch(8)}}
+    other.update({"pairs": 16, "views/image": 8, "views/text": 8})
+    out = distributed.same_seq_lengths(mix, mine)
+    assert mix.seq_lengths(out) == {"pairs": 16, "views/image": 16, "views/text": 8}
+    p = out["pairs"]
+    assert (p["input_ids"][:, 8:] == 7).all() and (p["attention_mask"][:, 8:] == 0).all()
+    assert (p["positions"][:, 8:] == 7).all() and p["image_mask"].shape == (2, 3)
+    assert out["views"]["image"] is mine["views"]["image"] and out["views"]["text"] is mine["views"]["text"]
+    other.update({"pairs": 8, "views/image": 16, "views/text": 8})
+    assert distributed.same_seq_lengths(mix, mine) is mine       # already the longest everywhere
