@@ -13,10 +13,11 @@ class EmbedConfig:
     * ``alignment="none"``: one vector per sample, pooled from layer ``layer`` by ``method``:
       ``mean`` (masked mean over the document's tokens), ``last`` (its last token) or ``prompt``
       (the sample as a user turn followed by the summary prompt, last token: E5-V / VladVA).
-      Similarity is the cosine.
+      Similarity is the cosine (the dot product with ``normalize=False``).
     * ``alignment="gak" | "softdtw"``: the sequence of Sugar slice embeddings (one per segment;
       the sample rendered as a document, ``method`` unused); similarity is the normalised global
-      alignment kernel (bandwidth ``sigma``) or minus the soft-DTW value (smoothing ``gamma``).
+      alignment kernel (bandwidth ``sigma``) or minus the soft-DTW value (smoothing ``gamma``);
+      training's structure loss aligns L2-normalised slices, as ``normalize=True`` does here.
     """
     method: str = "prompt"                 # mean | last | prompt
     layer: int = -1                        # decoder hidden state (-1 = last, after the final norm)
