@@ -280,22 +280,20 @@ def generate(model: nnx.Module, input_ids=None, *, inputs_embeds=None, attention
     eos_ids = () if eos is None else tuple(eos) if isinstance(eos, (tuple, list)) else (eos,)
     if stop_tokens is None:
         stop_tokens = eos_ids
-    elif isinstance(stop_tokens, int):
-        stop_tokens = (stop_tokens,)
+    elif isinstance(stop_tokens, (int, np.integer)):
+        stop_tokens = (int(stop_tokens),)
     if pad_token_id is None:
         pad_token_id = next((x for x in (cfg.pad_token_id, *eos_ids[:1]) if x is not None), 0)
-    prompt = input_ids if input_ids is not None else inputs_embeds
     if input_ids is not None:
-        input_ids = jnp.asarray(input_ids, jnp.int32)
+        input_ids = prompt = jnp.asarray(input_ids, jnp.int32)
         if input_ids.ndim != 2:
             raise ValueError(f"generate: input_ids must be [B, T], got shape {input_ids.shape}")
     else:
-        inputs_embeds = jnp.asarray(inputs_embeds)
+        inputs_embeds = prompt = jnp.asarray(inputs_embeds)
         if inputs_embeds.ndim != 3:
             raise ValueError(f"generate: inputs_embeds must be [B, T, D], got shape {inputs_embeds.shape}")
     b, t = prompt.shape[:2]
-    if attention_mask is None:
-        attention_mask = np.ones((b, t), np.int32)
+    attention_mask = np.ones((b, t), np.int32) if attention_mask is None else np.asarray(attention_mask)
     if tuple(attention_mask.shape) != (b, t):
         raise ValueError(f"generate: attention_mask has shape {attention_mask.shape}, expected {(b, t)}")
     if not isinstance(attention_mask, jax.core.Tracer):

@@ -115,6 +115,20 @@ def test_a_list_of_eos_ids_stops_like_transformers(models, tmp_path):
     np.testing.assert_array_equal(np.asarray(out.tokens), hf_greedy(hf2, ids, mask, N_NEW, eos=eos))
 
 
+def test_python_lists_and_numpy_scalars_are_accepted(models):
+    """input_ids / attention_mask as nested lists and a numpy-integer stop token (what
+    ``tokenizer(...)["input_ids"]`` and ``array[i]`` give) raised AttributeError / TypeError."""
+    hf, model = models
+    (ids, mask), _ = prompts(hf.config.vocab_size)
+    want = generate(model, ids, attention_mask=mask, max_new_tokens=N_NEW, stop_tokens=())
+    got = generate(model, np.asarray(ids).tolist(), attention_mask=np.asarray(mask).tolist(),
+                   max_new_tokens=N_NEW, stop_tokens=())
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    stop = np.asarray(want.tokens)[0, 1]                     # a numpy int64
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=N_NEW, stop_tokens=stop, pad_token_id=PAD)
+    assert int(out.lengths[0]) <= 2
+
+
 def test_top_k_1_sampling_is_greedy(models):
     hf, model = models
     (ids, mask), _ = prompts(hf.config.vocab_size, seed=1)
