@@ -53,7 +53,7 @@ def restore_run(checkpoint: str, cfg: Optional[ExperimentConfig] = None, *, mesh
 
     from mllm_jax.config import load_config
     from mllm_jax.train.checkpoint import Checkpointer, find_checkpoint_dir
-    from mllm_jax.train.state import abstract_train_state
+    from mllm_jax.train.state import abstract_train_state, shape_only_rngs
 
     if cfg is None:
         cfg = load_config(Path(checkpoint) / "config.yaml", ExperimentConfig)
@@ -61,7 +61,7 @@ def restore_run(checkpoint: str, cfg: Optional[ExperimentConfig] = None, *, mesh
     spec = registry.model_spec(cfg.model_name)
     mesh = mesh if mesh is not None else shd.make_mesh(*cfg.mesh.shape)
     tx, _ = build_optimizer(cfg.train.optim, max(cfg.train.steps, 1))
-    abstract, _ = abstract_train_state(lambda: spec.build(cfg, nnx.Rngs(0)), tx, cfg.train.optim, mesh)
+    abstract, _ = abstract_train_state(lambda: spec.build(cfg, shape_only_rngs(0)), tx, cfg.train.optim, mesh)
     where = find_checkpoint_dir(checkpoint)
     found = Checkpointer(where, cfg.train.checkpoint, read_only=True).restore(abstract, with_data=False)
     if found is None:

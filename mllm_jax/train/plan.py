@@ -27,7 +27,7 @@ from mllm_jax.config import ExperimentConfig
 from mllm_jax.train import flops as F
 from mllm_jax.train.optim import build_optimizer, check_freeze_mask, path_str, trainable_filter
 from mllm_jax.train.registry import model_spec
-from mllm_jax.train.state import abstract_from_states, abstract_model
+from mllm_jax.train.state import abstract_from_states, abstract_model, shape_only_rngs
 
 GiB = 2 ** 30
 
@@ -81,7 +81,7 @@ def abstract_params(cfg: ExperimentConfig):
     """``(graphdef | None, annotated abstract params, extra, source)`` for ``cfg``'s model."""
     spec = model_spec(cfg.model_name)
     try:
-        model = abstract_model(lambda: spec.build(cfg, nnx.Rngs(0)))
+        model = abstract_model(lambda: spec.build(cfg, shape_only_rngs(0)))
     except ImportError:
         # a model whose code cannot be imported here: its arithmetic parameter table, when it has
         # one (tests/train/test_train_plan.py checks the MLLM's table against eval_shape)

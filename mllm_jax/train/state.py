@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -98,6 +99,17 @@ def abstract_from_states(graphdef, params, frozen, extra, tx: optax.GradientTran
     return abstract, shardings
 
 
+def shape_only_rngs(seed: int = 0) -> nnx.Rngs:
+    """``nnx.Rngs`` for a model built under ``eval_shape`` only, with numpy counters (same keys).
+    Each update of a traced counter makes flax ask the tracer for ``.sharding``, and JAX's
+    error text for that walks the whole trace: quadratic in the number of params (the 7B
+    LLaVA of vila7b_sugar.yaml: 9.4 s -> 1.5 s on 2 cores)."""
+    rngs = nnx.Rngs(seed)
+    for _, stream in rngs.items():
+        stream.count = nnx.RngCount(np.zeros(np.shape(stream.count[...]), np.uint32), tag=stream.tag)
+    return rngs
+
+
 def abstract_model(model: nnx.Module | ModelFn) -> nnx.Module:
     """An abstract module (ShapeDtypeStruct values): built with ``nnx.eval_shape`` from a
     constructor, so no memory is allocated, or taken from an existing module's shapes."""
@@ -151,5 +163,5 @@ def unflatten_like(like: nnx.State, flat: dict[str, Any]) -> nnx.State:
     return nnx.from_flat_state([(p, flat[path_str(p)]) for p, _ in nnx.to_flat_state(like)])
 
 
-__all__ = ["TrainState", "split_model", "abstract_from_states", "abstract_model", "abstract_train_state",
+__all__ = ["TrainState", "split_model", "abstract_from_states", "abstract_model", "shape_only_rngs", "abstract_train_state",
            "create_train_state", "count_params", "unflatten_like"]

@@ -125,3 +125,20 @@ def test_projector_flops_agree_with_xla_cost_analysis(kind):
     cost = jax.jit(lambda x: mod(x)).lower(jnp.zeros((3, v.num_patches, 256))).compile().cost_analysis()
     xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
     assert 0.85 < ours / xla < 1.1, (ours, xla)
+
+
+def test_shape_only_rngs_build_the_same_abstract_model():
+    """plan builds models with numpy RNG counters (fast under eval_shape): the same params,
+    variables and dtypes as nnx.Rngs, and the same keys when run for real."""
+    import jax
+    from mllm_jax.train.registry import model_spec
+    from mllm_jax.train.state import abstract_model, shape_only_rngs
+    from tests.toy import tiny_mllm_experiment
+    cfg = tiny_mllm_experiment(**{"model.lora.rank": 2})
+    spec = model_spec(cfg.model_name)
+    shapes = lambda m: jax.tree.map(lambda x: (x.shape, x.dtype), nnx.state(m))  # noqa: E731
+    assert shapes(abstract_model(lambda: spec.build(cfg, shape_only_rngs(0)))) == \
+        shapes(abstract_model(lambda: spec.build(cfg, nnx.Rngs(0))))
+    a, b = shape_only_rngs(3), nnx.Rngs(3)
+    for _ in range(3):
+        assert (jax.random.key_data(a.params()) == jax.random.key_data(b.params())).all()
