@@ -64,13 +64,14 @@ def test_padding_rows_do_not_count():
     emb = jax.random.normal(jax.random.key(0), (3, 2, 4))
     b = _single_slice_batch([[1, 0], [0, 1], [1, 1]])
     b = {k: jnp.concatenate([v, v[:, :1] * 0], axis=1) for k, v in b.items()}   # S = 2, second slice padding
-    loss3, parts3 = structure_loss(emb, b, StructureConfig())
+    loss = jax.jit(lambda e, b: structure_loss(e, b, StructureConfig()))   # one compile, not op by op
+    loss3, parts3 = loss(emb, b)
     b4 = {k: jnp.concatenate([v, jnp.zeros_like(v[:1])], 0) for k, v in b.items()}  # + a row with no slice
     emb4 = jnp.concatenate([emb, 100 * jnp.ones_like(emb[:1])], 0)
-    loss4, parts4 = structure_loss(emb4, b4, StructureConfig())
+    loss4, parts4 = loss(emb4, b4)
     np.testing.assert_allclose(float(loss4), float(loss3), rtol=1e-6)
     assert float(parts3["structure_pairs"]) == float(parts4["structure_pairs"]) == 6      # i != j of 3 rows
-    assert np.isfinite(float(jax.grad(lambda e: structure_loss(e, b4, StructureConfig())[0])(emb4).sum()))
+    assert np.isfinite(float(jax.jit(jax.grad(lambda e: loss(e, b4)[0]))(emb4).sum()))
 
 
 @pytest.mark.parametrize("alignment", ["gak", "softdtw", "pooled"])
@@ -125,7 +126,7 @@ def test_structure_gradient_reaches_lora_and_only_it_when_base_is_frozen():
         return structure_loss(e, batch, StructureConfig())[0]
 
     graphdef, lora_params, rest = nnx.split(model, LoRAParam, ...)
-    g = jax.grad(loss)(lora_params, rest)
+    g = jax.jit(jax.grad(loss))(lora_params, rest)
     norms = {jax.tree_util.keystr(p): float(jnp.abs(x).sum()) for p, x in jax.tree_util.tree_leaves_with_path(g)}
     assert norms and all(v > 0 for v in norms.values()), norms     # every LoRA factor gets gradient
     # with the base frozen (differentiating w.r.t. the LoRA factors only), nothing else is touched:
