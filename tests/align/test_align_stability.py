@@ -60,7 +60,7 @@ def test_gak_gradient_over_long_sequences_matches_the_log_sweep():
 
         def grad(method, dt, a, b, s):
             f = lambda v: gak(v, jnp.asarray(b, dt), s, log=True, method=method).sum()  # noqa: E731
-            return np.asarray(jax.grad(f)(jnp.asarray(a, dt)))
+            return np.asarray(jax.jit(jax.grad(f))(jnp.asarray(a, dt)))   # one compile, not op by op
         ref = grad("log", jnp.float64, x, y, 1.0)
         np.testing.assert_allclose(grad("linear", jnp.float64, x, y, 1.0), ref, atol=1e-9 * np.abs(ref).max())
         u, v = rng.normal(size=(2, 1, 150, 8))
@@ -83,7 +83,7 @@ def test_gak_auto_is_exact_where_the_linear_sweep_loses_mass_silently():
     x = np.array([[1.0, 15, 11, 15, 14]])[..., None]
     y = np.array([[10.0, 7, 4, 14, 5, 11]])[..., None]
     kw = dict(normalize=False, log=True)
-    v, g = jax.value_and_grad(lambda a: gak(a, jnp.asarray(y, jnp.float32), s, **kw).sum())(
+    v, g = jax.jit(jax.value_and_grad(lambda a: gak(a, jnp.asarray(y, jnp.float32), s, **kw).sum()))(
         jnp.asarray(x, jnp.float32))
     ref = _log_unnormalized_gak(x[0], y[0], s, be)
     h, eye = 1e-5, np.eye(5)[..., None]
@@ -99,7 +99,7 @@ def test_gak_auto_is_exact_where_the_linear_sweep_loses_mass_silently():
     assert abs(float(got[0]) - ref) < 1e-5 * abs(ref)      # float32 rounding: ~1e-3 of 4e3
 
     def grad(dt, **kw):
-        return np.asarray(jax.grad(lambda a: gak(a, jnp.asarray(y, dt), 1.0, log=True, **kw).sum())(
+        return np.asarray(jax.jit(jax.grad(lambda a: gak(a, jnp.asarray(y, dt), 1.0, log=True, **kw).sum()))(
             jnp.asarray(x, dt)))
     with jax.enable_x64(True):
         ref = grad(jnp.float64, method="log")
