@@ -358,14 +358,19 @@ def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], los
         progress.update(1, m)
 
     status, signum, step_eval = "completed", None, None
+    multi = jax.process_count() > 1
+    end_state = None     # the data state to save when this process fetched a batch it will not train on
     try:
         with StopSignal() as stop:
             while step < tc.steps:
                 # data.num_epochs reached (here or on another process): save and stop like a finished run
+                before = data.get_state() if multi else None
                 host_batch, ended = distributed.next_on_every_process(data)
                 if ended:
                     log.warning("the training data ended at step %d of train.steps=%d (data.num_epochs)%s; "
                                 "stopping there", step, tc.steps, "" if host_batch is None else " on another process")
+                    if host_batch is not None:
+                        end_state = before
                     break
                 batch = distributed.global_batch(host_batch, mesh, rules)
                 state, metrics = train_step(state, batch)
@@ -394,7 +399,8 @@ def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], los
             elif unlogged and unlogged[0][0] == step:      # drained early, for an eval at this step
                 writer.write(step, unlogged[0][1])
             if last_saved != step:     # with the metrics of an eval at this step, if one ran
-                ckpt.save(state, data_state=data.get_state(), config=cfg_dict, metrics=step_eval)
+                ckpt.save(state, data_state=end_state if end_state is not None else data.get_state(),
+                          config=cfg_dict, metrics=step_eval)
     finally:
         ckpt.close()
         writer.close()

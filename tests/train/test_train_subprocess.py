@@ -184,6 +184,10 @@ def test_two_process_run_stops_together_when_one_process_data_ends(tmp_path, cac
     assert sorted(_losses(tmp_path / "multi")) == [1, 2]
     assert _steps(tmp_path / "multi") == [2]
     assert "the training data ended at step 2 of train.steps=5 (data.num_epochs) on another process" in outs[0]
+    # process 0 fetched a third batch before it learnt that process 1's data had ended: its saved
+    # position is after the 2 batches it trained on (it was 3: a resume skipped that batch)
+    data = tmp_path / "multi" / "checkpoints" / "2" / "data"
+    assert [json.loads((data / f"process_{i}-of-2.json").read_text())["index"] for i in range(2)] == [2, 2]
 
 
 def test_two_process_eval_stops_together_when_one_process_eval_data_ends(tmp_path, cache_env):
