@@ -145,6 +145,11 @@ class ToyIterator:
         from mllm_jax.data.pipeline import pad_seq_lengths
         return pad_seq_lengths(batch, lengths, 0)
 
+    def blank_like(self, batch):
+        """Padding rows (no target tokens), ``scale`` 1 as in every toy batch."""
+        from mllm_jax.data.pipeline import blank_like
+        return {**blank_like(batch, 0), "scale": np.ones_like(batch["scale"])}
+
     def __iter__(self):
         return self
 

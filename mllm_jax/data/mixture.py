@@ -37,6 +37,9 @@ class MixtureIterator:
                 out[name] = it.pad_seq_lengths(batch[name], mine)
         return out
 
+    def blank_like(self, batch: dict) -> dict:
+        return {name: it.blank_like(batch[name]) for name, it in self.streams.items()}
+
     def get_state(self) -> dict:
         return {name: it.get_state() for name, it in self.streams.items()}
 

@@ -231,6 +231,17 @@ def pad_seq_lengths(batch: dict, lengths: dict[str, int], pad_id: int) -> dict:
     return walk(batch, "")
 
 
+def blank_like(batch: dict, pad_id: int) -> dict:
+    """Padding rows only, in ``batch``'s shapes (each collated batch inside it): what ``collate``
+    gives for no examples. Every loss and metric gives them zero weight."""
+    def walk(b):
+        if "input_ids" in b:
+            return {k: np.full_like(v, pad_id) if k in ("input_ids", "labels") else
+                    np.full_like(v, -1) if k == "sample_index" else np.zeros_like(v) for k, v in b.items()}
+        return {k: walk(v) if isinstance(v, dict) else v for k, v in b.items()}
+    return walk(batch)
+
+
 class PadBatchDataset(grain.IterDataset):
     """Collects ``batch_size`` valid examples (counting skip markers by reason) and pads them
     with ``collate_fn``. The last, partial batch of the stream is padded with empty rows.
@@ -455,6 +466,10 @@ class DataIterator:
     def pad_seq_lengths(self, batch: dict, lengths: dict[str, int]) -> dict:
         return pad_seq_lengths(batch, lengths, self.pad_id)
 
+    def blank_like(self, batch: dict) -> dict:
+        """Padding rows only: what a process whose eval data ended feeds while others go on."""
+        return blank_like(batch, self.pad_id)
+
     def get_state(self) -> dict:
         grain_state = self._it.get_state() if self._it is not None else self._pending_state
         return {"epoch": self.epoch, "grain": grain_state, "kept": self.kept, "dropped": self.dropped,
@@ -550,6 +565,6 @@ def make_iterator(cfg: DataConfig, model: MLLMConfig, *, source=None, tokenizer:
 
 __all__ = [
     "TooManySkipsError", "ImageSpec", "Limits", "EncodeTransform", "collate", "pad_to_length", "seq_lengths",
-    "pad_seq_lengths", "PadBatchDataset",
+    "pad_seq_lengths", "blank_like", "PadBatchDataset",
     "epoch_seed", "shard_indices", "build_dataset", "DataIterator", "make_iterator",
 ]

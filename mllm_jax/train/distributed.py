@@ -115,6 +115,30 @@ def next_on_every_process(it) -> tuple[Optional[Any], bool]:
     return batch, ended
 
 
+def next_or_blank_on_every_process(it, last) -> tuple[Optional[Any], bool]:
+    """For evaluation, which should see every process's rows: ``(batch, False)`` while any
+    process's ``it`` goes on, a process whose ``it`` ended getting ``it.blank_like(last)``
+    (padding rows only, which every metric gives zero weight; ``last``: its latest batch), then
+    ``(None, True)`` on every process. Where ``it`` has no ``blank_like`` or a process ended
+    before its first batch, all stop when any ends (``next_on_every_process``)."""
+    if jax.process_count() == 1:
+        batch = next(it, None)
+        return batch, batch is None
+    from jax.experimental import multihost_utils
+    try:
+        batch, code = next(it), 0
+    except StopIteration:      # 1: ended, can feed blanks; 2: ended, cannot
+        batch, code = None, 1 if last is not None and hasattr(it, "blank_like") else 2
+    codes = np.asarray(multihost_utils.process_allgather(np.int32(code)))
+    if (codes > 0).all() or (codes == 2).any():
+        return None, True
+    if batch is None:
+        batch = it.blank_like(last)
+    if hasattr(it, "seq_lengths"):
+        batch = same_seq_lengths(it, batch)
+    return batch, False
+
+
 def same_seq_lengths(it, batch):
     """``batch`` padded to the longest sequence length any process has this step (one
     all-gather): each process's pipeline picks the bucket that fits its own rows, and the rows of
@@ -157,5 +181,6 @@ def global_batch(local: dict, mesh: Mesh, rules: shd.Rules = shd.DEFAULT_RULES) 
     return jax.tree_util.tree_map_with_path(put, local)
 
 
-__all__ = ["initialize", "detected_launcher", "any_process", "next_on_every_process", "same_seq_lengths", "is_primary",
-           "local_batch_size", "global_batch", "ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID"]
+__all__ = ["initialize", "detected_launcher", "any_process", "next_on_every_process", "next_or_blank_on_every_process",
+           "same_seq_lengths", "is_primary", "local_batch_size", "global_batch", "ENV_COORDINATOR",
+           "ENV_NUM_PROCESSES", "ENV_PROCESS_ID"]

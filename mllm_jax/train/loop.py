@@ -245,8 +245,9 @@ def _eval_weight(name: str, m: dict) -> Optional[str]:
 
 def evaluate(eval_step, state: TrainState, batches: Iterator, steps: int, mesh, rules,
              hooks: Sequence[Callable] = ()) -> dict[str, float]:
-    """``eval_step``'s metrics over ``steps`` batches (fewer where any process's data ends first)
-    as the metrics of all of them together (as if one batch held them), plus each hook's
+    """``eval_step``'s metrics over ``steps`` batches (fewer where every process's data ends
+    first; a process whose data ended while others go on feeds padding rows, so every process's
+    rows count) as the metrics of all of them together (as if one batch held them), plus each hook's
     ``hook(model, step)`` dict. By name, a metric is
 
         loss/<x>_tokens, loss/<x>_pairs   a count: summed
@@ -260,8 +261,9 @@ def evaluate(eval_step, state: TrainState, batches: Iterator, steps: int, mesh, 
                                           of a recipe whose terms are means over different things
     """
     acc, n = {}, 0           # metric -> (sum of weight * value, sum of weights, sum of values)
+    batch = None
     for _ in range(steps):
-        batch, ended = distributed.next_on_every_process(batches)   # the same eval steps everywhere
+        batch, ended = distributed.next_or_blank_on_every_process(batches, batch)   # the same eval steps everywhere
         if ended:
             break
         m = jax.device_get(eval_step(state, distributed.global_batch(batch, mesh, rules)))

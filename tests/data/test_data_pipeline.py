@@ -347,3 +347,21 @@ def test_padding_to_a_longer_bucket_equals_collating_at_it(tok, tasks):
         for k, y in flat(b).items():
             np.testing.assert_array_equal(flat(padded)[k], y, err_msg=k)
     assert seen - {160}, "no batch had a shorter bucket: the test checked nothing"
+
+
+@pytest.mark.parametrize("tasks", [TASKS, ("vladva:1",)], ids=["samples", "views"])
+def test_blank_batch_is_collate_of_no_examples(tok, tasks):
+    """What a process whose eval data ended feeds while others go on: collate's batch of no
+    examples at the same bucket (and teacher, image, slice shapes), for batches and view pairs."""
+    src = SceneSource(SceneConfig(), "train", DataConfig(tasks=tasks).task_weights(), size=8)
+    x = it(tok, src, shuffle=False, num_epochs=1, teachers=[OnlineFeatures(SceneGraphTeacher())])
+    b = next(x)
+    blank = x.blank_like(b)
+    for path, T in x.seq_lengths(b).items():
+        got, sub = (blank, b) if path == "" else (blank[path], b[path])
+        want = P.collate([], 4, P.Limits((T,), DataConfig().max_images, DataConfig().max_slices),
+                         sub["pixel_values"].shape[2:], tok.pad_id, {"scene_graph": sub["teacher_scene_graph"].shape[-1]})
+        assert got.keys() == want.keys() == sub.keys()
+        for k in want:
+            assert got[k].dtype == want[k].dtype, k
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)

@@ -191,9 +191,10 @@ def test_two_process_run_stops_together_when_one_process_data_ends(tmp_path, cac
 
 
 def test_two_process_eval_stops_together_when_one_process_eval_data_ends(tmp_path, cache_env):
-    """Process 1's eval data ends after 2 batches, process 0's after 3 (train.eval_steps=3): both
-    evaluate the 2 batches every process has, rather than process 0 running a third eval step
-    whose collectives process 1 never joins."""
+    """Process 1's eval data ends after 2 batches, process 0's after 3 (train.eval_steps=3): a
+    third eval step where process 1 feeds padding rows evaluates process 0's last rows (they were
+    left out), and both stop together (process 0 once ran that step alone: a hang in collectives
+    process 1 never joined)."""
     cfg = _config(tmp_path, **{"train.steps": 1, "train.eval_every": 1, "train.eval_steps": 3, "mesh.data": 2,
                                "mesh.fsdp": 2, "data.batch_size": 4, "data_options": {"num_batches": [3, 2]}})
     port = _free_port()
@@ -208,5 +209,6 @@ def test_two_process_eval_stops_together_when_one_process_eval_data_ends(tmp_pat
     rows = [json.loads(line) for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
     assert [r["step"] for r in evals] == [1]
-    # 2 global batches of 2 x 4 rows with 16 target tokens each
-    assert evals[0]["eval/loss/ntp_tokens"] == 2 * 8 * 16
+    # 2 global batches of 2 x 4 rows with 16 target tokens each, then process 0's 4 rows
+    assert evals[0]["eval/loss/ntp_tokens"] == 2 * 8 * 16 + 4 * 16
+    assert np.isfinite(evals[0]["eval/loss"])
