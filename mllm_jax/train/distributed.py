@@ -104,7 +104,8 @@ def next_on_every_process(it) -> tuple[Optional[Any], bool]:
     """``(next(it), False)``, or ``(batch or None, True)`` on every process as soon as any
     process's ``it`` has ended (its shard ran out first): all processes run the same steps,
     none waits in a collective for one that has left. ``batch`` is None where ``it`` itself
-    ended."""
+    ended. In a multi-process run the batch is padded to the longest sequence length any
+    process has (``same_seq_lengths``) when ``it`` can pad."""
     try:
         batch, ended = next(it), False
     except StopIteration:
