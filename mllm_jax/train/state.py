@@ -67,20 +67,29 @@ def split_model(model: nnx.Module, cfg: OptimConfig):
     return graphdef, params, frozen, extra
 
 
-def _shardable(tree):
+def _shardable(tree, mesh: Mesh | None = None, rules: shd.Rules = shd.DEFAULT_RULES):
     """Drops the logical names of optimiser-state leaves whose rank differs from their param's
-    (Adafactor's factored moments): those are replicated."""
+    (Adafactor's factored moments): those are replicated. With ``mesh`` (optimiser state only:
+    the params were checked strictly under the same names), also those of leaves whose shape the
+    mesh does not divide: Adafactor's ``(1,)`` placeholder moments of a 1-D param (a bias sharded
+    over 'fsdp' or 'tensor') are replicated instead of failing the divisibility check."""
     def fix(v):
         if isinstance(v, nnx.Variable):
             names = v.get_metadata().get("out_sharding")
-            if names and len(names) != len(getattr(v.get_value(), "shape", ())):
+            shape = getattr(v.get_value(), "shape", ())
+            if names and len(names) != len(shape):
                 return v.replace(out_sharding=None)
+            if names and mesh is not None:
+                try:
+                    shd.check_divisible("", shape, shd.logical_to_spec(names, rules), mesh)
+                except shd.ShardingError:
+                    return v.replace(out_sharding=None)
         return v
     return jax.tree.map(fix, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def _pure_shardings(tree, mesh, rules):
-    return nnx.as_pure(shd.state_shardings(_shardable(tree), mesh, rules))
+def _pure_shardings(tree, mesh, rules, *, opt_state: bool = False):
+    return nnx.as_pure(shd.state_shardings(_shardable(tree, mesh if opt_state else None, rules), mesh, rules))
 
 
 def abstract_from_states(graphdef, params, frozen, extra, tx: optax.GradientTransformation,
@@ -90,7 +99,7 @@ def abstract_from_states(graphdef, params, frozen, extra, tx: optax.GradientTran
     opt = jax.eval_shape(tx.init, params)
     rep = NamedSharding(mesh, P())
     shardings = TrainState(graphdef, _pure_shardings(params, mesh, rules), _pure_shardings(frozen, mesh, rules),
-                           _pure_shardings(extra, mesh, rules), _pure_shardings(opt, mesh, rules),
+                           _pure_shardings(extra, mesh, rules), _pure_shardings(opt, mesh, rules, opt_state=True),
                            rep, rep, rep, rep)
     shapes = TrainState(graphdef, *(nnx.as_pure(t) for t in (params, frozen, extra, opt)),
                         jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.uint32),

@@ -86,3 +86,30 @@ def test_adafactor_factored_moments_are_replicated_not_misnamed(tmp_path):
     res = fit_toy(tiny_experiment(**{"train.run_dir": str(tmp_path / "r"), "train.steps": 2,
                                      "train.optim.name": "adafactor"}))
     assert res.history[-1]["loss"] < res.history[0]["loss"]
+
+
+def test_adafactor_placeholder_moments_of_sharded_biases_are_replicated():
+    """Adafactor keeps a ``(1,)`` placeholder ``v_row``/``v_col`` for a 1-D param, under that
+    param's logical names: a bias sharded over 'fsdp' (``("embed",)``) or 'tensor' (``("mlp",)``)
+    must not turn it into a divisibility error (was: ShardingError "v_row.mlp.fc1.bias:
+    dimension 0 of shape (1,) has size 1, which mesh axis 'tensor' of size 4 does not divide")."""
+    from mllm_jax.models.layers import MLP
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.mlp = MLP(64, 128, rngs=rngs)   # fc1.bias ("mlp",) -> tensor, fc2.bias ("embed",) -> fsdp
+
+    cfg = OptimConfig(name="adafactor", lr=0.1, schedule="constant", clip_norm=0)
+    tx, _ = build_optimizer(cfg, 5)
+    abstract, shardings = abstract_train_state(lambda: Net(nnx.Rngs(0)), tx, cfg, shd.make_mesh(1, 2, 4))
+    params = {jax.tree_util.keystr(p): x.sharding.spec for p, x in jax.tree_util.tree_leaves_with_path(abstract.params)}
+    assert any("fc1" in k and "bias" in k and s == jax.sharding.PartitionSpec("tensor") for k, s in params.items())
+    assert any("fc2" in k and "bias" in k and s == jax.sharding.PartitionSpec("fsdp") for k, s in params.items())
+    opt = jax.tree_util.tree_leaves_with_path(abstract.opt_state)
+    ones = [(jax.tree_util.keystr(p), x) for p, x in opt if x.shape == (1,) and "bias" in jax.tree_util.keystr(p)]
+    assert ones, [jax.tree_util.keystr(p) for p, _ in opt]
+    for path, x in ones:
+        assert all(axis is None for axis in x.sharding.spec), (path, x.sharding)
+    # the full-size second moments of the biases keep their param's layout
+    full = [x for p, x in opt if x.shape == (128,) and "fc1" in jax.tree_util.keystr(p)]
+    assert full and all(x.sharding.spec == jax.sharding.PartitionSpec("tensor") for x in full)
