@@ -101,7 +101,10 @@ def build(force: bool = False) -> Path:
     os.close(fd)
     cmd = [cxx, *_flags(), str(_SRC), "-o", tmp]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.SubprocessError) as e:   # a compiler that hangs or vanished
+            raise KernelUnavailable(f"compiling {_SRC.name} failed ({' '.join(cmd)}): {e}") from None
         if r.returncode != 0:
             raise KernelUnavailable(f"compiling {_SRC.name} failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
         os.replace(tmp, out)  # atomic: concurrent builders each write their own temp file
@@ -122,7 +125,7 @@ def _load() -> str | None:
         return str(e)
     except OSError as e:
         return f"loading the kernel library failed: {e}"
-    if lib.mllm_jax_cpu_matmul_isa() != 1:
+    if not hasattr(lib, "mllm_jax_cpu_matmul_isa") or lib.mllm_jax_cpu_matmul_isa() != 1:
         return "the kernel library was built without AVX-512"
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MllmJaxCpuSmallMMatmul), platform="cpu")
     return None

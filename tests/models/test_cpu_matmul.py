@@ -70,6 +70,23 @@ def test_disabled_by_environment(monkeypatch):
     assert "MLLM_JAX_CPU_KERNELS" in cpu_matmul.unavailable_reason()
 
 
+def test_a_compiler_that_hangs_leaves_the_kernel_unavailable(monkeypatch, tmp_path):
+    """A compile past its timeout raised subprocess.TimeoutExpired out of available() (only
+    KernelUnavailable and OSError were caught): now KernelUnavailable, so XLA's dot is used."""
+    import subprocess
+    run = subprocess.run
+
+    def fake(cmd, *a, **kw):
+        if "--version" in cmd:
+            return run(cmd, *a, **kw)
+        raise subprocess.TimeoutExpired(cmd, kw.get("timeout"))
+    monkeypatch.setattr(cpu_matmul, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(cpu_matmul.subprocess, "run", fake)
+    with pytest.raises(cpu_matmul.KernelUnavailable, match="timed out"):
+        cpu_matmul.build()
+    assert list(tmp_path.rglob("*.so")) == []
+
+
 @pytest.fixture(scope="module", params=["llama_tied", "qwen2"])
 def models(request, tmp_path_factory):
     family, overrides = {"llama_tied": ("llama", dict(tie_word_embeddings=True)), "qwen2": ("qwen2", {})}[request.param]
