@@ -143,7 +143,8 @@ def make_plan(cfg: ExperimentConfig, mesh_shape: Sequence[int], *, global_batch:
 
     ``global_batch`` defaults to ``data.batch_size`` (which is per process: pass the global
     batch of a multi-host run); sequences are ``max(data.seq_buckets)`` long with
-    ``data.max_images`` images each."""
+    ``data.max_images`` images each. Under ``train.optim.grad_accum`` the step scans over
+    micro-batches, so the activations are those of one micro-batch (``global_batch / grad_accum``)."""
     cfg = cfg.resolved()
     mesh = AbstractMesh(tuple(int(s) for s in mesh_shape), shd.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     graphdef, params, extra, source = abstract_params(cfg)
@@ -160,10 +161,13 @@ def make_plan(cfg: ExperimentConfig, mesh_shape: Sequence[int], *, global_batch:
     if B % (mesh_dict["data"] * mesh_dict["fsdp"]):
         raise shd.ShardingError(f"global batch {B} is not divisible by data x fsdp = "
                                 f"{mesh_dict['data'] * mesh_dict['fsdp']} (mesh {mesh_dict})")
+    accum = optim.grad_accum      # the step scans over micro-batches: one micro-batch's activations live
+    if B % accum:
+        raise ValueError(f"global batch {B} is not divisible by train.optim.grad_accum={accum}")
     bytes_ = {"params": _device_bytes((abstract.params, abstract.frozen)),
               "grads": _device_bytes(abstract.params),
               "opt_state": _device_bytes(abstract.opt_state),
-              "activations (estimate)": activation_bytes(cfg, mesh_dict, B, T, images)}
+              "activations (estimate)": activation_bytes(cfg, mesh_dict, B // accum, T, images)}
     bytes_["total"] = sum(bytes_.values())
 
     v = cfg.model.vision

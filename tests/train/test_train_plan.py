@@ -142,3 +142,20 @@ def test_shape_only_rngs_build_the_same_abstract_model():
     a, b = shape_only_rngs(3), nnx.Rngs(3)
     for _ in range(3):
         assert (jax.random.key_data(a.params()) == jax.random.key_data(b.params())).all()
+
+
+def test_plan_activations_are_one_micro_batchs_under_grad_accum(vila):
+    """The step scans over grad_accum micro-batches, one micro-batch's activations live at a time:
+    grad_accum=4 on a global batch of 64 holds the activations of 16 sequences (plan counted
+    all 64 for any grad_accum). FLOPs and tokens per step are the whole batch's."""
+    from mllm_jax.train.plan import activation_bytes
+    mesh = {"data": 1, "fsdp": 8, "tensor": 1}
+    acc4 = apply_overrides(vila, ["train.optim.grad_accum=4"])
+    p1 = make_plan(vila, (1, 8, 1), global_batch=64)
+    p4 = make_plan(acc4, (1, 8, 1), global_batch=64)
+    act = activation_bytes(vila.resolved(), mesh, 16, max(vila.data.seq_buckets), vila.data.max_images)
+    assert p4.bytes_per_device["activations (estimate)"] == pytest.approx(act)
+    assert p4.bytes_per_device["activations (estimate)"] == pytest.approx(p1.bytes_per_device["activations (estimate)"] / 4)
+    assert p4.flops_per_step == p1.flops_per_step and p4.tokens_per_step == p1.tokens_per_step
+    with pytest.raises(ValueError, match="not divisible by train.optim.grad_accum=3"):
+        make_plan(apply_overrides(vila, ["train.optim.grad_accum=3"]), (1, 8, 1), global_batch=64)
