@@ -83,9 +83,12 @@ def cmd_plan(args) -> int:
     from mllm_jax.sharding import ShardingError
     from mllm_jax.train.plan import make_plan
     if args.mesh:
-        mesh = tuple(int(x) for x in args.mesh.split(","))
-        if len(mesh) != 3:
-            raise SystemExit(f"--mesh {args.mesh!r}: expected data,fsdp,tensor (e.g. 1,256,1)")
+        try:
+            mesh = tuple(int(x) for x in args.mesh.split(","))
+        except ValueError:
+            mesh = ()
+        if len(mesh) != 3 or min(mesh) < 1:
+            raise SystemExit(f"--mesh {args.mesh!r}: expected data,fsdp,tensor sizes >= 1 (e.g. 1,256,1)")
     else:
         mesh = (1, args.devices, 1)
     try:
@@ -93,6 +96,9 @@ def cmd_plan(args) -> int:
                          accelerators=args.accelerators.split(","))
     except ShardingError as e:
         print(f"plan: the mesh {mesh} does not fit the model: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:     # --devices / --mfu / --global-batch / --accelerators out of range
+        print(f"plan: {e}", file=sys.stderr)
         return 2
     print(plan.to_text())
     return 0

@@ -145,6 +145,16 @@ def make_plan(cfg: ExperimentConfig, mesh_shape: Sequence[int], *, global_batch:
     batch of a multi-host run); sequences are ``max(data.seq_buckets)`` long with
     ``data.max_images`` images each. Under ``train.optim.grad_accum`` the step scans over
     micro-batches, so the activations are those of one micro-batch (``global_batch / grad_accum``)."""
+    if len(mesh_shape) != 3 or any(int(s) < 1 for s in mesh_shape):
+        raise ValueError(f"mesh {tuple(mesh_shape)}: expected 3 sizes (data, fsdp, tensor), each >= 1 "
+                         "(plan has no devices to fill a -1 with)")
+    if not mfu > 0:
+        raise ValueError(f"mfu {mfu}: must be > 0")
+    if global_batch is not None and global_batch < 1:
+        raise ValueError(f"global batch {global_batch}: must be >= 1")
+    unknown = [a for a in accelerators if a not in F.ACCELERATORS]
+    if unknown:
+        raise ValueError(f"accelerators {unknown}: unknown; known: {sorted(F.ACCELERATORS)}")
     cfg = cfg.resolved()
     mesh = AbstractMesh(tuple(int(s) for s in mesh_shape), shd.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     graphdef, params, extra, source = abstract_params(cfg)

@@ -1,5 +1,6 @@
 """``plan``: a 7B-LLM + ViT-L run sized for 256 chips on this machine, parameter count checked
 against transformers' LLaVA (meta device: nothing allocated, nothing downloaded)."""
+import re
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,20 @@ def test_plan_activations_are_one_micro_batchs_under_grad_accum(vila):
     assert p4.flops_per_step == p1.flops_per_step and p4.tokens_per_step == p1.tokens_per_step
     with pytest.raises(ValueError, match="not divisible by train.optim.grad_accum=3"):
         make_plan(apply_overrides(vila, ["train.optim.grad_accum=3"]), (1, 8, 1), global_batch=64)
+
+
+def test_plan_refuses_sizes_it_cannot_plan_for(capsys):
+    """A -1 mesh size (the config's "all remaining devices") has no devices to resolve against in
+    plan: it printed "-1 devices", negative bytes and step times, and "fits". A zero --devices,
+    --mfu, or an unknown accelerator ended in a ZeroDivisionError / KeyError traceback."""
+    with pytest.raises(ValueError, match="each >= 1"):
+        make_plan(tiny_experiment(), (1, -1, 1))
+    tiny = str(Path(__file__).resolve().parents[2] / "experiments/configs/tiny.yaml")
+    for bad in (["--mesh", "1,-1,1"], ["--mesh", "1,x,1"]):
+        with pytest.raises(SystemExit, match="expected data,fsdp,tensor sizes >= 1"):
+            main(["plan", "--config", tiny, *bad])
+    for bad, msg in ((["--devices", "0"], "each >= 1"), (["--mfu", "0"], "mfu 0.0: must be > 0"),
+                     (["--accelerators", "h100,foo"], r"accelerators \['foo'\]: unknown"),
+                     (["--global-batch", "0"], "global batch 0: must be >= 1")):
+        assert main(["plan", "--config", tiny, *bad]) == 2, bad
+        assert re.search(msg, capsys.readouterr().err), bad
