@@ -92,15 +92,29 @@ def cmd_plan(args) -> int:
     else:
         mesh = (1, args.devices, 1)
     try:
-        plan = make_plan(_load(args), mesh, global_batch=args.global_batch, mfu=args.mfu,
-                         accelerators=args.accelerators.split(","))
+        cfg = _load(args)
+        # a recipe's base config is no stage's model (what trains, LoRA): plan each stage as it runs
+        runs = [(None, cfg)]
+        if cfg.stages:
+            from mllm_jax.config import ConfigError, parse_overrides
+            from mllm_jax.train.stages import stage_config
+            names = [s.name for s in cfg.stages]
+            if args.stage is not None and args.stage not in names:
+                raise ConfigError(f"--stage {args.stage!r}: no such stage; the recipe has {names}")
+            runs = [(s.name, stage_config(cfg, s, None, parse_overrides(args.overrides)))
+                    for s in cfg.stages if args.stage in (None, s.name)]
+        elif args.stage is not None:
+            raise ValueError(f"--stage {args.stage!r}: the config defines no stages")
+        plans = [(name, make_plan(c, mesh, global_batch=args.global_batch, mfu=args.mfu,
+                                  accelerators=args.accelerators.split(","))) for name, c in runs]
     except ShardingError as e:
         print(f"plan: the mesh {mesh} does not fit the model: {e}", file=sys.stderr)
         return 2
     except ValueError as e:     # --devices / --mfu / --global-batch / --accelerators out of range
         print(f"plan: {e}", file=sys.stderr)
         return 2
-    print(plan.to_text())
+    for i, (name, plan) in enumerate(plans):
+        print(("\n" if i else "") + (f"== stage {name}\n" if name else "") + plan.to_text())
     return 0
 
 
@@ -209,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "which is per process)")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
     p.add_argument("--accelerators", default="tpu-v5p,h100,h200", help="comma-separated keys of flops.ACCELERATORS")
+    p.add_argument("--stage", help="with a multi-stage recipe: plan only this stage (default: every stage, each "
+                                   "with its own trainable set, LoRA and steps)")
     p.set_defaults(fn=cmd_plan)
     return parser
 

@@ -177,3 +177,27 @@ def test_plan_refuses_sizes_it_cannot_plan_for(capsys):
                      (["--global-batch", "0"], "global batch 0: must be >= 1")):
         assert main(["plan", "--config", tiny, *bad]) == 2, bad
         assert re.search(msg, capsys.readouterr().err), bad
+
+
+def test_plan_of_a_recipe_plans_each_stage(capsys):
+    """infmllm_3stage.yaml: plan sized the recipe's base config, which no stage runs (everything
+    trainable, no LoRA: 7.06B trainable, 109.5 GiB on one device); each stage trains its own set."""
+    path = Path(__file__).resolve().parents[2] / "experiments/configs/infmllm_3stage.yaml"
+    base = load_config(path, ExperimentConfig)
+
+    def count(model_cfg, keep):
+        return sum(int(np.prod(s.shape)) for s in F.mllm_params(model_cfg) if keep(s.path))
+    assert main(["plan", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("== stage")] == \
+        ["== stage align", "== stage multitask", "== stage instruct"]
+    trainable = [int(line.split()[-1].replace(",", "")) for line in out.splitlines() if line.strip().startswith("trainable")]
+    lora = apply_overrides(base, ["model.lora.rank=8", "model.lora.target=decoder\\..*(q_proj|v_proj)$"]).model
+    assert trainable == [count(base.model, lambda p: p.startswith("projector.")),
+                         count(lora, lambda p: p.startswith(("vision.", "projector.")) or ".lora." in p),
+                         count(base.model, lambda p: p.startswith(("projector.", "decoder.")))]
+    assert main(["plan", "--config", str(path), "--stage", "multitask"]) == 0
+    out = capsys.readouterr().out
+    assert "== stage multitask" in out and "(LoRA)" in out and "== stage align" not in out
+    assert main(["plan", "--config", str(path), "--stage", "nope"]) == 2
+    assert "no such stage" in capsys.readouterr().err
