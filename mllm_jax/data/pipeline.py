@@ -206,40 +206,40 @@ def pad_to_length(batch: dict, length: int, pad_id: int) -> dict:
     return out
 
 
+def _map_collated(fn: Callable[[dict, str], dict], batch: dict, path: str = "") -> dict:
+    """``batch`` with each collated batch inside it (a dict holding ``input_ids``) replaced by
+    ``fn(it, path)``: ``""`` for a plain batch, the view or stream names (``"image"``,
+    ``"stream/text"``) for nested ones."""
+    if "input_ids" in batch:
+        return fn(batch, path)
+    return {k: _map_collated(fn, v, f"{path}/{k}" if path else str(k)) if isinstance(v, dict) else v
+            for k, v in batch.items()}
+
+
 def seq_lengths(batch: dict) -> dict[str, int]:
-    """``{path: T}`` of each collated batch inside ``batch``: ``""`` for a plain batch, the view
-    or stream names (``"image"``, ``"stream/text"``) for nested ones."""
+    """``{path: T}`` of each collated batch inside ``batch`` (paths as ``_map_collated``)."""
     out = {}
 
-    def walk(b, path):
-        if "input_ids" in b:
-            out[path] = int(np.shape(b["input_ids"])[1])
-            return
-        for k, v in b.items():
-            if isinstance(v, dict):
-                walk(v, f"{path}/{k}" if path else str(k))
-    walk(batch, "")
+    def record(b, path):
+        out[path] = int(np.shape(b["input_ids"])[1])
+        return b
+    _map_collated(record, batch)
     return out
 
 
 def pad_seq_lengths(batch: dict, lengths: dict[str, int], pad_id: int) -> dict:
     """Pads each collated batch inside ``batch`` to ``lengths[path]`` (paths as ``seq_lengths``)."""
-    def walk(b, path):
-        if "input_ids" in b:
-            return pad_to_length(b, lengths.get(path, np.shape(b["input_ids"])[1]), pad_id)
-        return {k: walk(v, f"{path}/{k}" if path else str(k)) if isinstance(v, dict) else v for k, v in b.items()}
-    return walk(batch, "")
+    return _map_collated(lambda b, path: pad_to_length(b, lengths.get(path, np.shape(b["input_ids"])[1]), pad_id),
+                         batch)
 
 
 def blank_like(batch: dict, pad_id: int) -> dict:
     """Padding rows only, in ``batch``'s shapes (each collated batch inside it): what ``collate``
     gives for no examples. Every loss and metric gives them zero weight."""
-    def walk(b):
-        if "input_ids" in b:
-            return {k: np.full_like(v, pad_id) if k in ("input_ids", "labels") else
-                    np.full_like(v, -1) if k == "sample_index" else np.zeros_like(v) for k, v in b.items()}
-        return {k: walk(v) if isinstance(v, dict) else v for k, v in b.items()}
-    return walk(batch)
+    def blank(b, _):
+        return {k: np.full_like(v, pad_id) if k in ("input_ids", "labels") else
+                np.full_like(v, -1) if k == "sample_index" else np.zeros_like(v) for k, v in b.items()}
+    return _map_collated(blank, batch)
 
 
 class PadBatchDataset(grain.IterDataset):

@@ -172,5 +172,5 @@ def unflatten_like(like: nnx.State, flat: dict[str, Any]) -> nnx.State:
     return nnx.from_flat_state([(p, flat[path_str(p)]) for p, _ in nnx.to_flat_state(like)])
 
 
-__all__ = ["TrainState", "split_model", "abstract_from_states", "abstract_model", "shape_only_rngs", "abstract_train_state",
-           "create_train_state", "count_params", "unflatten_like"]
+__all__ = ["TrainState", "split_model", "abstract_from_states", "abstract_model", "shape_only_rngs",
+           "abstract_train_state", "create_train_state", "count_params", "unflatten_like"]
