@@ -155,6 +155,9 @@ class TrainConfig:
     progress: bool = True
     peak_flops: Optional[float] = None     # per-device peak for MFU; default from the device table
     init_from: Optional[str] = None        # run dir or checkpoint dir whose params start this run
+    init_fresh: tuple[str, ...] = ()       # regexes: params that keep their fresh init instead (and
+                                           # the checkpoint's params they match are dropped), e.g.
+                                           # ['^projector\.'] for a new adapter between a ViT and an LLM
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
@@ -167,6 +170,11 @@ class TrainConfig:
             raise ConfigError(f"train.max_bad_steps: {self.max_bad_steps}; must be >= 1")
         check_local_path("train.run_dir", self.run_dir)
         check_local_path("train.init_from", self.init_from)
+        for r in self.init_fresh:
+            try:
+                re.compile(r)
+            except re.error as e:
+                raise ConfigError(f"train.init_fresh: {r!r} is not a regular expression: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -318,7 +318,7 @@ def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], los
         state, _ = create_train_state(model, tx, tc.optim, mesh, seed=tc.seed, rules=rules)
         if tc.init_from:
             from mllm_jax.train.stages import load_params_into
-            state = load_params_into(state, shardings, find_checkpoint_dir(tc.init_from))
+            state = load_params_into(state, shardings, find_checkpoint_dir(tc.init_from), tc.init_fresh)
     del model
 
     writer = MetricsWriter(run_dir, enabled=primary, tensorboard=tc.tensorboard)

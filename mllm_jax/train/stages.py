@@ -12,6 +12,8 @@ must be in the checkpoint except new adapters (LoRA factors, soft prompts), whic
 fresh init (LoRA's ``b`` starts at zero, so nothing changes); a LoRA adapter in the checkpoint
 that the new model does not have is merged into its base kernel (``kernel += alpha/rank *
 a @ b``, with alpha and rank from the saved config); anything else is an error naming it.
+``train.init_fresh`` (regexes) names params that keep their fresh init whatever the checkpoint
+has: InfMLLM's stage 1 puts a new pool-adapter between the ViT and LLM of a converted LLaVA.
 
 InfMLLM's three stages (METHODS.md §3) — ViT ``vision.*``, pool-adapter ``projector.*``,
 LLM ``decoder.*``:
@@ -61,7 +63,10 @@ def infmllm_stages(*, steps: Sequence[int] = (1000, 2000, 2000), lr: Sequence[fl
     (plus the adapter) in stage 3 instead of fine-tuning the whole LLM (into which the LoRA is
     then merged)."""
     lora_qv = r"decoder\..*(q_proj|v_proj)$"
-    stage1 = {"train.optim.trainable": list(PROJECTOR_ONLY), "train.optim.frozen": [], "model.lora.rank": 0}
+    # stage 1 trains a new adapter: from train.init_from (a pretrained ViT + LLM) it takes the
+    # rest, whatever projector that checkpoint has
+    stage1 = {"train.optim.trainable": list(PROJECTOR_ONLY), "train.optim.frozen": [], "model.lora.rank": 0,
+              "train.init_fresh": list(PROJECTOR_ONLY)}
     stage2 = {"train.optim.trainable": [*VISION, *PROJECTOR_ONLY, *LORA_ONLY], "train.optim.frozen": [],
               "model.lora.rank": lora_rank, "model.lora.alpha": lora_alpha, "model.lora.target": lora_qv}
     if stage3_lora:
@@ -117,18 +122,30 @@ def run_stages(cfg: ExperimentConfig, run_one: Callable[[ExperimentConfig], obje
 
 # ---- hand-over between stages -------------------------------------------------------------------
 
-def load_params_into(state: TrainState, shardings: TrainState, ckpt_dir: str | Path) -> TrainState:
+def load_params_into(state: TrainState, shardings: TrainState, ckpt_dir: str | Path,
+                     fresh: Sequence[str] = ()) -> TrainState:
     """``state`` with its params replaced by the newest good checkpoint's in ``ckpt_dir``
-    (strict: see the module docstring); each array lands in ``state``'s sharding."""
+    (strict: see the module docstring); each array lands in ``state``'s sharding. Params whose
+    path matches a regex in ``fresh`` (``train.init_fresh``) keep ``state``'s values, and the
+    checkpoint's params they match are read and dropped (a new adapter between a pretrained
+    ViT and LLM whose checkpoint has another projector)."""
     ours = flat_params(state.all_params())
     our_shardings = {**flat_params(shardings.params), **flat_params(shardings.frozen)}
     mesh = next(iter(our_shardings.values())).mesh
     new_ok = [re.compile(r) for r in NEW_ADAPTERS]
+    keep = [re.compile(r) for r in fresh]
+    kept = lambda k: any(r.search(k) for r in keep)  # noqa: E731
     plan: dict = {}
 
     def make_target(meta):
+        unmatched = [r.pattern for r in keep if not any(r.search(k) for k in [*ours, *meta])]
+        if unmatched:
+            raise StageHandoverError(f"train.init_fresh: {unmatched} match no param of the model or of "
+                                     f"{ckpt_dir} (a typo?)")
         merge, unexpected, misshaped = [], [], []
         for k, (shape, _) in meta.items():
+            if kept(k):
+                continue
             if k in ours:
                 if tuple(ours[k].shape) != shape:
                     misshaped.append(f"{k}: checkpoint {shape} vs model {tuple(ours[k].shape)}")
@@ -136,7 +153,7 @@ def load_params_into(state: TrainState, shardings: TrainState, ckpt_dir: str | P
                 merge.append(k)
             else:
                 unexpected.append(f"{k} {shape}")
-        missing = [k for k in ours if k not in meta and not any(r.search(k) for r in new_ok)]
+        missing = [k for k in ours if k not in meta and not kept(k) and not any(r.search(k) for r in new_ok)]
         if missing or unexpected or misshaped:
             lines = [f"{ckpt_dir}: checkpoint does not fit this model ({len(missing)} missing, "
                      f"{len(unexpected)} unexpected, {len(misshaped)} mis-shaped)"]
@@ -147,19 +164,20 @@ def load_params_into(state: TrainState, shardings: TrainState, ckpt_dir: str | P
         plan["merge"] = merge
         rep = NamedSharding(mesh, P())
         # our params keep the model's dtypes (a bfloat16 checkpoint is read as float32 params)
-        return {k: jax.ShapeDtypeStruct(shape, ours[k].dtype if k in ours else dtype,
-                                        sharding=our_shardings.get(k, rep))
+        return {k: jax.ShapeDtypeStruct(shape, ours[k].dtype if k in ours and not kept(k) else dtype,
+                                        sharding=rep if kept(k) else our_shardings.get(k, rep))
                 for k, (shape, dtype) in meta.items()}
 
     found = Checkpointer(ckpt_dir, read_only=True).restore_params(make_target)
     if found is None:
         raise StageHandoverError(f"train.init_from: no checkpoint in {ckpt_dir}")
     loaded, saved_cfg, step = found
-    merged = _merge_lora(loaded, plan["merge"], saved_cfg, ckpt_dir)
-    fresh = [k for k in ours if k not in loaded]
+    merged = {k: v for k, v in _merge_lora(loaded, plan["merge"], saved_cfg, ckpt_dir).items() if not kept(k)}
+    new_adapters = [k for k in ours if k not in loaded and not kept(k)]
     new = {k: merged.get(k, v) for k, v in ours.items()}
-    log.info("init from %s step %d: %d params loaded, %d fresh adapters, %d LoRA adapters merged",
-             ckpt_dir, step, len(ours) - len(fresh), len(fresh), len(plan["merge"]) // 2)
+    log.info("init from %s step %d: %d params loaded, %d fresh adapters, %d kept fresh (train.init_fresh), "
+             "%d LoRA adapters merged", ckpt_dir, step, len(ours) - len(new_adapters) - sum(map(kept, ours)),
+             len(new_adapters), sum(map(kept, ours)), len(plan["merge"]) // 2)
     put = lambda like, sh: jax.device_put(unflatten_like(like, new), sh)  # noqa: E731
     return state.replace(params=put(state.params, shardings.params), frozen=put(state.frozen, shardings.frozen))
 

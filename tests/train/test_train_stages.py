@@ -95,6 +95,7 @@ def test_infmllm_yaml_recipe_resolves_to_its_three_stages():
     assert a.train.init_from is None and m.train.init_from == "runs/infmllm/align"
     assert i.train.run_dir == "runs/infmllm/instruct" and i.train.init_from == "runs/infmllm/multitask"
     assert a.train.optim.trainable == (r"^projector\.",) and a.model.lora.rank == 0
+    assert a.train.init_fresh == (r"^projector\.",) and m.train.init_fresh == () == i.train.init_fresh
     assert m.model.lora.rank == 8 and r"\.lora\." in m.train.optim.trainable
     assert i.model.lora.rank == 0 and r"^decoder\." in i.train.optim.trainable
     assert i.model.projector.kind == "pool" and i.model.tokens_per_image == 64
@@ -103,6 +104,7 @@ def test_infmllm_yaml_recipe_resolves_to_its_three_stages():
     for s_yaml, s_code in zip(cfg.stages, code):
         assert list(s_yaml.updates["train.optim.trainable"]) == list(s_code.updates["train.optim.trainable"])
         assert s_yaml.updates["model.lora.rank"] == s_code.updates["model.lora.rank"]
+        assert s_yaml.updates.get("train.init_fresh") == s_code.updates.get("train.init_fresh")
 
 
 def test_command_line_overrides_win_over_stage_updates():
@@ -183,3 +185,58 @@ def test_handover_from_a_bfloat16_checkpoint_keeps_float32_params(tmp_path):
     for k, v in new.items():
         assert v.dtype == np.float32, k
         np.testing.assert_array_equal(v, np.asarray(bf16[k], np.float32))
+
+
+def test_init_fresh_puts_a_new_adapter_between_pretrained_vision_and_decoder(tmp_path):
+    """train.init_fresh: a checkpoint whose projector has another layout (an MLP projector's
+    names and shapes, as a converted LLaVA's) starts a model whose vision tower and decoder are
+    loaded and whose projector keeps its fresh init; without it, the hand-over names the
+    projector's params; a regex that matches nothing is refused as a likely typo."""
+    cfg = tiny_mllm_experiment()
+    src = params_np(_fresh_state(cfg, TOY_MLLM)[0])
+    saved = {k: v for k, v in src.items() if not k.startswith("projector.")}
+    saved["projector.linear_1.kernel"] = np.ones((16, 7), np.float32)       # not this model's adapter
+    saved["projector.linear_2.kernel"] = np.ones((7, 32), np.float32)
+    ck = Checkpointer(tmp_path / "llava")
+    ck.save_params(0, saved)
+    ck.close()
+    state, shardings = _fresh_state(tiny_mllm_experiment(**{"train.seed": 1}), TOY_MLLM)
+    before = params_np(state)
+    new = params_np(load_params_into(state, shardings, tmp_path / "llava", [r"^projector\."]))
+    assert new.keys() == before.keys() and any(k.startswith("projector.") for k in new)
+    for k in new:
+        want = before[k] if k.startswith("projector.") else src[k]
+        np.testing.assert_array_equal(new[k], want, err_msg=k)
+    assert not _same(_group(before, "decoder."), _group(src, "decoder."))    # the seeds differ: not vacuous
+    with pytest.raises(StageHandoverError, match=r"missing:\s+projector\.(.|\n)*unexpected:\s+projector\.linear_1"):
+        load_params_into(state, shardings, tmp_path / "llava")
+    with pytest.raises(StageHandoverError, match=r"init_fresh: \['\^projektor'\] match no param"):
+        load_params_into(state, shardings, tmp_path / "llava", ["^projektor"])
+
+
+def test_a_converted_llava_starts_a_pool_adapter_model(tmp_path):
+    """InfMLLM stage 1 from a LLaVA (as infmllm_3stage.yaml describes): transformers' LLaVA saved,
+    converted (`convert --from-hf`), loaded into the same ViT + LLM with a pool-adapter: every
+    vision and decoder param is the converted one, the adapter keeps its init."""
+    import dataclasses
+    import json
+
+    from mllm_jax.cli import main
+    from mllm_jax.config import ExperimentConfig, MLLMConfig, ProjectorConfig
+    from mllm_jax.convert.hf import flat_params, load_pretrained
+    from mllm_jax.train.registry import model_spec
+    from tests.models.test_mllm import _hf_llava
+    _hf_llava().save_pretrained(tmp_path / "hf")       # CLIP, feature layer -2, an MLP projector
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ck")]) == 0
+    llava = flat_params(load_pretrained(tmp_path / "hf"))
+    mcfg = MLLMConfig.from_hf(json.loads((tmp_path / "hf" / "config.json").read_text()))
+    mcfg = dataclasses.replace(mcfg, projector=ProjectorConfig(kind="pool", pool_size=2))
+    cfg = dataclasses.replace(ExperimentConfig(), model_name="mllm", model=mcfg)
+    state, shardings = _fresh_state(cfg, model_spec("mllm"))
+    before = params_np(state)
+    new = params_np(load_params_into(state, shardings, tmp_path / "ck", [r"^projector\."]))
+    # the pool-adapter's MLP has the LLaVA projector's names and shapes: fresh, not loaded
+    assert not np.array_equal(new["projector.linear_1.kernel"], np.asarray(llava["projector.linear_1.kernel"]))
+    for k, v in new.items():
+        want = before[k] if k.startswith("projector.") else np.asarray(llava[k])
+        np.testing.assert_array_equal(v, want, err_msg=k)
