@@ -48,10 +48,13 @@ from mllm_jax.train.state import TrainState, unflatten_like
 log = logging.getLogger(__name__)
 
 
+_READ_ONLY_NOTICES = ("Given directory is read only", "CheckpointManagerOptions.read_only=True")
+
+
 def _not_read_only_notice(record: logging.LogRecord) -> bool:
-    """Drops Orbax's "Given directory is read only" warning: our read-only managers (eval,
-    init_from, generate) are read-only on purpose, and it printed on every restore."""
-    return not str(record.msg).startswith("Given directory is read only")
+    """Drops Orbax's warnings that a manager is read-only: ours (eval, init_from, generate) are
+    read-only on purpose, and two warnings printed on every restore."""
+    return not str(record.msg).startswith(_READ_ONLY_NOTICES)
 
 
 logging.getLogger("absl").addFilter(_not_read_only_notice)
