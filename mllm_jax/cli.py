@@ -244,7 +244,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         absl_logging.set_verbosity(absl_logging.WARNING)
     except ImportError:
         pass
-    return int(args.fn(args) or 0)
+    from mllm_jax.config import ConfigError
+    try:
+        return int(args.fn(args) or 0)
+    except ConfigError as e:     # a bad config value or key: the message names it; no traceback
+        if args.verbose:
+            raise
+        print(f"mllm_jax {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -28,6 +28,16 @@ def test_top_level_help_lists_the_commands(capsys):
         assert c in out
 
 
+@pytest.mark.parametrize("command", ["train", "eval", "plan"])
+def test_a_bad_override_is_a_message_not_a_traceback(command, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(to_dict(tiny_experiment(**{"train.run_dir": str(tmp_path / "run")}))))
+    assert main([command, "--config", str(cfg), "train.stpes=3"]) == 2
+    err = capsys.readouterr().err
+    assert f"{command}: " in err and "unknown key 'stpes'" in err and "did you mean 'steps'" in err
+    assert "Traceback" not in err
+
+
 def test_eval_restores_the_newest_checkpoint_onto_this_machines_mesh(tmp_path, capsys):
     cfg = tiny_experiment(**{"train.run_dir": str(tmp_path / "r"), "train.steps": 2})
     fit_toy(cfg)  # trained on one device
