@@ -76,6 +76,8 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: Optional[str] = None,
 
     A recipe's config (``stages``) describes several models, not the one a stage trained: the
     stage's run holds its resolved ``config.yaml``, which is used then (with ``cfg``'s mesh)."""
+    if steps is not None and steps < 1:
+        raise ValueError(f"eval steps: {steps}; must be >= 1 (default: train.eval_steps)")
     if cfg.stages:
         import dataclasses
         from pathlib import Path
@@ -91,7 +93,7 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: Optional[str] = None,
     mesh = shd.make_mesh(*cfg.mesh.shape)
     state, step = restore_run(checkpoint or cfg.train.run_dir, cfg, mesh=mesh)
     step_fn = jax.jit(make_eval_step(registry.build_loss_fn(cfg), mesh))
-    out = evaluate(step_fn, state, _data(cfg, "eval"), steps or cfg.train.eval_steps, mesh, shd.DEFAULT_RULES)
+    out = evaluate(step_fn, state, _data(cfg, "eval"), cfg.train.eval_steps if steps is None else steps, mesh, shd.DEFAULT_RULES)
     return {"step": step, **out}
 
 

@@ -38,6 +38,15 @@ def test_a_bad_override_is_a_message_not_a_traceback(command, tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_eval_steps_0_is_refused_not_the_default(tmp_path):
+    """``eval --steps 0`` evaluated train.eval_steps batches (``steps or default``)."""
+    with pytest.raises(SystemExit, match="eval --steps 0: must be >= 1"):
+        main(["eval", "--config", "unused.yaml", "--steps", "0"])
+    from mllm_jax.train.experiment import evaluate_checkpoint
+    with pytest.raises(ValueError, match="eval steps: 0; must be >= 1"):
+        evaluate_checkpoint(tiny_experiment(), str(tmp_path), steps=0)
+
+
 def test_eval_restores_the_newest_checkpoint_onto_this_machines_mesh(tmp_path, capsys):
     cfg = tiny_experiment(**{"train.run_dir": str(tmp_path / "r"), "train.steps": 2})
     fit_toy(cfg)  # trained on one device
