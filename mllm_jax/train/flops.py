@@ -5,13 +5,18 @@ FLOPs count what the model computes (multiply-add = 2 FLOPs), forward + backward
     decoder, per token:  2 * (matmul params incl. lm_head)          (the 2N of "6N")
                        + 4 * T * num_heads * head_dim per layer      (QK^T and PV over all T keys,
                                                                       as the dense masked kernel does)
-    vision, per image:   the same per patch token (T = tokens per image) + the patch embedding
+    vision, per image:   the same per patch token (T = tokens per image) + the patch embedding,
+                         over the layers that run: in an MLLM those up to its
+                         ``vision_feature_layer`` (LLaVA's -2 skips the last; XLA drops what
+                         nothing uses)
     projector:           2 * (in * out) per kernel per image token
 
 so a fully trained decoder costs ``6 * N_matmul * tokens + 12 * L * H * hd * T * tokens`` (PaLM's
-count). Embedding lookups are gathers and cost nothing. The parameter tables list every param
-(dotted path, shape, logical axes) the way ``models/`` builds them, which lets ``plan`` size a
-7B model without building it and is checked against transformers' own count.
+count). Embedding lookups are gathers and cost nothing. The backward of the patch embedding
+needs only its weight gradient, yet 3x counts its input gradient too (0.16% of the train_step
+benchmark's mllm-tiny step). The parameter tables list every param (dotted path, shape,
+logical axes) the way ``models/`` builds them, which lets ``plan`` size a 7B model without
+building it and is checked against transformers' own count.
 """
 from __future__ import annotations
 
@@ -147,19 +152,30 @@ def decoder_forward_flops(cfg: DecoderConfig, batch: int, seq_len: int) -> float
     return float(tokens) * (2 * n + attn)
 
 
-def vision_forward_flops(cfg: VisionConfig, images: int) -> float:
+def vision_forward_flops(cfg: VisionConfig, images: int, layers: Optional[int] = None) -> float:
+    """Forward FLOPs of the ViT over ``images`` images through its first ``layers`` encoder
+    layers (default: all)."""
+    layers = cfg.num_layers if layers is None else layers
     t = cfg.num_patches + (1 if cfg.variant == "clip" else 0)
-    n = _matmul_params([s for s in vision_params(cfg) if ".layers." in s.path])
-    attn = 4 * t * cfg.hidden_size * cfg.num_layers
+    n = _matmul_params([s for s in vision_params(cfg) if ".layers." in s.path]) // max(cfg.num_layers, 1) * layers
+    attn = 4 * t * cfg.hidden_size * layers
     patch = 2 * cfg.patch_size ** 2 * cfg.num_channels * cfg.hidden_size * cfg.num_patches
     return float(images) * (t * (2 * n + attn) + patch)
+
+
+def vision_layers_run(cfg: MLLMConfig) -> int:
+    """ViT layers an MLLM runs: those up to ``vision_feature_layer`` (hidden state ``i`` is the
+    output of layer ``i``; 0 is the embeddings), the only vision output the MLLM uses."""
+    n, fl = cfg.vision.num_layers, cfg.vision_feature_layer
+    return fl if fl >= 0 else n + 1 + fl
 
 
 def mllm_forward_flops(cfg: MLLMConfig, batch: int, seq_len: int, images: int) -> float:
     proj_tokens = cfg.tokens_per_image        # the pool adapter pools first, then its MLP
     dv, dl = cfg.vision.hidden_size, cfg.decoder.hidden_size
     proj = 2.0 * images * proj_tokens * (dv * dl + dl * dl)
-    return decoder_forward_flops(cfg.decoder, batch, seq_len) + vision_forward_flops(cfg.vision, images) + proj
+    vision = vision_forward_flops(cfg.vision, images, vision_layers_run(cfg))
+    return decoder_forward_flops(cfg.decoder, batch, seq_len) + vision + proj
 
 
 def train_flops(forward_flops: float) -> float:
@@ -204,5 +220,5 @@ def device_peak_flops(device=None) -> tuple[float, str]:
 
 
 __all__ = ["ParamSpec", "decoder_params", "vision_params", "mllm_params", "decoder_forward_flops",
-           "vision_forward_flops", "mllm_forward_flops", "train_flops", "ACCELERATORS",
+           "vision_forward_flops", "vision_layers_run", "mllm_forward_flops", "train_flops", "ACCELERATORS",
            "device_peak_flops", "CPU_PEAK_PER_CORE"]

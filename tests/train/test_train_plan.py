@@ -119,13 +119,34 @@ def test_projector_flops_agree_with_xla_cost_analysis(kind):
     v = VisionConfig(image_size=32, patch_size=4, hidden_size=256)
     cfg = MLLMConfig(vision=v, decoder=DecoderConfig(hidden_size=512),
                      projector=ProjectorConfig(kind=kind, pool_size=2))
-    ours = F.mllm_forward_flops(cfg, 1, 8, 3) - F.mllm_forward_flops(cfg, 1, 8, 0) - F.vision_forward_flops(v, 3)
+    ours = (F.mllm_forward_flops(cfg, 1, 8, 3) - F.mllm_forward_flops(cfg, 1, 8, 0)
+            - F.vision_forward_flops(v, 3, F.vision_layers_run(cfg)))
     rngs = nnx.Rngs(0)
     mod = (PoolAdapter(256, 512, v.grid_size, cfg.projector, rngs=rngs) if kind == "pool"
            else MLPProjector(256, 512, cfg.projector, rngs=rngs))
     cost = jax.jit(lambda x: mod(x)).lower(jnp.zeros((3, v.num_patches, 256))).compile().cost_analysis()
     xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
     assert 0.85 < ours / xla < 1.1, (ours, xla)
+
+
+@pytest.mark.parametrize("feature_layer", [-2, -1, 1])
+def test_mllm_vision_flops_count_the_layers_up_to_the_feature_layer(feature_layer):
+    """The vision + projector share of ``mllm_forward_flops`` ~ XLA's count for ``encode_images``,
+    which runs the ViT only up to ``vision_feature_layer`` (LLaVA's -2 skips the last layer: all
+    4 layers were counted, 1.29x XLA's count here; 3.4x with feature layer 1). XLA also counts
+    the elementwise work (layer norms, GELU, softmax): a few %."""
+    import jax
+    import jax.numpy as jnp
+    from mllm_jax.config import DecoderConfig, MLLMConfig, VisionConfig
+    from mllm_jax.models.mllm import MLLM
+    v = VisionConfig(image_size=32, patch_size=4, hidden_size=128, intermediate_size=512, num_layers=4)
+    cfg = MLLMConfig(vision=v, decoder=DecoderConfig(hidden_size=128, intermediate_size=256, num_layers=1),
+                     vision_feature_layer=feature_layer)
+    model = MLLM(cfg, rngs=nnx.Rngs(0))
+    cost = jax.jit(lambda px: model.encode_images(px)).lower(jnp.zeros((2, 32, 32, 3))).compile().cost_analysis()
+    xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    ours = F.mllm_forward_flops(cfg, 1, 1, 2) - F.mllm_forward_flops(cfg, 1, 1, 0)
+    assert 0.95 < ours / xla < 1.02, (ours, xla)
 
 
 def test_shape_only_rngs_build_the_same_abstract_model():
