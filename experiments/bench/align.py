@@ -38,12 +38,15 @@ from _env import allocator, allocator_line, warn_if_unset  # noqa: E402
 # ---- references ------------------------------------------------------------------------------
 
 def tslearn_sdtw_vg(x, y, gamma):
-    """Value and gradient w.r.t. x of soft-DTW for each pair (tslearn's numba kernels)."""
+    """Value and gradient w.r.t. x of soft-DTW for each pair (tslearn's numba kernels). The
+    backend is named (``be="numpy"``): left to tslearn, it is guessed from ``str(array)``, a
+    formatted print of each array on each call (measured: 1.0 ms instead of 0.43 ms per pair at
+    n = 32, d = 256)."""
     from tslearn.metrics import SoftDTW, SquaredEuclidean
     out = []
     for a, b in zip(x, y):
-        d = SquaredEuclidean(a, b)
-        s = SoftDTW(d, gamma=gamma)
+        d = SquaredEuclidean(a, b, be="numpy")
+        s = SoftDTW(d, gamma=gamma, be="numpy")
         v = s.compute()
         out.append((v, d.jacobian_product(s.grad())))
     return out
