@@ -310,7 +310,7 @@ def main(argv=None) -> int:
             "ours_rss_growth_mb": ours["rss_growth_mb"], "ref_rss_growth_mb": ref["rss_growth_mb"],
             "ours_impl": ours["impl"], "ref_impl": ref["impl"], "batch": b, "seq_len": t,
             "dtype": case.get("dtype", "float32"),
-            "steps": steps, "rounds": rounds,
+            "steps": steps, "rounds": rounds, "ref_torch_threads": runs["ref"][0].get("torch_threads"),
         })
     peaks.append(_run_worker("peak", {"n": n}))
     peak = {k: max(p[k] for p in peaks) for k in ("jax_flops", "torch_flops", "jax_bf16_flops", "torch_bf16_flops")}
@@ -330,7 +330,10 @@ def main(argv=None) -> int:
                  "measured_torch_bf16_matmul_flops": peak["torch_bf16_flops"],
                  "matmul_n": peak["n"], "nominal_cpu_flops": F.CPU_PEAK_PER_CORE * (os.cpu_count() or 1)},
         "targets": {"ratio": 1.5, "mfu_of_measured_peak": 0.30},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+        # XLA:CPU's intra-op pool has one thread per CPU this process may run on; torch's count is per case
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+                    "python": platform.python_version(),
                     "load_avg": [round(x, 2) for x in os.getloadavg()], "allocator": allocator()},
         "quick": bool(args.quick),
     }
