@@ -293,7 +293,10 @@ def generate(model: nnx.Module, input_ids=None, *, inputs_embeds=None, attention
         if inputs_embeds.ndim != 3:
             raise ValueError(f"generate: inputs_embeds must be [B, T, D], got shape {inputs_embeds.shape}")
     b, t = prompt.shape[:2]
-    attention_mask = np.ones((b, t), np.int32) if attention_mask is None else np.asarray(attention_mask)
+    if attention_mask is None:
+        attention_mask = np.ones((b, t), np.int32)
+    elif not hasattr(attention_mask, "shape"):     # a nested list; an array or tracer stays as it is
+        attention_mask = np.asarray(attention_mask)
     if tuple(attention_mask.shape) != (b, t):
         raise ValueError(f"generate: attention_mask has shape {attention_mask.shape}, expected {(b, t)}")
     if not isinstance(attention_mask, jax.core.Tracer):

@@ -129,6 +129,19 @@ def test_python_lists_and_numpy_scalars_are_accepted(models):
     assert int(out.lengths[0]) <= 2
 
 
+def test_a_traced_attention_mask_is_accepted():
+    """generate under jax.jit with the mask an argument: np.asarray of the tracer raised
+    TracerArrayConversionError (the list support converted every mask to numpy)."""
+    from mllm_jax.config.model import DecoderConfig
+    from mllm_jax.models.decoder import Decoder
+    model = Decoder(DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1),
+                    rngs=nnx.Rngs(0))
+    ids, mask = np.array([[1, 2, 3], [4, 5, 6]], np.int32), np.array([[1, 1, 1], [0, 1, 1]], np.int32)
+    want = generate(model, ids, attention_mask=mask, max_new_tokens=3, cpu_kernels=False).tokens
+    traced = jax.jit(lambda i, m: generate(model, i, attention_mask=m, max_new_tokens=3, cpu_kernels=False).tokens)
+    np.testing.assert_array_equal(np.asarray(traced(ids, mask)), np.asarray(want))
+
+
 def test_top_k_1_sampling_is_greedy(models):
     hf, model = models
     (ids, mask), _ = prompts(hf.config.vocab_size, seed=1)
