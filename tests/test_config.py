@@ -159,3 +159,12 @@ def test_exponent_floats_are_numbers_in_yaml_and_overrides(tmp_path):
                                 "name": "1e3x", "v": "1e-3"}
     assert type(cfg.data_options["big"]) is float and type(cfg.data_options["n"]) is int
     assert cfg.objective.options == {"tau": 0.05} and cfg.train.optim.lr == 3e-4
+
+
+def test_a_saved_string_that_looks_like_an_exponent_float_loads_back_as_the_string(tmp_path):
+    """save_config wrote the string "1e3" unquoted (PyYAML's dumper knows only YAML 1.1 floats);
+    load_config then read it as 1000.0: a str field raised ConfigError and a free-form value changed."""
+    cfg = dataclasses.replace(ExperimentConfig(), name="1e3", data_options={"v": "2E-4", "x": 1e-3})
+    save_config(cfg, tmp_path / "c.yaml")
+    back = load_config(tmp_path / "c.yaml", ExperimentConfig)
+    assert back.name == "1e3" and back.data_options == {"v": "2E-4", "x": 1e-3}

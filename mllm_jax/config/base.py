@@ -24,10 +24,15 @@ class _Loader(yaml.SafeLoader):
     "1e-3", and inside a free-form mapping such as ``objective.options`` nothing converts it)."""
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
+class _Dumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that quotes strings ``_Loader`` would read as floats (``"1e3"``), so
+    that a saved config loads back with the same values."""
+
+
+_FLOAT_E = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_E, list("-+0123456789"))
+del _cls
 
 
 def load_yaml(text: str):
@@ -210,7 +215,7 @@ def load_config(path: str | Path, cls, overrides=()):
 
 
 def save_config(cfg, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False))
 
 
 def config_hash(cfg) -> str:
