@@ -37,8 +37,14 @@ class MixtureIterator:
                 out[name] = it.pad_seq_lengths(batch[name], mine)
         return out
 
-    def blank_like(self, batch: dict) -> dict:
-        return {name: it.blank_like(batch[name]) for name, it in self.streams.items()}
+    @property
+    def blank_like(self):
+        """``blank_like(batch)``: every stream's padding rows. Absent (``hasattr`` is False) unless
+        every stream has ``blank_like``, so that evaluation stops when any process's data ends
+        instead of the ended process failing alone while the others wait in a collective."""
+        if not all(hasattr(it, "blank_like") for it in self.streams.values()):
+            raise AttributeError("blank_like: not every stream of this MixtureIterator has blank_like")
+        return lambda batch: {name: it.blank_like(batch[name]) for name, it in self.streams.items()}
 
     def get_state(self) -> dict:
         return {name: it.get_state() for name, it in self.streams.items()}

@@ -84,3 +84,29 @@ def test_processes_agree_on_the_longest_sequence_length(monkeypatch):
     assert out["views"]["image"] is mine["views"]["image"] and out["views"]["text"] is mine["views"]["text"]
     other.update({"pairs": 8, "views/image": 16, "views/text": 8})
     assert distributed.same_seq_lengths(mix, mine) is mine       # already the longest everywhere
+
+
+def test_a_mixture_with_a_stream_that_cannot_blank_stops_eval_everywhere(monkeypatch):
+    """MixtureIterator.blank_like existed whatever its streams: a process whose mixture ended
+    (code 1: 'can feed blanks') then called a stream's missing blank_like and failed alone while
+    the others waited in the next all-gather. Such a mixture has no blank_like: all stop."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from mllm_jax.data.mixture import MixtureIterator
+    from mllm_jax.data.pipeline import DataIterator
+
+    stream = DataIterator(lambda epoch: iter(()), num_epochs=1, batch_size=2, drop_remainder=True,
+                          max_skip_fraction=0.0)
+    assert hasattr(MixtureIterator({"a": stream, "b": stream}), "blank_like")
+    class Ended:                      # an ended stream that can blank
+        def __next__(self):
+            raise StopIteration
+
+        def blank_like(self, batch):
+            return batch
+    mix = MixtureIterator({"a": Ended(), "b": iter(())})         # b: a plain iterator
+    assert not hasattr(mix, "blank_like")
+    monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack([np.asarray(x), np.int32(0)]))
+    last = {"a": {"input_ids": np.ones((2, 4), np.int32)}, "b": {"input_ids": np.ones((2, 4), np.int32)}}
+    assert distributed.next_or_blank_on_every_process(mix, last) == (None, True)   # the other one goes on
