@@ -168,3 +168,13 @@ def test_a_saved_string_that_looks_like_an_exponent_float_loads_back_as_the_stri
     save_config(cfg, tmp_path / "c.yaml")
     back = load_config(tmp_path / "c.yaml", ExperimentConfig)
     assert back.name == "1e3" and back.data_options == {"v": "2E-4", "x": 1e-3}
+
+
+@pytest.mark.parametrize("layer", [-5, 4])
+def test_vision_feature_layer_out_of_range_is_refused(layer):
+    """A 3-layer tower has hidden states 0..3 (or -1..-4): another index failed only when the
+    model ran, and plan counted negative or extra vision FLOPs for it."""
+    with pytest.raises(ConfigError, match=f"model.vision_feature_layer: {layer}; the vision tower has 3 layers"):
+        MLLMConfig(vision=VisionConfig(num_layers=3), vision_feature_layer=layer)
+    for ok in (-4, -1, 0, 3):
+        MLLMConfig(vision=VisionConfig(num_layers=3), vision_feature_layer=ok)

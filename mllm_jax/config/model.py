@@ -341,6 +341,12 @@ class MLLMConfig:
     contrastive_temperature: Optional[float] = None  # creates learned logit_scale (+ logit_bias) params
     contrastive_bias: float = -10.0        # initial logit_bias (SigLIP)
 
+    def __post_init__(self):
+        n = self.vision.num_layers      # hidden states 0 (the embeddings) .. n, or -1 .. -(n + 1)
+        if not -(n + 1) <= self.vision_feature_layer <= n:
+            raise ConfigError(f"model.vision_feature_layer: {self.vision_feature_layer}; the vision tower has "
+                              f"{n} layers, so hidden states {-(n + 1)}..{n}")
+
     @property
     def tokens_per_image(self) -> int:
         if self.projector.kind == "pool":
