@@ -98,13 +98,9 @@ def cmd_plan(args) -> int:
         # a recipe's base config is no stage's model (what trains, LoRA): plan each stage as it runs
         runs = [(None, cfg)]
         if cfg.stages:
-            from mllm_jax.config import ConfigError, parse_overrides
-            from mllm_jax.train.stages import stage_config
-            names = [s.name for s in cfg.stages]
-            if args.stage is not None and args.stage not in names:
-                raise ConfigError(f"--stage {args.stage!r}: no such stage; the recipe has {names}")
-            runs = [(s.name, stage_config(cfg, s, None, parse_overrides(args.overrides)))
-                    for s in cfg.stages if args.stage in (None, s.name)]
+            from mllm_jax.config import parse_overrides
+            from mllm_jax.train.stages import stage_configs
+            runs = [(s.name, c) for s, c in stage_configs(cfg, args.stage, parse_overrides(args.overrides))]
         elif args.stage is not None:
             raise ValueError(f"--stage {args.stage!r}: the config defines no stages")
         plans = [(name, make_plan(c, mesh, global_batch=args.global_batch, mfu=args.mfu,

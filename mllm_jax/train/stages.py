@@ -94,29 +94,36 @@ def stage_config(base: ExperimentConfig, stage: StageConfig, previous_run_dir: O
     return dataclasses.replace(cfg, name=f"{base.name}/{stage.name}", train=train)
 
 
-def run_stages(cfg: ExperimentConfig, run_one: Callable[[ExperimentConfig], object],
-               only: Optional[str] = None, overrides: Optional[dict] = None) -> list:
-    """Runs every stage of ``cfg.stages`` in order (or just ``only``) with ``run_one(stage_cfg)``;
-    ``overrides`` as in ``stage_config``."""
+def stage_configs(cfg: ExperimentConfig, only: Optional[str] = None,
+                  overrides: Optional[dict] = None) -> list[tuple[StageConfig, ExperimentConfig]]:
+    """``(stage, its config)`` for every stage of ``cfg.stages`` in order (or just ``only``),
+    each initialised from the previous stage's run dir; ``overrides`` as in ``stage_config``.
+    Every stage's config is built, so a typo in stage 3 fails before stage 1 runs."""
     names = [s.name for s in cfg.stages]
     if len(set(names)) != len(names):
         raise ConfigError(f"stages: names must be unique, got {names}")
     if only is not None and only not in names:
         raise ConfigError(f"--stage {only!r}: no such stage; the recipe has {names}")
-    configs, prev = [], None
-    for stage in cfg.stages:          # every stage's config first: a typo in stage 3 fails now
-        configs.append(stage_config(cfg, stage, prev, overrides))
-        prev = configs[-1].train.run_dir
+    out, prev = [], None
+    for stage in cfg.stages:
+        out.append((stage, stage_config(cfg, stage, prev, overrides)))
+        prev = out[-1][1].train.run_dir
+    return [(stage, scfg) for stage, scfg in out if only in (None, stage.name)]
+
+
+def run_stages(cfg: ExperimentConfig, run_one: Callable[[ExperimentConfig], object],
+               only: Optional[str] = None, overrides: Optional[dict] = None) -> list:
+    """Runs every stage of ``cfg.stages`` in order (or just ``only``) with ``run_one(stage_cfg)``;
+    ``overrides`` as in ``stage_config``."""
     results = []
-    for stage, scfg in zip(cfg.stages, configs):
-        if only is None or stage.name == only:
-            log.info("stage %s: run dir %s, init from %s", stage.name, scfg.train.run_dir, scfg.train.init_from)
-            results.append(run_one(scfg))
-            if getattr(results[-1], "status", None) == "preempted":
-                # the next stage must not start from this one's unfinished checkpoint; rerunning
-                # the recipe resumes this stage, then goes on
-                log.warning("stage %s was preempted; later stages not started", stage.name)
-                break
+    for stage, scfg in stage_configs(cfg, only, overrides):
+        log.info("stage %s: run dir %s, init from %s", stage.name, scfg.train.run_dir, scfg.train.init_from)
+        results.append(run_one(scfg))
+        if getattr(results[-1], "status", None) == "preempted":
+            # the next stage must not start from this one's unfinished checkpoint; rerunning
+            # the recipe resumes this stage, then goes on
+            log.warning("stage %s was preempted; later stages not started", stage.name)
+            break
     return results
 
 
@@ -199,4 +206,5 @@ def _merge_lora(loaded: dict, keys: list[str], saved_cfg: Optional[dict], where)
     return out
 
 
-__all__ = ["infmllm_stages", "stage_config", "run_stages", "load_params_into", "StageHandoverError", "NEW_ADAPTERS"]
+__all__ = ["infmllm_stages", "stage_config", "stage_configs", "run_stages", "load_params_into", "StageHandoverError",
+           "NEW_ADAPTERS"]
