@@ -23,8 +23,9 @@ of the single steps are in the JSON too). Not the fastest single step: with the 
 already queued, a completion the host notices late (descheduled on a loaded machine) makes the
 next interval short, down to the dispatch alone (measured: 0.7 ms intervals in a 10 ms
 lm-tiny step), while a sum over consecutive steps is not fooled. The peak is measured in the
-same run, before and after the cases: the best throughput of a large jitted float32 matmul (and
-torch's, for context). MFU = training FLOPs per step (``mllm_jax.train.flops``: 6N + attention, counted
+same run, before and after the cases: the best throughput of a large jitted float32 matmul (the
+faster of XLA:CPU's YNNPACK and Eigen GEMMs: float32 steps run their dots on Eigen, see
+``loop.step_compiler_options``; and torch's, for context). MFU = training FLOPs per step (``mllm_jax.train.flops``: 6N + attention, counted
 from the config) / step time / measured peak. ratio = reference time / our time (> 1: ours is
 faster). Each case runs in one dtype on both sides: float32, or (``-bf16`` cases) bfloat16
 compute with float32 params (ours: the layers' bfloat16 path; the reference: torch.autocast),
@@ -127,7 +128,7 @@ def worker_ours(case: dict, steps: int) -> dict:
 
     from mllm_jax import sharding as shd
     from mllm_jax.config import OptimConfig
-    from mllm_jax.train.loop import jit_train_step, make_train_step
+    from mllm_jax.train.loop import jit_train_step, make_train_step, step_compiler_options
     from mllm_jax.train.optim import build_optimizer
     from mllm_jax.train.registry import make_loss_fn, ntp_objective
     from mllm_jax.train.state import create_train_state
@@ -148,7 +149,9 @@ def worker_ours(case: dict, steps: int) -> dict:
     tx, sched = build_optimizer(optim, 1000)
     mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     state, shardings = create_train_state(model_fn, tx, optim, mesh, seed=0)
-    step = jit_train_step(make_train_step(make_loss_fn(ntp_objective(None)), tx, sched, mesh=mesh), shardings, mesh)
+    options = step_compiler_options(state)  # as fit chooses them (train.xla_options unset)
+    step = jit_train_step(make_train_step(make_loss_fn(ntp_objective(None)), tx, sched, mesh=mesh), shardings, mesh,
+                          options)
     batch = jax.device_put(_batch_np(case, dec, mllm))
     box = [state]
 
@@ -156,7 +159,7 @@ def worker_ours(case: dict, steps: int) -> dict:
         box[0], m = step(box[0], batch)
         return m["loss"]
     times = _timed_pipelined(dispatch, steps, warmup=2)
-    return {"step_s": statistics.median(times), "times": times, "impl": impl,
+    return {"step_s": statistics.median(times), "times": times, "impl": impl, "xla_options": options,
             "peak_rss_mb": _rss_mb(), "base_rss_mb": base}
 
 
@@ -213,15 +216,22 @@ def worker_peak(n: int) -> dict:
     import torch
     a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)).astype(np.float32))
     ab = a.astype(jnp.bfloat16)
+    from mllm_jax.train.loop import CPU_FLOAT32_OPTIONS
     f = jax.jit(lambda x, y: x @ y)
+    # float32 steps run their dots on Eigen (loop.step_compiler_options): the peak is the faster
+    # of XLA:CPU's two float32 GEMMs
+    fe = jax.jit(lambda x, y: x @ y, compiler_options=CPU_FLOAT32_OPTIONS)
     fb = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))  # as the bf16 layers run
-    jax_t = min(_timed(lambda: f(a, a).block_until_ready(), 5, warmup=2))
+    jax_ynn_t = min(_timed(lambda: f(a, a).block_until_ready(), 5, warmup=2))
+    jax_eigen_t = min(_timed(lambda: fe(a, a).block_until_ready(), 5, warmup=2))
+    jax_t = min(jax_ynn_t, jax_eigen_t)
     jax_bt = min(_timed(lambda: fb(ab, ab).block_until_ready(), 5, warmup=2))
     ta = torch.from_numpy(np.asarray(a))
     tb = ta.to(torch.bfloat16)
     torch_t = min(_timed(lambda: ta @ ta, 5, warmup=2))
     torch_bt = min(_timed(lambda: tb @ tb, 5, warmup=2))
     return {"n": n, "jax_flops": 2 * n ** 3 / jax_t, "torch_flops": 2 * n ** 3 / torch_t,
+            "jax_ynn_flops": 2 * n ** 3 / jax_ynn_t, "jax_eigen_flops": 2 * n ** 3 / jax_eigen_t,
             "jax_bf16_flops": 2 * n ** 3 / jax_bt, "torch_bf16_flops": 2 * n ** 3 / torch_bt}
 
 
@@ -308,12 +318,14 @@ def main(argv=None) -> int:
             "ours_tokens_per_s": tokens / ours["best_s"], "ref_tokens_per_s": tokens / ref["best_s"],
             "ours_peak_rss_mb": ours["peak_rss_mb"], "ref_peak_rss_mb": ref["peak_rss_mb"],
             "ours_rss_growth_mb": ours["rss_growth_mb"], "ref_rss_growth_mb": ref["rss_growth_mb"],
-            "ours_impl": ours["impl"], "ref_impl": ref["impl"], "batch": b, "seq_len": t,
+            "ours_impl": ours["impl"], "ours_xla_options": runs["ours"][0]["xla_options"],
+            "ref_impl": ref["impl"], "batch": b, "seq_len": t,
             "dtype": case.get("dtype", "float32"),
             "steps": steps, "rounds": rounds, "ref_torch_threads": runs["ref"][0].get("torch_threads"),
         })
     peaks.append(_run_worker("peak", {"n": n}))
-    peak = {k: max(p[k] for p in peaks) for k in ("jax_flops", "torch_flops", "jax_bf16_flops", "torch_bf16_flops")}
+    peak = {k: max(p[k] for p in peaks) for k in ("jax_flops", "jax_ynn_flops", "jax_eigen_flops", "torch_flops",
+                                                  "jax_bf16_flops", "torch_bf16_flops")}
     peak["n"] = n
     for c in cases:
         # MFU against the measured matmul peak of the case's compute dtype
@@ -326,6 +338,8 @@ def main(argv=None) -> int:
     result = {
         "cases": cases, "skipped": skipped,
         "peak": {"measured_jax_matmul_flops": peak["jax_flops"], "measured_torch_matmul_flops": peak["torch_flops"],
+                 "measured_jax_ynn_matmul_flops": peak["jax_ynn_flops"],
+                 "measured_jax_eigen_matmul_flops": peak["jax_eigen_flops"],
                  "measured_jax_bf16_matmul_flops": peak["jax_bf16_flops"],
                  "measured_torch_bf16_matmul_flops": peak["torch_bf16_flops"],
                  "matmul_n": peak["n"], "nominal_cpu_flops": F.CPU_PEAK_PER_CORE * (os.cpu_count() or 1)},
@@ -345,23 +359,30 @@ def main(argv=None) -> int:
     return 0
 
 
+def _options_cell(options) -> str:
+    return ", ".join(f"`{k}={v}`" for k, v in options.items()) if options else "XLA defaults"
+
+
 def _markdown(r: dict) -> str:
     p = r["peak"]
     lines = ["# Train step: ours (jitted JAX) vs transformers + torch AdamW", "",
-             f"Measured matmul peak (n={p['matmul_n']}): float32 JAX {p['measured_jax_matmul_flops'] / 1e9:.1f}, "
+             f"Measured matmul peak (n={p['matmul_n']}): float32 JAX {p['measured_jax_matmul_flops'] / 1e9:.1f} "
+             f"(the faster of XLA:CPU's YNNPACK {p['measured_jax_ynn_matmul_flops'] / 1e9:.1f} and Eigen "
+             f"{p['measured_jax_eigen_matmul_flops'] / 1e9:.1f}), "
              f"torch {p['measured_torch_matmul_flops'] / 1e9:.1f} GFLOP/s; bfloat16 (float32 accumulation) JAX "
              f"{p['measured_jax_bf16_matmul_flops'] / 1e9:.1f}, torch {p['measured_torch_bf16_matmul_flops'] / 1e9:.1f}"
              f" GFLOP/s; nominal CPU table {p['nominal_cpu_flops'] / 1e9:.0f} GFLOP/s. MFU is against the JAX peak of "
              f"the case's dtype. Targets: ratio >= {r['targets']['ratio']}, "
              f"MFU >= {100 * r['targets']['mfu_of_measured_peak']:.0f}% of the measured peak.", "",
              "| case | dtype | ours ms | ref ms | ratio | ours tok/s | ref tok/s | MFU ours | MFU ref | "
-             "peak RSS ours / ref MB | ours impl |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "peak RSS ours / ref MB | ours impl | ours XLA options |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for c in r["cases"]:
         lines.append(f"| {c['name']} | {c['dtype']} | {1e3 * c['ours_s']:.1f} | {1e3 * c['ref_s']:.1f} | "
                      f"{c['ratio']:.2f} | {c['ours_tokens_per_s']:.0f} | {c['ref_tokens_per_s']:.0f} | "
                      f"{100 * c['mfu']:.1f}% | {100 * c['ref_mfu']:.1f}% | "
-                     f"{c['ours_peak_rss_mb']:.0f} / {c['ref_peak_rss_mb']:.0f} | {c['ours_impl']} |")
+                     f"{c['ours_peak_rss_mb']:.0f} / {c['ref_peak_rss_mb']:.0f} | {c['ours_impl']} | "
+                     f"{_options_cell(c.get('ours_xla_options'))} |")
     target = r["targets"]["ratio"]
     lines += ["", f"MFU ours would need for ratio {target} against the reference as measured (ratio x MFU ref): "
               + ", ".join(f"{c['name']} {100 * target * c['ref_mfu']:.0f}%" for c in r["cases"])

@@ -154,6 +154,8 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     peak_flops: Optional[float] = None     # per-device peak for MFU; default from the device table
+    xla_options: Optional[dict] = None     # jax.jit compiler_options of the train / eval steps; None:
+                                           # automatic (train.loop.step_compiler_options), {}: XLA's defaults
     init_from: Optional[str] = None        # run dir or checkpoint dir whose params start this run
     init_fresh: tuple[str, ...] = ()       # regexes: params that keep their fresh init instead (and
                                            # the checkpoint's params they match are dropped), e.g.

@@ -13,7 +13,7 @@ from flax import nnx
 from mllm_jax import sharding as shd
 from mllm_jax.config import ExperimentConfig
 from mllm_jax.train import registry
-from mllm_jax.train.loop import FitResult, evaluate, fit, make_eval_step
+from mllm_jax.train.loop import FitResult, evaluate, fit, make_eval_step, step_compiler_options
 from mllm_jax.train.optim import build_optimizer
 from mllm_jax.train.stages import run_stages
 
@@ -92,7 +92,8 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: Optional[str] = None,
     cfg = cfg.resolved()
     mesh = shd.make_mesh(*cfg.mesh.shape)
     state, step = restore_run(checkpoint or cfg.train.run_dir, cfg, mesh=mesh)
-    step_fn = jax.jit(make_eval_step(registry.build_loss_fn(cfg), mesh))
+    step_fn = jax.jit(make_eval_step(registry.build_loss_fn(cfg), mesh),
+                      compiler_options=step_compiler_options(state, cfg.train.xla_options))
     out = evaluate(step_fn, state, _data(cfg, "eval"), cfg.train.eval_steps if steps is None else steps, mesh, shd.DEFAULT_RULES)
     return {"step": step, **out}
 

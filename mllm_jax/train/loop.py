@@ -178,10 +178,36 @@ def make_eval_step(loss_fn: LossFn, mesh=None, rules: shd.Rules = shd.DEFAULT_RU
     return step
 
 
-def jit_train_step(step, shardings: TrainState, mesh):
-    """Jits ``step`` with the state's shardings in and out, and the state donated."""
+# XLA:CPU (jaxlib 0.10) runs every dot and most reductions through YNNPACK (its default fusion
+# types INDIVIDUAL_DOT and REDUCE). At the small float32 shapes of a 2-core host its dots are
+# slower than Eigen's GEMMs: train step lm-tiny -14 %, lm-small -4 %, lm-base -2 %, mllm-tiny
+# within noise with Eigen's (experiments/bench/train_step.py). bfloat16 dots need YNNPACK:
+# Eigen converts them to float32 (lm-small-bf16 +70 %). Hence, on CPU, a model with no
+# bfloat16 part keeps YNNPACK for the reductions only (a reduction's fusion may take in the dot
+# feeding it, as the attention softmax backward's).
+CPU_FLOAT32_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def step_compiler_options(state: TrainState, override: Optional[dict] = None) -> Optional[dict]:
+    """XLA compiler options for the jitted train and eval steps (``jax.jit(...,
+    compiler_options=)``): ``override`` (``train.xla_options``) if given (``{}``: XLA's
+    defaults); otherwise ``CPU_FLOAT32_OPTIONS`` on XLA:CPU when no module of the model computes
+    in bfloat16 (a ``dtype`` attribute), else ``None``. ``state`` may be abstract."""
+    if override is not None:
+        return dict(override) or None
+    if jax.default_backend() != "cpu":
+        return None
+    model = nnx.merge(state.graphdef, state.params, state.frozen, state.extra)
+    if any(getattr(m, "dtype", None) == jnp.bfloat16 for _, m in nnx.iter_modules(model)):
+        return None
+    return dict(CPU_FLOAT32_OPTIONS)
+
+
+def jit_train_step(step, shardings: TrainState, mesh, compiler_options: Optional[dict] = None):
+    """Jits ``step`` with the state's shardings in and out, and the state donated
+    (``compiler_options``: see ``step_compiler_options``)."""
     return jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, NamedSharding(mesh, P())),
-                   donate_argnums=(0,))
+                   donate_argnums=(0,), compiler_options=compiler_options)
 
 
 # ---- preemption ---------------------------------------------------------------------------------
@@ -323,9 +349,11 @@ def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], los
 
     writer = MetricsWriter(run_dir, enabled=primary, tensorboard=tc.tensorboard)
     progress = Progress(tc.steps, int(state.step), enabled=primary and tc.progress)
+    options = step_compiler_options(abstract, tc.xla_options)
     train_step = jit_train_step(make_train_step(loss_fn, tx, schedule, grad_accum=tc.optim.grad_accum,
-                                                mesh=mesh, rules=rules), shardings, mesh)
-    eval_step = jax.jit(make_eval_step(loss_fn, mesh, rules)) if eval_data or eval_hooks else None
+                                                mesh=mesh, rules=rules), shardings, mesh, options)
+    eval_step = (jax.jit(make_eval_step(loss_fn, mesh, rules), compiler_options=options)
+                 if eval_data or eval_hooks else None)
     history, eval_history = [], []
     step = int(state.step)
     last_saved = step if restored is not None else None
@@ -446,5 +474,5 @@ def _mesh_peak_flops(cfg: ExperimentConfig, mesh) -> Optional[float]:
     return peak * mesh.size
 
 
-__all__ = ["make_train_step", "make_eval_step", "jit_train_step", "fit", "evaluate", "FitResult",
+__all__ = ["make_train_step", "make_eval_step", "jit_train_step", "step_compiler_options", "CPU_FLOAT32_OPTIONS", "fit", "evaluate", "FitResult",
            "NonFiniteLossError", "StopSignal"]

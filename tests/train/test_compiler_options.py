@@ -1,0 +1,77 @@
+"""``loop.step_compiler_options``: on XLA:CPU a float32 model's train step runs its dots on Eigen
+(YNNPACK keeps the reductions), a model with a bfloat16 part keeps XLA's defaults, and
+``train.xla_options`` overrides both; ``fit`` and the eval path compile with them."""
+import re
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from mllm_jax.config import OptimConfig
+from mllm_jax.train.loop import CPU_FLOAT32_OPTIONS, jit_train_step, make_train_step, step_compiler_options
+from mllm_jax.train.optim import build_optimizer
+from mllm_jax.train.registry import make_loss_fn, ntp_objective
+from mllm_jax.train.state import abstract_train_state, create_train_state
+from tests.toy import TOY_LM, fit_toy, one_device_mesh, params_np, tiny_experiment
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU options")
+
+
+def _model_fn(**updates):
+    cfg = tiny_experiment(**updates)
+    return lambda: TOY_LM.build(cfg, nnx.Rngs(0))
+
+
+def _ynn_dots(hlo: str) -> int:
+    """YNNPACK fusions of an optimised XLA:CPU module that are a dot (their root); a reduction
+    fusion may still take in the dot feeding it (the softmax backward's)."""
+    bodies = dict(re.findall(r"\n(%[\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S))
+    called = re.findall(r"calls=(%[\w.\-]+)[^\n]*__ynn_fusion", hlo)
+    return sum(bool(re.search(r"ROOT [^\n]* dot\(", bodies[c])) for c in called)
+
+
+def test_options_follow_the_model_dtype_and_the_override():
+    tx, _ = build_optimizer(OptimConfig(), 10)
+    mesh = one_device_mesh()
+    f32, _ = abstract_train_state(_model_fn(), tx, OptimConfig(), mesh)
+    bf16, _ = abstract_train_state(_model_fn(**{"model.decoder.dtype": "bfloat16"}), tx, OptimConfig(), mesh)
+    assert step_compiler_options(f32) == CPU_FLOAT32_OPTIONS
+    assert step_compiler_options(bf16) is None
+    assert step_compiler_options(f32, {}) is None                      # {}: XLA's defaults
+    mine = {"xla_cpu_enable_fast_min_max": True}
+    assert step_compiler_options(bf16, mine) == mine
+
+
+def test_float32_step_runs_dots_outside_ynnpack_with_the_same_result():
+    """XLA's default CPU step runs its dots as YNNPACK fusions (the premise: a newer jaxlib may
+    change it); with the float32 options none, and one step gives the same loss and params."""
+    optim = OptimConfig(lr=1e-2, schedule="constant")
+    tx, sched = build_optimizer(optim, 10)
+    mesh = one_device_mesh()
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": rng.integers(0, 64, (4, 16)).astype(np.int32),
+             "labels": rng.integers(0, 64, (4, 16)).astype(np.int32), "loss_mask": np.ones((4, 16), np.int32)}
+    out = {}
+    for name, options in (("default", None), ("float32", CPU_FLOAT32_OPTIONS)):
+        state, shardings = create_train_state(_model_fn(), tx, optim, mesh, seed=0)
+        step = jit_train_step(make_train_step(make_loss_fn(ntp_objective(None)), tx, sched, mesh=mesh),
+                              shardings, mesh, options)
+        dots = _ynn_dots(step.lower(state, batch).compile().as_text())
+        state, m = step(state, batch)
+        out[name] = (dots, float(m["loss"]), params_np(state))
+    assert out["default"][0] > 0 and out["float32"][0] == 0
+    assert out["float32"][1] == pytest.approx(out["default"][1], rel=1e-6)
+    for k, v in out["default"][2].items():
+        np.testing.assert_allclose(out["float32"][2][k], v, atol=1e-6, rtol=0, err_msg=k)
+
+
+def test_fit_compiles_with_train_xla_options(tmp_path):
+    """``train.xla_options`` reaches the compiler: an option XLA does not know fails the run
+    naming it (a {} run trains)."""
+    cfg = tiny_experiment(**{"train.run_dir": str(tmp_path / "bad"), "train.steps": 1,
+                             "train.xla_options": {"xla_cpu_no_such_option": True}})
+    with pytest.raises(Exception, match="xla_cpu_no_such_option"):
+        fit_toy(cfg)
+    cfg = tiny_experiment(**{"train.run_dir": str(tmp_path / "ok"), "train.steps": 1, "train.xla_options": {}})
+    assert np.isfinite(fit_toy(cfg).history[-1]["loss"])
