@@ -160,6 +160,10 @@ class TrainConfig:
     init_fresh: tuple[str, ...] = ()       # regexes: params that keep their fresh init instead (and
                                            # the checkpoint's params they match are dropped), e.g.
                                            # ['^projector\.'] for a new adapter between a ViT and an LLM
+    init_parts: dict = dataclasses.field(default_factory=dict)
+                                           # {part: dir}: the params under `<part>.` start from that
+                                           # checkpoint (of the part alone, e.g. a converted CLIP
+                                           # tower for vision, or of a model that has it), after init_from
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
@@ -172,6 +176,10 @@ class TrainConfig:
             raise ConfigError(f"train.max_bad_steps: {self.max_bad_steps}; must be >= 1")
         check_local_path("train.run_dir", self.run_dir)
         check_local_path("train.init_from", self.init_from)
+        for part, path in self.init_parts.items():
+            if not isinstance(path, str) or not path:
+                raise ConfigError(f"train.init_parts.{part}: expected a checkpoint or run dir, got {path!r}")
+            check_local_path(f"train.init_parts.{part}", path)
         for r in self.init_fresh:
             try:
                 re.compile(r)

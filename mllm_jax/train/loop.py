@@ -342,9 +342,11 @@ def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], los
         log.info("resumed from %s at step %d", ckpt.step_dir(start), start)
     else:
         state, _ = create_train_state(model, tx, tc.optim, mesh, seed=tc.seed, rules=rules)
+        from mllm_jax.train.stages import load_params_into
         if tc.init_from:
-            from mllm_jax.train.stages import load_params_into
             state = load_params_into(state, shardings, find_checkpoint_dir(tc.init_from), tc.init_fresh)
+        for part, path in tc.init_parts.items():    # after init_from: a part's own checkpoint wins
+            state = load_params_into(state, shardings, find_checkpoint_dir(path), tc.init_fresh, prefix=part)
     del model
 
     writer = MetricsWriter(run_dir, enabled=primary, tensorboard=tc.tensorboard)

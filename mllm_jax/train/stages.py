@@ -14,6 +14,9 @@ that the new model does not have is merged into its base kernel (``kernel += alp
 a @ b``, with alpha and rank from the saved config); anything else is an error naming it.
 ``train.init_fresh`` (regexes) names params that keep their fresh init whatever the checkpoint
 has: InfMLLM's stage 1 puts a new pool-adapter between the ViT and LLM of a converted LLaVA.
+``train.init_parts`` (``{part: dir}``) starts the params under ``<part>.`` from a checkpoint of
+that part (a converted CLIP tower, a converted LLM), checked the same way: stage 1 from a ViT
+and an LLM saved separately. Only the first stage loads them; later ones start from the last.
 
 InfMLLM's three stages (METHODS.md §3) — ViT ``vision.*``, pool-adapter ``projector.*``,
 LLM ``decoder.*``:
@@ -88,8 +91,12 @@ def stage_config(base: ExperimentConfig, stage: StageConfig, previous_run_dir: O
     ``overrides`` (``{"a.b": value}``, e.g. the command line's) apply after the stage's updates:
     what the user typed wins over the recipe."""
     cfg = apply_updates(dataclasses.replace(base, stages=()), stage.updates, overrides or {})
-    init_from = previous_run_dir if stage.init_from_previous and previous_run_dir else cfg.train.init_from
-    train = dataclasses.replace(cfg.train, run_dir=str(Path(base.train.run_dir) / stage.name), init_from=init_from,
+    chained = bool(stage.init_from_previous and previous_run_dir)
+    # a stage that starts from the previous one takes all its params from there (train.init_parts,
+    # the pretrained parts the first stage started from, would undo what that stage trained)
+    train = dataclasses.replace(cfg.train, run_dir=str(Path(base.train.run_dir) / stage.name),
+                                init_from=previous_run_dir if chained else cfg.train.init_from,
+                                init_parts={} if chained else cfg.train.init_parts,
                                 checkpoint=dataclasses.replace(cfg.train.checkpoint, dir=None))
     return dataclasses.replace(cfg, name=f"{base.name}/{stage.name}", train=train)
 
@@ -130,13 +137,25 @@ def run_stages(cfg: ExperimentConfig, run_one: Callable[[ExperimentConfig], obje
 # ---- hand-over between stages -------------------------------------------------------------------
 
 def load_params_into(state: TrainState, shardings: TrainState, ckpt_dir: str | Path,
-                     fresh: Sequence[str] = ()) -> TrainState:
+                     fresh: Sequence[str] = (), *, prefix: Optional[str] = None) -> TrainState:
     """``state`` with its params replaced by the newest good checkpoint's in ``ckpt_dir``
     (strict: see the module docstring); each array lands in ``state``'s sharding. Params whose
     path matches a regex in ``fresh`` (``train.init_fresh``) keep ``state``'s values, and the
     checkpoint's params they match are read and dropped (a new adapter between a pretrained
-    ViT and LLM whose checkpoint has another projector)."""
-    ours = flat_params(state.all_params())
+    ViT and LLM whose checkpoint has another projector).
+
+    ``prefix`` (``train.init_parts``): only the params under ``<prefix>.`` are replaced (and
+    checked), the others keep ``state``'s values. The checkpoint is of that part alone (a
+    converted CLIP vision tower for ``"vision"``, a converted Llama for ``"decoder"``: its param
+    ``p`` is the model's ``<prefix>.p``), or of a whole model that has the part (its params under
+    ``<prefix>.``; the rest are read and dropped). ``fresh`` matches the model's full paths."""
+    ours_all = flat_params(state.all_params())
+    under = f"{prefix}." if prefix else ""
+    if prefix and not any(k.startswith(under) for k in ours_all):
+        parts = sorted({k.split(".", 1)[0] for k in ours_all})
+        raise StageHandoverError(f"train.init_parts: the model has no params under {prefix!r} "
+                                 f"(its top-level parts: {parts})")
+    ours = {k: v for k, v in ours_all.items() if k.startswith(under)}
     our_shardings = {**flat_params(shardings.params), **flat_params(shardings.frozen)}
     mesh = next(iter(our_shardings.values())).mesh
     new_ok = [re.compile(r) for r in NEW_ADAPTERS]
@@ -144,8 +163,12 @@ def load_params_into(state: TrainState, shardings: TrainState, ckpt_dir: str | P
     kept = lambda k: any(r.search(k) for r in keep)  # noqa: E731
     plan: dict = {}
 
-    def make_target(meta):
-        unmatched = [r.pattern for r in keep if not any(r.search(k) for k in [*ours, *meta])]
+    def make_target(meta_ckpt):
+        # the checkpoint's params by our names (None: read and dropped)
+        whole = not prefix or any(k.startswith(under) for k in meta_ckpt)
+        plan["ours"] = names = {k: (k if k.startswith(under) else None) if whole else under + k for k in meta_ckpt}
+        meta = {names[k]: v for k, v in meta_ckpt.items() if names[k] is not None}
+        unmatched = [r.pattern for r in keep if not any(r.search(k) for k in [*ours_all, *meta])]
         if unmatched:
             raise StageHandoverError(f"train.init_fresh: {unmatched} match no param of the model or of "
                                      f"{ckpt_dir} (a typo?)")
@@ -162,7 +185,8 @@ def load_params_into(state: TrainState, shardings: TrainState, ckpt_dir: str | P
                 unexpected.append(f"{k} {shape}")
         missing = [k for k in ours if k not in meta and not kept(k) and not any(r.search(k) for r in new_ok)]
         if missing or unexpected or misshaped:
-            lines = [f"{ckpt_dir}: checkpoint does not fit this model ({len(missing)} missing, "
+            lines = [f"{ckpt_dir}: checkpoint does not fit this model"
+                     f"{f' under {prefix!r}' if prefix else ''} ({len(missing)} missing, "
                      f"{len(unexpected)} unexpected, {len(misshaped)} mis-shaped)"]
             lines += [f"  missing:    {k}" for k in missing[:20]]
             lines += [f"  unexpected: {k}" for k in unexpected[:20]]
@@ -171,20 +195,27 @@ def load_params_into(state: TrainState, shardings: TrainState, ckpt_dir: str | P
         plan["merge"] = merge
         rep = NamedSharding(mesh, P())
         # our params keep the model's dtypes (a bfloat16 checkpoint is read as float32 params)
-        return {k: jax.ShapeDtypeStruct(shape, ours[k].dtype if k in ours and not kept(k) else dtype,
-                                        sharding=rep if kept(k) else our_shardings.get(k, rep))
-                for k, (shape, dtype) in meta.items()}
+        target = {}
+        for k, (shape, dtype) in meta_ckpt.items():
+            o = names[k]
+            use = o is not None and o in ours and not kept(o)
+            target[k] = jax.ShapeDtypeStruct(shape, ours[o].dtype if use else dtype,
+                                             sharding=our_shardings.get(o, rep) if use else rep)
+        return target
 
+    field = "train.init_parts" if prefix else "train.init_from"
     found = Checkpointer(ckpt_dir, read_only=True).restore_params(make_target)
     if found is None:
-        raise StageHandoverError(f"train.init_from: no checkpoint in {ckpt_dir}")
-    loaded, saved_cfg, step = found
+        raise StageHandoverError(f"{field}: no checkpoint in {ckpt_dir}")
+    loaded_ckpt, saved_cfg, step = found
+    loaded = {plan["ours"][k]: v for k, v in loaded_ckpt.items() if plan["ours"][k] is not None}
     merged = {k: v for k, v in _merge_lora(loaded, plan["merge"], saved_cfg, ckpt_dir).items() if not kept(k)}
     new_adapters = [k for k in ours if k not in loaded and not kept(k)]
-    new = {k: merged.get(k, v) for k, v in ours.items()}
-    log.info("init from %s step %d: %d params loaded, %d fresh adapters, %d kept fresh (train.init_fresh), "
-             "%d LoRA adapters merged", ckpt_dir, step, len(ours) - len(new_adapters) - sum(map(kept, ours)),
-             len(new_adapters), sum(map(kept, ours)), len(plan["merge"]) // 2)
+    new = {k: merged.get(k, v) for k, v in ours_all.items()}
+    log.info("init %sfrom %s step %d: %d params loaded, %d fresh adapters, %d kept fresh (train.init_fresh), "
+             "%d LoRA adapters merged", f"{prefix} " if prefix else "", ckpt_dir, step,
+             len(ours) - len(new_adapters) - sum(map(kept, ours)), len(new_adapters), sum(map(kept, ours)),
+             len(plan["merge"]) // 2)
     put = lambda like, sh: jax.device_put(unflatten_like(like, new), sh)  # noqa: E731
     return state.replace(params=put(state.params, shardings.params), frozen=put(state.frozen, shardings.frozen))
 

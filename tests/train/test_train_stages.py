@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mllm_jax.config import ExperimentConfig, StageConfig, apply_updates, load_config
+from mllm_jax.config import ConfigError, ExperimentConfig, StageConfig, apply_updates, load_config
 from mllm_jax.train.checkpoint import Checkpointer
 from mllm_jax.train.experiment import train_recipe
 from mllm_jax.train.optim import build_optimizer
-from mllm_jax.train.stages import StageHandoverError, infmllm_stages, load_params_into, stage_config
+from mllm_jax.train.stages import StageHandoverError, infmllm_stages, load_params_into, stage_config, stage_configs
 from mllm_jax.train.state import create_train_state
-from tests.toy import TOY_LM, TOY_MLLM, one_device_mesh, params_np, tiny_experiment, tiny_mllm_experiment, toy_data
+from tests.toy import (TOY_LM, TOY_MLLM, fit_toy, one_device_mesh, params_np, tiny_experiment, tiny_mllm_experiment,
+                       toy_data)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -239,4 +240,82 @@ def test_a_converted_llava_starts_a_pool_adapter_model(tmp_path):
     assert not np.array_equal(new["projector.linear_1.kernel"], np.asarray(llava["projector.linear_1.kernel"]))
     for k, v in new.items():
         want = before[k] if k.startswith("projector.") else np.asarray(llava[k])
+        np.testing.assert_array_equal(v, want, err_msg=k)
+
+
+def _save(path, params):
+    ck = Checkpointer(path)
+    ck.save_params(0, params)
+    ck.close()
+
+
+def test_init_parts_load_each_part_from_its_own_checkpoint(tmp_path):
+    """train.init_parts through fit: the vision tower from a checkpoint of the tower alone, the
+    decoder from a whole model's checkpoint (its other params dropped), the projector keeps its
+    fresh init; a part's checkpoint that does not fit names the part; a part the model lacks is
+    refused; a stage chained to the previous one does not reload the parts."""
+    a = params_np(_fresh_state(tiny_mllm_experiment(**{"train.seed": 1}), TOY_MLLM)[0])
+    b = params_np(_fresh_state(tiny_mllm_experiment(**{"train.seed": 2}), TOY_MLLM)[0])
+    _save(tmp_path / "tower", {k[len("vision."):]: v for k, v in a.items() if k.startswith("vision.")})
+    _save(tmp_path / "whole", b)
+    cfg = tiny_mllm_experiment(**{"train.run_dir": str(tmp_path / "run"), "train.steps": 0,
+                                  "train.init_parts": {"vision": str(tmp_path / "tower"),
+                                                       "decoder": str(tmp_path / "whole")}})
+    new = params_np(fit_toy(cfg).state)
+    fresh = params_np(_fresh_state(cfg, TOY_MLLM)[0])
+    assert not _same(_group(a, "vision."), _group(b, "vision."))           # the seeds differ: not vacuous
+    for k, v in new.items():
+        want = a[k] if k.startswith("vision.") else b[k] if k.startswith("decoder.") else fresh[k]
+        np.testing.assert_array_equal(v, want, err_msg=k)
+
+    state, shardings = _fresh_state(cfg, TOY_MLLM)
+    with pytest.raises(StageHandoverError, match=r"under 'decoder' \(\d+ missing(.|\n)*unexpected:\s+decoder\.patch_embed"):
+        load_params_into(state, shardings, tmp_path / "tower", prefix="decoder")
+    with pytest.raises(StageHandoverError, match=r"no params under 'vison'"):
+        load_params_into(state, shardings, tmp_path / "tower", prefix="vison")
+    stages = apply_updates(cfg, {"stages": [{"name": "one"}, {"name": "two"}]})
+    (_, first), (_, second) = stage_configs(stages)
+    assert first.train.init_parts == cfg.train.init_parts and second.train.init_parts == {}
+    for bad, msg in ((3, "expected a checkpoint or run dir"), ("gs://b/clip", "gs://")):
+        with pytest.raises(ConfigError, match=rf"train\.init_parts\.vision.*{msg}"):
+            tiny_mllm_experiment(**{"train.init_parts": {"vision": bad}})
+
+
+def test_init_parts_from_converted_clip_and_llama(tmp_path):
+    """InfMLLM stage 1 from a ViT and an LLM saved separately by transformers (CLIPVisionModel,
+    LlamaForCausalLM), each converted with `convert --from-hf`: every vision and decoder param of
+    the pool-adapter MLLM is the converted one, the adapter keeps its init."""
+    import dataclasses
+
+    import torch
+    import transformers
+
+    from mllm_jax.cli import main
+    from mllm_jax.config import ExperimentConfig, MLLMConfig, ProjectorConfig
+    from mllm_jax.convert.hf import flat_params, load_pretrained
+    from mllm_jax.train.registry import model_spec
+    torch.manual_seed(0)
+    vis = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=2, image_size=16, patch_size=4)
+    txt = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100, eos_token_id=2)
+    transformers.CLIPVisionModel(vis).save_pretrained(tmp_path / "hf_clip")
+    transformers.LlamaForCausalLM(txt).save_pretrained(tmp_path / "hf_llama")
+    for name in ("clip", "llama"):
+        assert main(["convert", "--from-hf", str(tmp_path / f"hf_{name}"), "--out", str(tmp_path / name)]) == 0
+    llava = transformers.LlavaConfig(vision_config=vis.to_dict(), text_config=txt.to_dict(), image_token_index=99,
+                                     vision_feature_layer=-1)
+    mcfg = dataclasses.replace(MLLMConfig.from_hf(llava.to_dict()), projector=ProjectorConfig(kind="pool", pool_size=2))
+    cfg = dataclasses.replace(ExperimentConfig(), model_name="mllm", model=mcfg)
+    state, shardings = _fresh_state(cfg, model_spec("mllm"))
+    before = params_np(state)
+    for part, src in (("vision", "clip"), ("decoder", "llama")):
+        state = load_params_into(state, shardings, tmp_path / src, prefix=part)
+    new = params_np(state)
+    got = {part: {f"{part}.{k}": np.asarray(v) for k, v in flat_params(load_pretrained(tmp_path / f"hf_{src}")).items()}
+           for part, src in (("vision", "clip"), ("decoder", "llama"))}
+    assert set(k for k in new if not k.startswith("projector.")) == set(got["vision"]) | set(got["decoder"])
+    for k, v in new.items():
+        part = k.split(".", 1)[0]
+        want = before[k] if part == "projector" else got[part][k]
         np.testing.assert_array_equal(v, want, err_msg=k)
