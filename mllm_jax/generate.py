@@ -309,6 +309,10 @@ def generate(model: nnx.Module, input_ids=None, *, inputs_embeds=None, attention
         cpu_kernels = _kernels_apply(state) and cpu_matmul.available()
     elif cpu_kernels and not cpu_matmul.available():
         raise cpu_matmul.KernelUnavailable(f"generate(cpu_kernels=True): {cpu_matmul.unavailable_reason()}")
+    elif cpu_kernels and not _kernels_apply(state):
+        raise ValueError("generate(cpu_kernels=True): the CPU kernel needs the model's weights as concrete arrays "
+                         "on one CPU device (these are sharded, on an accelerator, or traced); use "
+                         "cpu_kernels=None or False")
     packs = _PACKS.get(graphdef, state, model) if cpu_kernels else None
     return _generate(
         graphdef, state, packs, input_ids, inputs_embeds, attention_mask,

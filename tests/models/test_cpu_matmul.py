@@ -136,6 +136,9 @@ def test_sharded_weights_keep_xla_dot(models):
     assert generate_mod._kernels_apply(nnx.state(model))
     sharded = shard_model(nnx.clone(model), make_mesh(1, 4, 2))
     assert not generate_mod._kernels_apply(nnx.state(sharded))
+    ids = np.ones((1, 3), np.int32)
+    with pytest.raises(ValueError, match=r"cpu_kernels=True\): the CPU kernel needs .* one CPU device"):
+        generate_mod.generate(sharded, ids, max_new_tokens=2, cpu_kernels=True)
 
 
 def test_packed_weights_are_reused_and_follow_weight_updates(models):
