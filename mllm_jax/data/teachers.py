@@ -24,10 +24,14 @@ stale cache is never silently used.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -319,13 +323,56 @@ def _samples(source) -> Iterable[Optional[Sample]]:
             yield s
 
 
+@contextlib.contextmanager
+def _build_lock(path: Path):
+    """An exclusive lock on ``<path>.lock`` (next to the cache folder) while a process checks or
+    builds the cache: runs started together on one cache folder build it once (the others wait,
+    then open it), and none deletes a folder another is writing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("teacher cache %s: waiting for another process that is building it", path)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def build_cache(teacher, source, path: str | Path, *, chunk: int = 256, source_fingerprint: Optional[str] = None) -> TeacherCache:
     """Computes ``teacher`` on every sample of ``source`` (records that fail validation are left
-    out: the pipeline skips them too) and writes the cache atomically (meta.json last)."""
-    import tensorstore as ts
+    out: the pipeline skips them too) and writes the cache atomically: into a temporary folder
+    next to ``path`` (meta.json last), which then replaces ``path``. A build that fails leaves
+    ``path`` as it was; one that is killed leaves a ``.<name>.building-*`` folder that the next
+    build removes. Concurrent builds of one ``path`` should hold ``_build_lock`` (as
+    ``ensure_cache`` does)."""
     path = Path(path)
-    if path.exists():
-        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.building-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = path.with_name(f".{path.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        _write_cache(teacher, source, tmp, chunk=chunk, source_fingerprint=source_fingerprint)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            path.rename(old)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    cache = TeacherCache(path)
+    log.info("teacher cache %s: %d samples, %d rows (%d invalid records left out)", path,
+             cache.meta["num_samples"], cache.meta["num_rows"], cache.meta["skipped_invalid"])
+    return cache
+
+
+def _write_cache(teacher, source, path: Path, *, chunk: int, source_fingerprint: Optional[str]) -> None:
+    import tensorstore as ts
     path.mkdir(parents=True)
     ids, offsets, counts, hashes = [], [], [], []
     store, total = None, 0
@@ -372,8 +419,6 @@ def build_cache(teacher, source, path: str | Path, *, chunk: int = 256, source_f
     tmp = path / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1))
     tmp.replace(path / "meta.json")
-    log.info("teacher cache %s: %d samples, %d rows (%d invalid records left out)", path, len(ids), total, skipped)
-    return TeacherCache(path)
 
 
 def _first_dup(ids):
@@ -388,11 +433,13 @@ def ensure_cache(teacher, source, path: str | Path) -> TeacherCache:
     """Opens the cache at ``path`` if it was built by this teacher for this source, else
     rebuilds it (logging why). Sources with a ``fingerprint()`` method are checked by it."""
     fp = source.fingerprint() if hasattr(source, "fingerprint") else None
-    try:
-        return TeacherCache(path, fingerprint=teacher.fingerprint(), source=fp)
-    except StaleCacheError as e:
-        log.warning("rebuilding teacher cache: %s", e)
-    return build_cache(teacher, source, path, source_fingerprint=fp)
+    path = Path(path)
+    with _build_lock(path):
+        try:
+            return TeacherCache(path, fingerprint=teacher.fingerprint(), source=fp)
+        except StaleCacheError as e:
+            log.warning("rebuilding teacher cache: %s", e)
+        return build_cache(teacher, source, path, source_fingerprint=fp)
 
 
 __all__ = [

@@ -320,3 +320,49 @@ def test_a_failed_cache_build_on_process_0_stops_every_process(tmp_path, monkeyp
     with pytest.raises(RuntimeError, match=f"{tmp_path / 'c'}: process 0 failed to build the minilm teacher cache"):
         sources._shared_cache(Broken(), src, tmp_path / "c")
     assert told == [True, False]  # process 1 itself had nothing to report
+
+
+class _SlowPixels(TC.PixelTeacher):
+    """PixelTeacher that counts its embed calls and takes its time (so builds overlap)."""
+    calls = 0
+
+    def embed(self, segments):
+        import time
+        type(self).calls += 1
+        time.sleep(0.2)
+        return super().embed(segments)
+
+
+def test_concurrent_ensure_cache_builds_once(tmp_path):
+    """Two runs starting together on one cache folder: one builds, the other waits and opens the
+    built cache (before: both built, each deleting the other's folder as it went). A failed
+    rebuild leaves the previous cache in place, and a killed build's folder is cleaned up."""
+    import threading
+    src, path = _source(), tmp_path / "pixel"
+    out, errors = [], []
+
+    def run():
+        try:
+            out.append(TC.ensure_cache(_SlowPixels(seed=0), src, path))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(out) == 2
+    assert _SlowPixels.calls == 1        # 24 records, fewer samples than a chunk: one call per build
+    s = validate_sample(src[0])
+    for c in out:
+        np.testing.assert_array_equal(c.features(s), TC.PixelTeacher(seed=0).embed(s.segments))
+
+    class Broken(TC.PixelTeacher):
+        def embed(self, segments):
+            raise RuntimeError("teacher crashed")
+    (path.parent / f".{path.name}.building-123-dead").mkdir()          # left by a killed build
+    with pytest.raises(RuntimeError, match="teacher crashed"):
+        TC.ensure_cache(Broken(seed=1), src, path)
+    kept = TC.TeacherCache(path, fingerprint=TC.PixelTeacher(seed=0).fingerprint())
+    np.testing.assert_array_equal(kept.features(s), TC.PixelTeacher(seed=0).embed(s.segments))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
