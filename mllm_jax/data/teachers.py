@@ -264,6 +264,7 @@ class TeacherCache:
         if not meta_file.exists():
             raise StaleCacheError(f"{self.path}: no meta.json (missing or interrupted build)")
         self.meta = json.loads(meta_file.read_text())
+        self._meta_id = _file_id(meta_file)
         if self.meta.get("format") != CACHE_FORMAT:
             raise StaleCacheError(f"{self.path}: cache format {self.meta.get('format')} != {CACHE_FORMAT}")
         if fingerprint is not None and self.meta["fingerprint"] != fingerprint:
@@ -278,7 +279,19 @@ class TeacherCache:
         self._store = None
         self._array = None
 
+    def _check_unchanged(self):
+        """The folder is still the cache this object opened: a build by another run replaces it
+        whole (``build_cache``), and its index and rows must not be read against this meta."""
+        try:
+            same = _file_id(self.path / "meta.json") == self._meta_id
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise StaleCacheError(f"{self.path}: the cache was rebuilt or removed (by another run?) after this run "
+                                  "opened it; runs with different teachers or sources need their own cache folders")
+
     def _load(self):
+        self._check_unchanged()
         idx = json.loads((self.path / "index.json").read_text())
         self._index = {i: (o, c, h) for i, o, c, h in zip(idx["ids"], idx["offsets"], idx["counts"], idx["hashes"])}
         import tensorstore as ts
@@ -303,10 +316,16 @@ class TeacherCache:
                                   f"built (content hash differs); {_REBUILD}")
         if self._array is not None:
             return self._array[off:off + n]
+        self._check_unchanged()       # rows read from disk now: one stat per sample
         return self._store[off:off + n].read().result()
 
     def __getstate__(self):
         return {**self.__dict__, "_index": None, "_store": None, "_array": None}
+
+
+def _file_id(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_mtime_ns
 
 
 def _samples(source) -> Iterable[Optional[Sample]]:

@@ -366,3 +366,20 @@ def test_concurrent_ensure_cache_builds_once(tmp_path):
     kept = TC.TeacherCache(path, fingerprint=TC.PixelTeacher(seed=0).fingerprint())
     np.testing.assert_array_equal(kept.features(s), TC.PixelTeacher(seed=0).embed(s.segments))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_cache_rebuilt_under_a_reader_is_refused(tmp_path):
+    """Another run rebuilding the folder (another teacher) while this one reads it: the reader's
+    next disk read (lazy) or first load (preloaded, or a worker's reopened copy) raises instead
+    of reading the new rows against its own index."""
+    src, path = _source(), tmp_path / "pixel"
+    TC.ensure_cache(TC.PixelTeacher(seed=0), src, path)
+    fp = TC.PixelTeacher(seed=0).fingerprint()
+    lazy = TC.TeacherCache(path, fingerprint=fp, preload_bytes=0)
+    unread = TC.TeacherCache(path, fingerprint=fp)
+    s = validate_sample(src[0])
+    lazy.features(s)
+    TC.ensure_cache(TC.PixelTeacher(seed=1), src, path)
+    for c in (lazy, unread, pickle.loads(pickle.dumps(unread))):
+        with pytest.raises(TC.StaleCacheError, match="rebuilt or removed"):
+            c.features(s)
