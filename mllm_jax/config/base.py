@@ -13,7 +13,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -108,6 +108,15 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return value
     return value
+
+
+def check_local_path(field: str, value: Optional[str]) -> None:
+    """Runs, checkpoints, logs and local models go through the local filesystem (pathlib): a URI
+    such as ``gs://bucket/run`` would silently become a local folder named ``gs:``."""
+    if value is not None and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(value)):
+        raise ConfigError(f"{field}: {value!r} is a remote URI; runs and checkpoints are written through "
+                          "the local filesystem: mount the bucket (e.g. gcsfuse, or a shared NFS path) and "
+                          "give the mount path")
 
 
 def from_dict(cls, d: dict, path: str = ""):

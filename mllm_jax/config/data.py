@@ -4,7 +4,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from mllm_jax.config.base import ConfigError
+from mllm_jax.config.base import ConfigError, check_local_path
+
+MODEL_TEACHERS = ("minilm", "vision")   # data.teachers that load a model (data.teacher_models)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,11 @@ class DataConfig:
     teachers: tuple[str, ...] = ()         # per-slice teacher features: scene_graph | pixel | minilm | vision
     soft_prompts: int = 0                  # summary prompts as this many <soft> slots (VladVA) instead of text
     teacher_cache: Optional[str] = None    # folder of tensorstore caches (one per teacher)
+    teacher_models: dict = dataclasses.field(default_factory=dict)
+                                           # local model folders of the model-based teachers:
+                                           # minilm: a sentence-transformers BERT folder (default
+                                           # $MLLM_JAX_ASSETS/all-MiniLM-L6-v2); vision: a Hugging Face
+                                           # CLIP / SigLIP vision tower folder (config.json + safetensors)
 
     def __post_init__(self):
         if self.bad_input not in ("error", "skip"):
@@ -80,6 +87,12 @@ class DataConfig:
             raise ConfigError("data: batch_size and max_slices must be >= 1, max_images >= 0")
         if not 0.0 <= self.max_skip_fraction <= 1.0:
             raise ConfigError(f"data.max_skip_fraction: {self.max_skip_fraction}; expected 0..1")
+        for name, path in self.teacher_models.items():
+            if name not in MODEL_TEACHERS:
+                raise ConfigError(f"data.teacher_models: {name!r}; the teachers that load a model are {MODEL_TEACHERS}")
+            if not isinstance(path, str) or not path:
+                raise ConfigError(f"data.teacher_models.{name}: expected a local model folder, got {path!r}")
+            check_local_path(f"data.teacher_models.{name}", path)
 
     def task_weights(self) -> dict[str, int]:
         out = {}

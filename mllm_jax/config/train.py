@@ -5,7 +5,7 @@ import dataclasses
 import re
 from typing import Optional
 
-from mllm_jax.config.base import ConfigError
+from mllm_jax.config.base import ConfigError, check_local_path
 from mllm_jax.config.data import DataConfig, StreamConfig
 from mllm_jax.config.model import MLLMConfig
 
@@ -110,15 +110,6 @@ class OptimConfig:
             raise ConfigError(f"train.optim.grad_accum: {self.grad_accum}; must be >= 1")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.optim.warmup_ratio: {self.warmup_ratio}; must be in [0, 1)")
-
-
-def check_local_path(field: str, value: Optional[str]) -> None:
-    """Runs, checkpoints and logs go through the local filesystem (pathlib): a URI such as
-    ``gs://bucket/run`` would silently become a local folder named ``gs:``."""
-    if value is not None and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(value)):
-        raise ConfigError(f"{field}: {value!r} is a remote URI; runs and checkpoints are written through "
-                          "the local filesystem: mount the bucket (e.g. gcsfuse, or a shared NFS path) and "
-                          "give the mount path")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,11 +46,22 @@ def make_teacher(name: str, cfg: DataConfig, model: MLLMConfig):
         return T.PixelTeacher()
     if name == "minilm":
         import os
-        d = Path(os.environ.get("MLLM_JAX_ASSETS", "assets")) / "all-MiniLM-L6-v2"
+        d = cfg.teacher_models.get("minilm") or Path(os.environ.get("MLLM_JAX_ASSETS", "assets")) / "all-MiniLM-L6-v2"
         return T.MiniLMTeacher.from_pretrained(d)
     if name == "vision":
-        raise ConfigError("data.teachers: 'vision' needs a vision tower object; build "
-                          "teachers.VisionTeacher(tower) and pass it to make_iterator(teachers=[...])")
+        path = cfg.teacher_models.get("vision")
+        if path is None:
+            raise ConfigError("data.teachers: 'vision' needs data.teacher_models.vision, a local Hugging Face "
+                              "vision tower folder (CLIPVisionModel / SiglipVisionModel: config.json + "
+                              "safetensors), or build teachers.VisionTeacher(tower) and pass it to "
+                              "make_iterator(teachers=[...])")
+        from mllm_jax.convert.hf import load_pretrained
+        from mllm_jax.models.vision import VisionTower
+        tower = load_pretrained(path)
+        if not isinstance(tower, VisionTower):
+            raise ConfigError(f"data.teacher_models.vision: {path} holds a {type(tower).__name__}, "
+                              "not a vision tower (CLIPVisionModel / SiglipVisionModel)")
+        return T.VisionTeacher(tower, Path(path).name)
     raise ConfigError(f"data.teachers: {name!r}; expected one of {TEACHERS}")
 
 
@@ -68,21 +79,24 @@ def open_teachers(cfg: DataConfig, model: MLLMConfig, source) -> list:
         if name in ("scene_graph", "pixel"):  # microseconds per sample: computed online, never cached
             out.append(T.OnlineFeatures(teacher))
         elif cfg.teacher_cache:
-            out.append(_shared_cache(teacher, source, cache_dir(cfg.teacher_cache, name, source)))
+            out.append(_shared_cache(teacher, source, cache_dir(cfg.teacher_cache, name, source, teacher)))
         else:
             raise ConfigError(f"data.teachers: {name!r} needs data.teacher_cache (it is too slow to run per batch)")
     return out
 
 
-def cache_dir(root, name: str, source) -> Path:
-    """``root/<teacher name>/<digest of the source's fingerprint>``: one folder per source, so that
-    the eval pipeline (the same data config on split ``val``) or another stream never rebuilds
-    the folder a training pipeline is reading (its index then pointed at the other source's rows:
-    wrong features, or a missing sample in a worker)."""
+def cache_dir(root, name: str, source, teacher=None) -> Path:
+    """``root/<teacher name>/<digest of the source's and the teacher's fingerprints>``: one folder
+    per source and teacher model, so that the eval pipeline (the same data config on split
+    ``val``), another stream, or a run with another teacher model (``data.teacher_models``) never
+    rebuilds the folder a training pipeline is reading (its index then pointed at the other
+    rows: wrong features, or a missing sample in a worker)."""
     import hashlib
     fp = source.fingerprint() if hasattr(source, "fingerprint") else None
-    sub = hashlib.blake2b(fp.encode(), digest_size=8).hexdigest() if fp is not None else "no_fingerprint"
-    return Path(root) / name / sub
+    if fp is None:
+        return Path(root) / name / "no_fingerprint"
+    key = fp if teacher is None else f"{fp}|{teacher.fingerprint()}"
+    return Path(root) / name / hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
 
 
 def _shared_cache(teacher, source, path: Path):

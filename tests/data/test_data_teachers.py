@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mllm_jax.config import DataConfig, MLLMConfig, ProjectorConfig, SceneConfig, VisionConfig
+from mllm_jax.config import ConfigError, DataConfig, MLLMConfig, ProjectorConfig, SceneConfig, VisionConfig
 from mllm_jax.data import teachers as TC
 from mllm_jax.data.schema import Sample, image_segment, text_segment, validate_sample
 from mllm_jax.data.synthetic import SCENE_FEATURE_DIM, Obj, Scene, scene_features
@@ -383,3 +383,47 @@ def test_a_cache_rebuilt_under_a_reader_is_refused(tmp_path):
     for c in (lazy, unread, pickle.loads(pickle.dumps(unread))):
         with pytest.raises(TC.StaleCacheError, match="rebuilt or removed"):
             c.features(s)
+
+
+def test_vision_teacher_from_teacher_models_is_clips_pooled_embedding(tmp_path):
+    """data.teachers=['vision'] with data.teacher_models.vision = a transformers CLIPVisionModel
+    folder: the cached features are CLIP's pooler_output (L2-normalised) on the teacher's
+    preprocessed image; another tower gets another cache folder; a missing path or a folder that
+    is not a vision tower is a clear error."""
+    import torch
+    import transformers
+
+    from mllm_jax.data import sources
+    torch.manual_seed(0)
+    vis = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=2, image_size=16, patch_size=4)
+    hf = transformers.CLIPVisionModel(vis).eval()
+    hf.save_pretrained(tmp_path / "clip")
+    src = _source()
+    cfg = DataConfig(tasks=("pair:1",), teachers=("vision",), teacher_cache=str(tmp_path / "cache"),
+                     teacher_models={"vision": str(tmp_path / "clip")})
+    (cache,) = sources.open_teachers(cfg, MLLMConfig(), src)
+    teacher = sources.make_teacher("vision", cfg, MLLMConfig())
+    s = validate_sample(src[0])
+    images = [seg for seg in s.segments if seg.kind == "image"]
+    assert images
+    x = np.stack([teacher.spec(np.asarray(seg.image)) for seg in images])          # [N, H, W, C]
+    with torch.no_grad():
+        ref = hf(pixel_values=torch.from_numpy(x).permute(0, 3, 1, 2)).pooler_output.numpy()
+    ref /= np.linalg.norm(ref, axis=-1, keepdims=True)
+    got = cache.features(s)[[i for i, seg in enumerate(s.segments) if seg.kind == "image"]]
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=0)
+
+    torch.manual_seed(1)
+    transformers.CLIPVisionModel(vis).save_pretrained(tmp_path / "clip2")
+    other = DataConfig(**{**cfg.__dict__, "teacher_models": {"vision": str(tmp_path / "clip2")}})
+    (cache2,) = sources.open_teachers(other, MLLMConfig(), src)
+    assert cache2.path != cache.path and cache2.path.parent == cache.path.parent
+
+    with pytest.raises(ConfigError, match="needs data.teacher_models.vision"):
+        sources.make_teacher("vision", DataConfig(teachers=("vision",)), MLLMConfig())
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=32)).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ConfigError, match="holds a Decoder, not a vision tower"):
+        sources.make_teacher("vision", DataConfig(teacher_models={"vision": str(tmp_path / "llama")}), MLLMConfig())
