@@ -199,8 +199,10 @@ def load_params_into(state: TrainState, shardings: TrainState, ckpt_dir: str | P
         for k, (shape, dtype) in meta_ckpt.items():
             o = names[k]
             use = o is not None and o in ours and not kept(o)
+            # what is read and dropped (another part of a whole model's checkpoint: maybe the
+            # whole LLM) is spread over the mesh, not a full copy on every device
             target[k] = jax.ShapeDtypeStruct(shape, ours[o].dtype if use else dtype,
-                                             sharding=our_shardings.get(o, rep) if use else rep)
+                                             sharding=our_shardings.get(o, rep) if use else _spread(shape, mesh))
         return target
 
     field = "train.init_parts" if prefix else "train.init_from"
@@ -218,6 +220,17 @@ def load_params_into(state: TrainState, shardings: TrainState, ckpt_dir: str | P
              len(plan["merge"]) // 2)
     put = lambda like, sh: jax.device_put(unflatten_like(like, new), sh)  # noqa: E731
     return state.replace(params=put(state.params, shardings.params), frozen=put(state.frozen, shardings.frozen))
+
+
+def _spread(shape: tuple[int, ...], mesh) -> NamedSharding:
+    """A sharding of ``shape`` over all of ``mesh``'s devices along its largest dimension they
+    divide (replicated if none does): for arrays that are read only to be dropped."""
+    dims = sorted((d, i) for i, d in enumerate(shape) if d % mesh.size == 0)
+    if mesh.size == 1 or not dims:
+        return NamedSharding(mesh, P())
+    spec = [None] * len(shape)
+    spec[dims[-1][1]] = tuple(mesh.axis_names)
+    return NamedSharding(mesh, P(*spec))
 
 
 def _merge_lora(loaded: dict, keys: list[str], saved_cfg: Optional[dict], where) -> dict:

@@ -319,3 +319,33 @@ def test_init_parts_from_converted_clip_and_llama(tmp_path):
         part = k.split(".", 1)[0]
         want = before[k] if part == "projector" else got[part][k]
         np.testing.assert_array_equal(v, want, err_msg=k)
+
+
+def test_init_parts_spreads_what_it_drops_over_the_mesh(tmp_path, monkeypatch):
+    """Loading one part from a whole model's checkpoint reads the other parts only to drop them:
+    they are restored spread over the mesh (a device holds 1/8 of them on 8 devices), not as a
+    full copy on every device (a 7B LLM per chip when the vision tower of a LLaVA is wanted)."""
+    import jax
+
+    from mllm_jax import sharding as shd
+    cfg = tiny_mllm_experiment(**{"mesh.fsdp": 8})
+    mesh = shd.make_mesh(1, 8, 1)
+    tx, _ = build_optimizer(cfg.train.optim, 1)
+    state, shardings = create_train_state(lambda: TOY_MLLM.build(cfg, nnx.Rngs(0)), tx, cfg.train.optim, mesh, seed=0)
+    whole = params_np(_fresh_state(tiny_mllm_experiment(**{"train.seed": 3}), TOY_MLLM)[0])
+    _save(tmp_path / "whole", whole)
+    restored = {}
+    orig = Checkpointer.restore_params
+
+    def spy(self, make_target):
+        out = orig(self, make_target)
+        restored.update(out[0])
+        return out
+    monkeypatch.setattr(Checkpointer, "restore_params", spy)
+    new = params_np(load_params_into(state, shardings, tmp_path / "whole", prefix="vision"))
+    for k, v in new.items():
+        np.testing.assert_array_equal(v, whole[k] if k.startswith("vision.") else params_np(state)[k], err_msg=k)
+    dropped = {k: a for k, a in restored.items() if not k.startswith("vision.")}
+    total = sum(a.nbytes for a in dropped.values())
+    on_one = sum(s.data.nbytes for a in dropped.values() for s in a.addressable_shards if s.device == jax.devices()[0])
+    assert dropped and on_one * 8 == total, (on_one, total)
