@@ -198,9 +198,22 @@ def step_compiler_options(state: TrainState, override: Optional[dict] = None) ->
     if jax.default_backend() != "cpu":
         return None
     model = nnx.merge(state.graphdef, state.params, state.frozen, state.extra)
-    if any(getattr(m, "dtype", None) == jnp.bfloat16 for _, m in nnx.iter_modules(model)):
+    if any(_is_bf16(getattr(m, "dtype", None)) for _, m in nnx.iter_modules(model)):
         return None
+    if any(_is_bf16(getattr(x, "dtype", None)) for x in jax.tree.leaves((state.params, state.frozen))):
+        return None                        # bfloat16 params: the activations they make are too
     return dict(CPU_FLOAT32_OPTIONS)
+
+
+def _is_bf16(dtype) -> bool:
+    """``dtype`` (a jnp/numpy dtype or scalar type, or a name such as ``"bfloat16"``, as
+    ``nnx.Linear(dtype="bfloat16")`` keeps it) is bfloat16."""
+    if dtype is None:
+        return False
+    try:
+        return jnp.dtype(dtype) == jnp.bfloat16
+    except Exception:                      # not a dtype (a module's own `dtype` of another kind)
+        return False
 
 
 def jit_train_step(step, shardings: TrainState, mesh, compiler_options: Optional[dict] = None):

@@ -75,3 +75,21 @@ def test_fit_compiles_with_train_xla_options(tmp_path):
         fit_toy(cfg)
     cfg = tiny_experiment(**{"train.run_dir": str(tmp_path / "ok"), "train.steps": 1, "train.xla_options": {}})
     assert np.isfinite(fit_toy(cfg).history[-1]["loss"])
+
+
+def test_bfloat16_named_by_a_string_or_held_in_params_keeps_xla_defaults():
+    """A module whose dtype is the name "bfloat16" (``nnx.Linear(dtype="bfloat16")`` keeps it as
+    given) or whose params are bfloat16 computes in bfloat16: XLA's defaults (YNNPACK dots)."""
+    import jax.numpy as jnp
+
+    class Lin(nnx.Module):
+        def __init__(self, **kw):
+            self.l = nnx.Linear(8, 8, rngs=nnx.Rngs(0), **kw)
+
+    tx, _ = build_optimizer(OptimConfig(), 10)
+    mesh = one_device_mesh()
+    for kw, want in (({}, CPU_FLOAT32_OPTIONS), ({"dtype": "float32"}, CPU_FLOAT32_OPTIONS),
+                     ({"dtype": "bfloat16"}, None), ({"dtype": jnp.bfloat16}, None),
+                     ({"param_dtype": jnp.bfloat16}, None)):
+        state, _ = abstract_train_state(lambda: Lin(**kw), tx, OptimConfig(), mesh)
+        assert step_compiler_options(state) == want, kw
