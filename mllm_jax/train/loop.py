@@ -355,11 +355,17 @@ def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], los
         log.info("resumed from %s at step %d", ckpt.step_dir(start), start)
     else:
         state, _ = create_train_state(model, tx, tc.optim, mesh, seed=tc.seed, rules=rules)
-        from mllm_jax.train.stages import load_params_into
-        if tc.init_from:
-            state = load_params_into(state, shardings, find_checkpoint_dir(tc.init_from), tc.init_fresh)
-        for part, path in tc.init_parts.items():    # after init_from: a part's own checkpoint wins
-            state = load_params_into(state, shardings, find_checkpoint_dir(path), tc.init_fresh, prefix=part)
+        from mllm_jax.train.stages import StageHandoverError, load_params_into
+        # init_from, then each part (a part's own checkpoint wins); with several checkpoints a
+        # train.init_fresh regex need only match the model or one of them
+        loads = ([(None, tc.init_from)] if tc.init_from else []) + list(tc.init_parts.items())
+        matched = set() if len(loads) > 1 else None
+        for part, path in loads:
+            state = load_params_into(state, shardings, find_checkpoint_dir(path), tc.init_fresh, prefix=part,
+                                     fresh_matched=matched)
+        if matched is not None and (unmatched := [r for r in tc.init_fresh if r not in matched]):
+            raise StageHandoverError(f"train.init_fresh: {unmatched} match no param of the model or of "
+                                     f"{[p for _, p in loads]} (a typo?)")
     del model
 
     writer = MetricsWriter(run_dir, enabled=primary, tensorboard=tc.tensorboard)

@@ -137,7 +137,8 @@ def run_stages(cfg: ExperimentConfig, run_one: Callable[[ExperimentConfig], obje
 # ---- hand-over between stages -------------------------------------------------------------------
 
 def load_params_into(state: TrainState, shardings: TrainState, ckpt_dir: str | Path,
-                     fresh: Sequence[str] = (), *, prefix: Optional[str] = None) -> TrainState:
+                     fresh: Sequence[str] = (), *, prefix: Optional[str] = None,
+                     fresh_matched: Optional[set] = None) -> TrainState:
     """``state`` with its params replaced by the newest good checkpoint's in ``ckpt_dir``
     (strict: see the module docstring); each array lands in ``state``'s sharding. Params whose
     path matches a regex in ``fresh`` (``train.init_fresh``) keep ``state``'s values, and the
@@ -148,7 +149,11 @@ def load_params_into(state: TrainState, shardings: TrainState, ckpt_dir: str | P
     checked), the others keep ``state``'s values. The checkpoint is of that part alone (a
     converted CLIP vision tower for ``"vision"``, a converted Llama for ``"decoder"``: its param
     ``p`` is the model's ``<prefix>.p``), or of a whole model that has the part (its params under
-    ``<prefix>.``; the rest are read and dropped). ``fresh`` matches the model's full paths."""
+    ``<prefix>.``; the rest are read and dropped). ``fresh`` matches the model's full paths.
+
+    A regex of ``fresh`` that matches no param of the model or of the checkpoint is an error (a
+    typo), unless ``fresh_matched`` (a set) is given: the regexes that matched are added to it,
+    for a caller loading several checkpoints with the same ``fresh`` to check them all at once."""
     ours_all = flat_params(state.all_params())
     under = f"{prefix}." if prefix else ""
     if prefix and not any(k.startswith(under) for k in ours_all):
@@ -169,7 +174,9 @@ def load_params_into(state: TrainState, shardings: TrainState, ckpt_dir: str | P
         plan["ours"] = names = {k: (k if k.startswith(under) else None) if whole else under + k for k in meta_ckpt}
         meta = {names[k]: v for k, v in meta_ckpt.items() if names[k] is not None}
         unmatched = [r.pattern for r in keep if not any(r.search(k) for k in [*ours_all, *meta])]
-        if unmatched:
+        if fresh_matched is not None:
+            fresh_matched.update(r.pattern for r in keep if r.pattern not in unmatched)
+        elif unmatched:
             raise StageHandoverError(f"train.init_fresh: {unmatched} match no param of the model or of "
                                      f"{ckpt_dir} (a typo?)")
         merge, unexpected, misshaped = [], [], []

@@ -349,3 +349,22 @@ def test_init_parts_spreads_what_it_drops_over_the_mesh(tmp_path, monkeypatch):
     total = sum(a.nbytes for a in dropped.values())
     on_one = sum(s.data.nbytes for a in dropped.values() for s in a.addressable_shards if s.device == jax.devices()[0])
     assert dropped and on_one * 8 == total, (on_one, total)
+
+
+def test_init_fresh_need_only_match_one_of_the_checkpoints_fit_loads(tmp_path):
+    """train.init_fresh drops an untied lm_head of the init_from checkpoint (the model ties its
+    embeddings): it matches nothing of the vision tower's own checkpoint, which is no typo; a
+    regex that matches nothing anywhere still is."""
+    untied = params_np(_fresh_state(tiny_mllm_experiment(**{"model.decoder.tie_word_embeddings": False}), TOY_MLLM)[0])
+    assert any(".lm_head." in k for k in untied)
+    _save(tmp_path / "whole", untied)
+    _save(tmp_path / "tower", {k[len("vision."):]: v for k, v in untied.items() if k.startswith("vision.")})
+    base = {"model.decoder.tie_word_embeddings": True, "train.steps": 0, "train.init_from": str(tmp_path / "whole"),
+            "train.init_parts": {"vision": str(tmp_path / "tower")}}
+    new = params_np(fit_toy(tiny_mllm_experiment(**base, **{"train.run_dir": str(tmp_path / "a"),
+                                                              "train.init_fresh": [r"^decoder\.lm_head\."]})).state)
+    for k, v in new.items():
+        np.testing.assert_array_equal(v, untied[k], err_msg=k)
+    with pytest.raises(StageHandoverError, match=r"init_fresh: \['\^vison.*'\] match no param"):
+        fit_toy(tiny_mllm_experiment(**base, **{"train.run_dir": str(tmp_path / "b"),
+                                                "train.init_fresh": [r"^decoder\.lm_head\.", r"^vison\."]}))
