@@ -97,7 +97,8 @@ def arm_config(base: ExperimentConfig, name: str, out: Path, text_teacher: str) 
     arm = ARMS[name]
     streams = stream_configs(base, text_teacher)
     cfg = apply_updates(base, {**arm["updates"], "train.run_dir": str(out / "demo" / name),
-                               "train.init_from": str(out / "demo" / "pretrain")})
+                               "train.init_from": str(out / "demo" / "pretrain"),
+                               "train.init_parts": {}})   # the shared stage loaded them; it may have trained them
     cfg = dataclasses.replace(cfg, streams=tuple(streams[s] for s in arm["streams"]))
     if name == "sugar":
         st = dataclasses.replace(cfg.objective.structure, text_teacher=text_teacher)

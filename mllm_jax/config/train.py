@@ -168,6 +168,9 @@ class TrainConfig:
         check_local_path("train.run_dir", self.run_dir)
         check_local_path("train.init_from", self.init_from)
         for part, path in self.init_parts.items():
+            if not isinstance(part, str) or not re.fullmatch(r"[^.]+(\.[^.]+)*", part):
+                raise ConfigError(f"train.init_parts: {part!r} is not a part of the model (a top-level "
+                                  "module such as vision or decoder, or a dotted path below one)")
             if not isinstance(path, str) or not path:
                 raise ConfigError(f"train.init_parts.{part}: expected a checkpoint or run dir, got {path!r}")
             check_local_path(f"train.init_parts.{part}", path)

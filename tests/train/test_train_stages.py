@@ -368,3 +368,19 @@ def test_init_fresh_need_only_match_one_of_the_checkpoints_fit_loads(tmp_path):
     with pytest.raises(StageHandoverError, match=r"init_fresh: \['\^vison.*'\] match no param"):
         fit_toy(tiny_mllm_experiment(**base, **{"train.run_dir": str(tmp_path / "b"),
                                                 "train.init_fresh": [r"^decoder\.lm_head\.", r"^vison\."]}))
+
+
+def test_init_parts_names_parts_and_demo_arms_do_not_reload_them():
+    """An empty or dotted-at-the-end part name is a config error (an empty one loaded the
+    checkpoint as init_from); the demo's arms start from the shared stage only, whose run loaded
+    train.init_parts (a reload would undo what it trained of them)."""
+    from pathlib import Path
+
+    from mllm_jax.demo import arm_config
+    for bad in ("", "vision.", ".vision", 3):
+        with pytest.raises(ConfigError, match=r"train\.init_parts: .* is not a part of the model"):
+            tiny_mllm_experiment(**{"train.init_parts": {bad: "ckpt/x"}})
+    assert tiny_mllm_experiment(**{"train.init_parts": {"decoder.layers": "x"}}).train.init_parts == {"decoder.layers": "x"}
+    base = apply_updates(ExperimentConfig(), {"train.init_parts": {"vision": "ckpt/clip"}})
+    arm = arm_config(base, "sugar", Path("out"), "minilm")
+    assert arm.train.init_from == str(Path("out") / "demo" / "pretrain") and arm.train.init_parts == {}
