@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mllm_jax.config import OptimConfig
+from mllm_jax.config import OptimConfig, apply_updates
 from mllm_jax.train.loop import CPU_FLOAT32_OPTIONS, jit_train_step, make_train_step, step_compiler_options
 from mllm_jax.train.optim import build_optimizer
 from mllm_jax.train.registry import make_loss_fn, ntp_objective
@@ -93,3 +93,21 @@ def test_bfloat16_named_by_a_string_or_held_in_params_keeps_xla_defaults():
                      ({"param_dtype": jnp.bfloat16}, None)):
         state, _ = abstract_train_state(lambda: Lin(**kw), tx, OptimConfig(), mesh)
         assert step_compiler_options(state) == want, kw
+
+
+def test_fit_and_eval_compile_with_the_automatic_options(tmp_path, monkeypatch):
+    """With train.xla_options unset, what ``step_compiler_options`` chooses reaches the compiler
+    of fit's steps and of ``evaluate_checkpoint``'s (an option XLA does not know, returned by the
+    automatic choice, fails each of them naming it)."""
+    from mllm_jax.train import experiment, loop
+    from mllm_jax.train.experiment import evaluate_checkpoint
+    cfg = tiny_experiment(**{"train.run_dir": str(tmp_path / "run"), "train.steps": 1})
+    assert np.isfinite(fit_toy(cfg).history[-1]["loss"])                   # a checkpoint to evaluate
+    real = loop.step_compiler_options
+    bogus = lambda state, override=None: real(state, override) and {"xla_cpu_no_such_option_auto": True}  # noqa: E731
+    monkeypatch.setattr(loop, "step_compiler_options", bogus)
+    monkeypatch.setattr(experiment, "step_compiler_options", bogus)
+    with pytest.raises(Exception, match="xla_cpu_no_such_option_auto"):
+        fit_toy(tiny_experiment(**{"train.run_dir": str(tmp_path / "other"), "train.steps": 1}))
+    with pytest.raises(Exception, match="xla_cpu_no_such_option_auto"):
+        evaluate_checkpoint(apply_updates(cfg, {"mesh.fsdp": -1}), steps=1)        # this machine's devices
