@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Optional
 
 from mllm_jax.config.base import ConfigError, check_local_path
 
+STREAM_NAME = r"[A-Za-z0-9_-]+"      # a data stream's name (StreamConfig, MixtureIterator)
 MODEL_TEACHERS = ("minilm", "vision")   # data.teachers that load a model (data.teacher_models)
 
 
@@ -111,6 +113,11 @@ class StreamConfig:
     each stream and the loss receives ``{name: batch}`` (e.g. Sugar: ``gen`` + ``disc``)."""
     name: str = "gen"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not re.fullmatch(STREAM_NAME, self.name):
+            raise ConfigError(f"streams: name {self.name!r}; expected letters, digits, '_' or '-' (it keys the "
+                              "step's batch, its data state and its metrics)")
 
 
 __all__ = ["SceneConfig", "DataConfig", "StreamConfig"]

@@ -214,6 +214,11 @@ class ExperimentConfig:
     # several data streams (each step: one batch per stream); empty = the single stream `data`
     streams: tuple[StreamConfig, ...] = ()
 
+    def __post_init__(self):
+        names = [s.name for s in self.streams]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"streams: names must be unique (each step's batch is keyed by them), got {names}")
+
     def resolved(self) -> "ExperimentConfig":
         """Applies ``train.compute_dtype`` to every model part's ``dtype`` (the mixed-precision
         policy: params float32, compute in this dtype)."""

@@ -6,7 +6,10 @@ The state is the streams' states by name, so a resumed run continues every strea
 """
 from __future__ import annotations
 
+import re
 from typing import Iterator, Mapping
+
+from mllm_jax.config.data import STREAM_NAME
 
 
 class MixtureIterator:
@@ -15,6 +18,10 @@ class MixtureIterator:
     def __init__(self, streams: Mapping[str, Iterator]):
         if not streams:
             raise ValueError("MixtureIterator needs at least one stream")
+        bad = [n for n in streams if not isinstance(n, str) or not re.fullmatch(STREAM_NAME, n)]
+        if bad:
+            raise ValueError(f"MixtureIterator: stream names {bad}; expected letters, digits, '_' or '-' "
+                             "('/' joins a stream's name to the paths inside its batch)")
         self.streams = dict(streams)
 
     def __iter__(self):

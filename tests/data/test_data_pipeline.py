@@ -365,3 +365,20 @@ def test_blank_batch_is_collate_of_no_examples(tok, tasks):
         for k in want:
             assert got[k].dtype == want[k].dtype, k
             np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_stream_names_are_unique_and_plain():
+    """Two streams of one name: the mixture kept only the last (a stream silently dropped). A name
+    with '/' ("a/b" beside "a") made the per-step sequence-length agreement pad stream "a" with
+    "a/b"'s lengths. Both are refused, in the config and in MixtureIterator."""
+    from mllm_jax.config import ConfigError, ExperimentConfig, apply_updates
+    from mllm_jax.data.mixture import MixtureIterator
+    with pytest.raises(ConfigError, match=r"streams: names must be unique.*\['gen', 'gen'\]"):
+        apply_updates(ExperimentConfig(), {"streams": [{"name": "gen"}, {"name": "gen"}]})
+    for bad in ("a/b", "", "disc stream"):
+        with pytest.raises(ConfigError, match="streams: name"):
+            apply_updates(ExperimentConfig(), {"streams": [{"name": bad}]})
+        with pytest.raises(ValueError, match="MixtureIterator: stream names"):
+            MixtureIterator({"a": iter([]), bad: iter([])})
+    assert [s.name for s in apply_updates(ExperimentConfig(), {"streams": [{"name": "gen"}, {"name": "disc-2"}]}).streams] \
+        == ["gen", "disc-2"]
