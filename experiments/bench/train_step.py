@@ -25,8 +25,8 @@ next interval short, down to the dispatch alone (measured: 0.7 ms intervals in a
 lm-tiny step), while a sum over consecutive steps is not fooled. The peak is measured in the
 same run, before and after the cases: the best throughput of a large jitted float32 matmul (the
 faster of XLA:CPU's YNNPACK and Eigen GEMMs: float32 steps run their dots on Eigen, see
-``loop.step_compiler_options``; and torch's, for context). MFU = training FLOPs per step (``mllm_jax.train.flops``: 6N + attention, counted
-from the config) / step time / measured peak. ratio = reference time / our time (> 1: ours is
+``loop.step_compiler_options``; and torch's, for context). MFU = training FLOPs per step
+(``mllm_jax.train.flops``: 6N + attention, counted from the config) / step time / measured peak. ratio = reference time / our time (> 1: ours is
 faster). Each case runs in one dtype on both sides: float32, or (``-bf16`` cases) bfloat16
 compute with float32 params (ours: the layers' bfloat16 path; the reference: torch.autocast),
 with MFU then against the measured bfloat16 matmul peak.

@@ -495,5 +495,5 @@ def _mesh_peak_flops(cfg: ExperimentConfig, mesh) -> Optional[float]:
     return peak * mesh.size
 
 
-__all__ = ["make_train_step", "make_eval_step", "jit_train_step", "step_compiler_options", "CPU_FLOAT32_OPTIONS", "fit", "evaluate", "FitResult",
-           "NonFiniteLossError", "StopSignal"]
+__all__ = ["make_train_step", "make_eval_step", "jit_train_step", "step_compiler_options", "CPU_FLOAT32_OPTIONS",
+           "fit", "evaluate", "FitResult", "NonFiniteLossError", "StopSignal"]
