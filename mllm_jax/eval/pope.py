@@ -2,8 +2,10 @@
 answers, per negative-sampling strategy (random, popular, adversarial) and overall.
 
 ``mode="generate"``: the first word of the greedy answer, normalised, must be ``yes`` or ``no``;
-anything else is *unparsed*: wrong for accuracy, not a "yes" for precision/recall (the
-fraction is reported). ``mode="loglik"``: ``yes`` if ``log p(yes) >= log p(no)`` (always parsed).
+anything else is *unparsed* and wrong everywhere (the fraction is reported): for accuracy, and
+for precision/recall it is the wrong answer to the probe (a false positive on a "no" probe, a
+false negative on a "yes" probe), so an answer that cannot be read never raises F1.
+``mode="loglik"``: ``yes`` if ``log p(yes) >= log p(no)`` (always parsed).
 """
 from __future__ import annotations
 
@@ -26,7 +28,10 @@ def parse_yes_no(text: str) -> Optional[str]:
 
 def pope_metrics(predictions: Sequence[Optional[str]], labels: Sequence[str]) -> dict[str, float]:
     """``predictions``: ``"yes" | "no" | None`` (unparsed); ``labels``: ``"yes" | "no"``.
-    "yes" is the positive class; precision is 0 when nothing is predicted "yes"."""
+    "yes" is the positive class. An unparsed answer is wrong: a false positive on a "no" probe
+    (else a model answering "yes" to present objects and anything but "no" to absent ones would
+    get F1 = 1), a false negative on a "yes" probe. Precision is 0 when there is no (false)
+    positive at all; ``yes_ratio`` is the fraction of "yes" answers."""
     if len(predictions) != len(labels):
         raise ValueError(f"{len(predictions)} predictions but {len(labels)} labels")
     if not labels or any(lab not in ("yes", "no") for lab in labels):
@@ -34,12 +39,14 @@ def pope_metrics(predictions: Sequence[Optional[str]], labels: Sequence[str]) ->
     pred = np.array([p == "yes" for p in predictions])
     gold = np.array([lab == "yes" for lab in labels])
     right = np.array([p == lab for p, lab in zip(predictions, labels)])
+    unparsed = np.array([p not in ("yes", "no") for p in predictions])
     tp = int((pred & gold).sum())
-    precision = tp / pred.sum() if pred.any() else 0.0
+    fp = int((pred & ~gold).sum() + (unparsed & ~gold).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / gold.sum() if gold.any() else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
     return {"acc": float(right.mean()), "precision": float(precision), "recall": float(recall), "f1": float(f1),
-            "yes_ratio": float(pred.mean()), "unparsed": float(np.mean([p is None for p in predictions]))}
+            "yes_ratio": float(pred.mean()), "unparsed": float(unparsed.mean())}
 
 
 def evaluate_pope(answerer: Answerer, sets: dict[str, Sequence[Sample]], *, mode: str = "generate",

@@ -85,16 +85,32 @@ def test_hard_negative_accuracy_shares_images_and_positives():
 def test_pope_metrics_hand_made():
     labels = ["yes", "yes", "yes", "no", "no", "no", "no", "yes"]
     preds = ["yes", "no", "yes", "yes", "no", None, "no", None]
-    # tp = 2 (rows 0, 2); predicted yes = 3 (rows 0, 2, 3); gold yes = 4; right = rows 0, 2, 4, 6
+    # tp = 2 (rows 0, 2); fp = 2 (row 3: "yes" to a "no" probe; row 5: unparsed on a "no" probe);
+    # gold yes = 4 (rows 0, 1, 2, 7); right = rows 0, 2, 4, 6
     m = pope_metrics(preds, labels)
     assert m["acc"] == pytest.approx(4 / 8)
-    assert m["precision"] == pytest.approx(2 / 3)
+    assert m["precision"] == pytest.approx(2 / 4)
     assert m["recall"] == pytest.approx(2 / 4)
-    assert m["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+    assert m["f1"] == pytest.approx(0.5)
     assert m["yes_ratio"] == pytest.approx(3 / 8)
     assert m["unparsed"] == pytest.approx(2 / 8)
     none_yes = pope_metrics(["no", "no"], ["yes", "no"])
     assert none_yes["precision"] == 0.0 and none_yes["f1"] == 0.0 and none_yes["acc"] == 0.5
+
+
+def test_pope_unparsed_answers_never_raise_f1():
+    """A model that says "yes" to every present object and something unreadable to every absent
+    one has not answered the "no" probes: F1 = 1 (precision 1) credited it as if it had said "no".
+    Unparsed on a "no" probe is a false positive: precision 4 / 8, recall 4 / 4, F1 = 2/3."""
+    labels = ["yes"] * 4 + ["no"] * 4
+    m = pope_metrics(["yes"] * 4 + [None] * 4, labels)
+    assert m["precision"] == pytest.approx(0.5) and m["recall"] == 1.0
+    assert m["f1"] == pytest.approx(2 / 3) and m["acc"] == 0.5 and m["unparsed"] == 0.5
+    # it scores exactly as answering "yes" everywhere does
+    yes = pope_metrics(["yes"] * 8, labels)
+    assert (yes["precision"], yes["recall"], yes["f1"]) == (m["precision"], m["recall"], m["f1"])
+    # and never above answering "no" to the absent objects
+    assert pope_metrics(["yes"] * 4 + ["no"] * 4, labels)["f1"] == 1.0 > m["f1"]
 
 
 def test_answer_normalisation_and_exact_match():
