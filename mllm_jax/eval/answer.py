@@ -12,7 +12,8 @@ as training renders it, and sums the log probabilities of the tokens training pu
 (the answer and its ``<|im_end|>``).
 
 ``normalize_answer`` is the exact-match normalisation: lowercase, punctuation to spaces,
-articles (a, an, the) dropped, whitespace collapsed.
+articles (a, an, the) dropped, number words to digits (the official VQA script's map:
+"two" == "2", "none" == "zero" == "0"), whitespace collapsed.
 """
 from __future__ import annotations
 
@@ -31,12 +32,15 @@ from mllm_jax.eval.encode import BatchEncoder
 
 _PUNCT = re.compile(r"[^\w\s]")
 _ARTICLES = frozenset(("a", "an", "the"))
+# the official VQA evaluation's manualMap (vqaEval.py): number words compare equal to digits
+_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+            "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 
 
 def normalize_answer(text: str) -> str:
-    """``"The Red, circle!"`` -> ``"red circle"``."""
+    """``"The Red, circle!"`` -> ``"red circle"``; ``"Two."`` -> ``"2"``."""
     words = _PUNCT.sub(" ", text.lower()).split()
-    return " ".join(w for w in words if w not in _ARTICLES)
+    return " ".join(_NUMBERS.get(w, w) for w in words if w not in _ARTICLES)
 
 
 def with_answer(sample: Sample, answer: str) -> Sample:

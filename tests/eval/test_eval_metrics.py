@@ -123,6 +123,16 @@ def test_answer_normalisation_and_exact_match():
         exact_match(["a", "b"], ["a"])
 
 
+def test_number_words_equal_digits_as_in_the_official_vqa_script():
+    """vqaEval.py maps number words to digits ("none" and "zero" to "0") before comparing: a
+    model answering "2" to "two" is right."""
+    assert exact_match(["2", "0", "None", "Two.", "10", "one"],
+                       ["two", "zero", "zero", "2", "ten", "1"]).tolist() == [True] * 6
+    assert exact_match(["3", "two", "twenty"], ["two", "three", "20"]).tolist() == [False] * 3
+    assert normalize_answer("The two red circles") == "2 red circles"
+    assert parse_yes_no("No, none.") == "no"
+
+
 def test_parse_yes_no_reads_the_first_word():
     assert parse_yes_no("Yes, there is a red circle.") == "yes"
     assert parse_yes_no("no") == "no"
