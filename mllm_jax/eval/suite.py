@@ -20,7 +20,9 @@ rag              own-retrieval / oracle / no-retrieval answer accuracy        (d
 caption          BLEU-4 / ROUGE-L / CIDEr (needs pycocoevalcap)                (details)
 ===============  ===========================================================  ==================
 
-A headline key whose task was not run is None. Every headline value is a fraction in [0, 1].
+In interleaved, interleaved2 and composed a candidate that shows the same scenes as the target
+(``retrieval.content_relevance``) counts as a hit too. A headline key whose task was not run is
+None. Every headline value is a fraction in [0, 1].
 """
 from __future__ import annotations
 
@@ -70,15 +72,20 @@ def _task_fns(world: SceneWorld, split: str, n: int, data_cfg: DataConfig, mode:
         d = retrieval.hard_negative_accuracy(get("embedder"), sets.hard_negative_set(world, split, k))
         return d, {"hardneg_acc": d["overall"]}
 
+    def by_content(queries, candidates, targets):
+        # a candidate showing the same scenes as the target is as right as the target
+        return retrieval.retrieve(get("embedder"), queries, candidates,
+                                  relevant=retrieval.content_relevance(candidates, targets))
+
     def run_interleaved():
-        d = retrieval.retrieve(get("embedder"), *sets.interleaved_retrieval_set(world, split, n))
+        d = by_content(*sets.interleaved_retrieval_set(world, split, n))
         return d, {"interleaved_r1": d["r1"]}
 
     def run_interleaved2():
-        return retrieval.retrieve(get("embedder"), *sets.interleaved_to_interleaved_set(world, split, n)), {}
+        return by_content(*sets.interleaved_to_interleaved_set(world, split, n)), {}
 
     def run_composed():
-        return retrieval.retrieve(get("embedder"), *sets.composed_retrieval_set(world, split, n)), {}
+        return by_content(*sets.composed_retrieval_set(world, split, n)), {}
 
     def run_rag():
         memory, questions = sets.rag_set(world, split, n)

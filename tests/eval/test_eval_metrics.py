@@ -139,3 +139,28 @@ def test_parse_yes_no_reads_the_first_word():
     assert parse_yes_no("NO!") == "no"
     assert parse_yes_no("There is no red circle") is None
     assert parse_yes_no("") is None
+
+
+def test_content_relevance_counts_a_candidate_showing_the_same_scene_as_a_hit():
+    """Candidates 0 and 2 are two renders of one scene: a model that cannot tell them apart must
+    not lose R@1 on either query (with the target alone relevant it got 1/3 at best)."""
+    from mllm_jax.data.schema import Sample, image_segment, text_segment
+    from mllm_jax.data.synthetic import Obj, Scene
+    from mllm_jax.eval.retrieval import content_relevance
+    a, b = Scene((Obj(0, 0, 1, 4),)), Scene((Obj(1, 2, 0, 3),))
+    img = lambda i, s: Sample(f"c{i}", (image_segment(np.zeros((4, 4, 3), np.uint8), scene=s),))  # noqa: E731
+    cands = [img(0, a), img(1, b), img(2, a),
+             Sample("c3", (text_segment("x", scene=a),)),                              # a text, not an image
+             Sample("c4", (image_segment(np.zeros((4, 4, 3), np.uint8), scene=a), text_segment("y", scene=b)))]
+    rel = content_relevance(cands, [0, 1, 2])
+    assert rel.tolist() == [[True, False, True, False, False],
+                            [False, True, False, False, False],
+                            [True, False, True, False, False]]
+    # the two renders of `a` score 0.9 and 0.8 for query 0 and the other way round for query 2
+    sim = np.array([[0.9, 0.1, 0.8, 0.2, 0.3],
+                    [0.1, 0.7, 0.2, 0.6, 0.5],
+                    [0.9, 0.1, 0.8, 0.2, 0.3]])
+    assert recall_at_k(sim, [0, 1, 2], ks=(1,)) == {1: 2 / 3}          # query 2's target ranks second
+    assert recall_at_k(sim, relevant=rel, ks=(1,)) == {1: 1.0}
+    with pytest.raises(ValueError, match="without a scene graph"):
+        content_relevance([Sample("t", (text_segment("z"),))], [0])
