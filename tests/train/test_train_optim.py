@@ -37,7 +37,8 @@ def test_freeze_mask_errors_name_the_pattern():
 
 
 def test_weight_decay_skips_biases_and_norm_scales():
-    params = nnx.State({"dense": {"kernel": np.ones((2, 2)), "bias": np.ones(2)}, "norm": {"scale": np.ones(2)}})
+    one = lambda *s: np.ones(s, np.float32)  # noqa: E731 - float32 params, as models have
+    params = nnx.State({"dense": {"kernel": one(2, 2), "bias": one(2)}, "norm": {"scale": one(2)}})
     mask = decay_mask(OptimConfig())(params)
     assert mask["dense"]["kernel"] is True and mask["dense"]["bias"] is False and mask["norm"]["scale"] is False
     tx, _ = build_optimizer(OptimConfig(name="sgd", lr=0.1, momentum=0.0, weight_decay=0.5, clip_norm=0), 10)
