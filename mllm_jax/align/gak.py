@@ -117,8 +117,14 @@ def _forward(view: Array, lim: wf.Limits, plan: wf.Plan, cells: wf.Cells, save: 
         (m1, m2), (s1, s2, val, mview) = carry
         raw = wf.diagonal(view, plan, ch, t)
         k, kap = _local_kernel(raw, cells, plan, ch, t, lim)
-        ref = jnp.maximum(s1, s2)
-        u = k * ((m1[:-1] + m1[1:]) * jnp.exp(s1 - ref) + m2[:-1] * jnp.exp(s2 - ref))
+        # the reference scale is that of a diagonal that actually feeds this one (the larger if
+        # both do): with max(s1, s2) alone, a diagonal t-2 that feeds no cell of t (a one-row
+        # table, or the empty diagonal -1 feeding diagonal 1) set the scale, the real
+        # contributions of t-1 underflowed (|s1 - s2| > ~87 in float32) and K came out 0
+        fa, fd = k * (m1[:-1] + m1[1:]), k * m2[:-1]
+        has_a, has_d = jnp.any(fa > 0, axis=0), jnp.any(fd > 0, axis=0)
+        ref = jnp.where(has_a & has_d, jnp.maximum(s1, s2), jnp.where(has_a, s1, s2))
+        u = (fa * jnp.exp(jnp.minimum(s1 - ref, 0))) + fd * jnp.exp(jnp.minimum(s2 - ref, 0))
         m, logc = _rescale(u)
         s = ref + kap + logc
         if lim.ragged:

@@ -104,3 +104,28 @@ def test_gak_auto_is_exact_where_the_linear_sweep_loses_mass_silently():
     with jax.enable_x64(True):
         ref = grad(jnp.float64, method="log")
     assert np.abs(grad(jnp.float32) - ref).max() < 1e-3 * np.abs(ref).max()   # was 20x
+
+
+def test_gak_linear_one_row_table_is_the_product_of_its_local_kernels():
+    """One element against several: a single alignment, ``log K = sum_j log k(x_0, y_j)``
+    (hand-computed), in both methods and both dtypes. Each ``log k = -400`` is far below
+    float32's (and, at ``-1600``, float64's) exp range: the linear sweep took its scale from
+    the empty diagonal -1 / the non-feeding diagonal t-2 and returned ``-inf``."""
+    for dt, dist2 in ((jnp.float32, 200.0), (jnp.float64, 800.0)):
+        with jax.enable_x64(dt == jnp.float64):
+            sigma = 0.5
+            z = dist2 / (2 * sigma ** 2)
+            lk = -z - np.log(2 - np.exp(-z))
+            x = jnp.zeros((1, 1, 1), dt)
+            y = jnp.full((1, 3, 1), np.sqrt(dist2), dt)
+            for method in ("log", "linear"):
+                for a, b in ((x, y), (y, x)):
+                    v = gak(a, b, sigma, normalize=False, log=True, method=method)
+                    np.testing.assert_allclose(np.asarray(v), [3 * lk], rtol=1e-6)
+                g = jax.grad(lambda v: gak(v, y, sigma, normalize=False, log=True,
+                                           method=method).sum())(x + 0.1)
+                # d/dx sum_j log k(x, y_j), log k = -z - log(2 - e^-z), z = (x - y)^2 / (2 s^2)
+                zz = (0.1 - np.sqrt(dist2)) ** 2 / (2 * sigma ** 2)
+                dz = (0.1 - np.sqrt(dist2)) / sigma ** 2
+                ref = 3 * dz * (-1 - np.exp(-zz) / (2 - np.exp(-zz)))
+                np.testing.assert_allclose(np.asarray(g).ravel(), [ref], rtol=1e-5)
