@@ -28,7 +28,10 @@ def next_token_loss(logits: Array, labels: Array, loss_mask: Array, *, z_loss: f
     logits = logits.astype(jnp.float32)
     mask = loss_mask.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    target = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    # labels at masked positions are never read: an ignore value there (HF's -100, or any id
+    # outside the vocabulary) made the gather fill NaN, and NaN * 0 made the whole loss NaN
+    labels = jnp.where(mask > 0, labels.astype(jnp.int32), 0)
+    target = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
     n = jnp.maximum(mask.sum(), 1.0) if denominator is None else denominator.astype(jnp.float32)
     ce = jnp.sum((lse - target) * mask) / n
     parts = {"ntp": ce, "ntp_tokens": mask.sum()}

@@ -27,6 +27,25 @@ def test_next_token_loss_hand_computed():
     assert float(loss_z) == pytest.approx(float(loss) + 1e-2 * z, rel=1e-6)
 
 
+def test_next_token_loss_ignores_labels_at_masked_positions():
+    """Masked positions may hold an ignore label (HF's -100) or any out-of-vocabulary id: the
+    loss and its gradient are torch's cross-entropy with ``ignore_index`` (the gather used to
+    fill NaN there, and NaN * 0 made the loss NaN)."""
+    import torch
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 4, 5)).astype(np.float32)
+    labels = np.array([[1, -100, 4, -100], [-100, 0, 3, 2]])
+    mask = labels != -100
+    ref = torch.nn.functional.cross_entropy(torch.tensor(logits).reshape(-1, 5),
+                                            torch.tensor(labels).reshape(-1), ignore_index=-100)
+    for bad in (-100, 5, 10_000):
+        lab = jnp.asarray(np.where(mask, labels, bad))
+        loss, g = jax.value_and_grad(lambda lg: next_token_loss(lg, lab, jnp.asarray(mask))[0])(
+            jnp.asarray(logits))
+        assert float(loss) == pytest.approx(float(ref), rel=1e-6)
+        assert bool(jnp.all(jnp.isfinite(g)))
+
+
 def test_infonce_hand_computed():
     a = jnp.eye(2)
     loss, parts = infonce_dense(a, a, jnp.log(1.0))
