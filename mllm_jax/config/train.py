@@ -44,9 +44,11 @@ class StructureConfig:
 class ContrastiveConfig:
     """Contrastive loss of the VladVA recipe (``objectives/contrastive.py``)."""
     kind: str = "infonce"                  # infonce | siglip
-    init_temperature: float = 0.05         # E5-V uses 0.05, VLM2Vec 0.02 [P]
+    init_temperature: float = 0.05         # E5-V uses 0.05, VLM2Vec 0.02 [P]; used as is when
+                                           # learn_temperature is false (a learned one starts at
+                                           # model.contrastive_temperature, whose params it trains)
     learn_temperature: bool = True
-    init_bias: float = -10.0               # siglip
+    init_bias: float = -10.0               # siglip; likewise (learned: model.contrastive_bias)
     chunk: Optional[int] = None            # None: dense [B, B] logits
     pooling: str = "prompt"                # mean | last | prompt (last token of the summary prompt)
     layer: int = -1

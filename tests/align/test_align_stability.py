@@ -38,15 +38,18 @@ def test_log_gak_length_1024_against_tslearn_log_space():
 
 
 def test_gak_tiny_sigma_does_not_underflow():
-    """Every local kernel value underflows float32 (z ~ 1e3) but the log-GAK stays exact,
-    matching the log-space method."""
+    """Every local kernel value underflows float32 (z ~ 1e3) but the default (log) GAK stays
+    exact: float32 matches the float64 computation (before, this compared the default method
+    with method="log", i.e. with itself)."""
     rng = np.random.default_rng(2)
-    x = jnp.asarray(rng.normal(size=(2, 30, 3)), jnp.float32)
-    y = jnp.asarray(rng.normal(size=(2, 40, 3)), jnp.float32)
-    lin = gak(x, y, 0.02, normalize=False, log=True)
-    lg = gak(x, y, 0.02, normalize=False, log=True, method="log")
-    assert bool(jnp.all(jnp.isfinite(lin)))
-    np.testing.assert_allclose(lin, lg, rtol=1e-5)
+    xs, ys = rng.normal(size=(2, 30, 3)), rng.normal(size=(2, 40, 3))
+    got = gak(jnp.asarray(xs, jnp.float32), jnp.asarray(ys, jnp.float32), 0.02, normalize=False, log=True)
+    with jax.enable_x64(True):
+        ref = gak(jnp.asarray(xs), jnp.asarray(ys), 0.02, normalize=False, log=True, method="log")
+        assert ref.dtype == jnp.float64
+        ref = np.asarray(ref)
+    assert np.isfinite(np.asarray(got)).all() and ref.max() < -1e3      # far below float32's exp range
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5)
 
 
 def test_gak_gradient_over_long_sequences_matches_the_log_sweep():
