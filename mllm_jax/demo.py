@@ -9,7 +9,7 @@
 3. Shared stage: the tiny MLLM is pretrained generatively from it (``experiments/configs/tiny.yaml``:
    captions, VQA, POPE, multi-image QA, RAG questions). As in the paper (Sugar starts from the
    generatively trained VILA), the three arms start from this checkpoint. It is cached under
-   ``<out>/demo/pretrain`` and reused only when its config hash matches.
+   ``<out>/demo/pretrain`` and reused only when its config hash and the code match.
 4. Three arms, the same number of steps, the same trainable parameters and the same number of
    sequences per step (48) each (``ARMS``):
    - ``generative``: more next-token training on the same mix (batch 16) — the baseline;
@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -137,11 +139,30 @@ def _text_teacher(choice: str) -> str:
     return "minilm"
 
 
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """A digest of the package's sources (``mllm_jax/**/*.py``, ``*.cc``) and the jax / jaxlib /
+    flax / optax versions: the demo's cached stages are reused only by the code that made them. A
+    stage cached by an older version (other float rounding, another layer) made a rerun differ
+    from a fresh clone's (the vision stage of a run 18 hours older: 37 of 66 params differed)."""
+    import flax
+    import jax
+    import jaxlib
+    import optax
+    h = hashlib.blake2b(digest_size=8)
+    root = Path(__file__).resolve().parent
+    for f in sorted(p for ext in ("*.py", "*.cc") for p in root.rglob(ext)):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    h.update(f"{jax.__version__}/{jaxlib.__version__}/{flax.__version__}/{optax.__version__}".encode())
+    return h.hexdigest()
+
+
 def _vision_init(cfg: ExperimentConfig, out: Path, steps: int) -> str:
     """Stage 0 (``mllm_jax/train/vision_pretrain.py``): the ViT pretrained on scene-graph labels,
-    written as the MLLM's init checkpoint; cached by what it depends on."""
+    written as the MLLM's init checkpoint; cached by what it depends on (the code included)."""
     from mllm_jax.train.vision_pretrain import pretrain_vision_init
-    key = f"{config_hash(cfg.model)[:8]}{config_hash(cfg.data.scene)[:8]}-seed{cfg.train.seed}-{steps}"
+    key = (f"{config_hash(cfg.model)[:8]}{config_hash(cfg.data.scene)[:8]}-seed{cfg.train.seed}-{steps}"
+           f"-{code_fingerprint()[:8]}")
     d = out / "demo" / f"vision-{key}"
     if not (d / "done").exists():
         shutil.rmtree(d, ignore_errors=True)
@@ -154,11 +175,11 @@ def _vision_init(cfg: ExperimentConfig, out: Path, steps: int) -> str:
 def _train_cached(cfg: ExperimentConfig, parent: Optional[ExperimentConfig] = None):
     """Trains ``cfg`` unless its run dir holds a finished run of the same config (hash) started
     from the same ``parent`` run (an arm's config names the shared stage only by its run dir, so
-    a retrained shared stage must invalidate the arms)."""
+    a retrained shared stage must invalidate the arms), by the same code (``code_fingerprint``)."""
     from mllm_jax.train.experiment import train
     run = Path(cfg.train.run_dir)
     stamp = run / "config.hash"
-    h = config_hash(cfg) + (f"-{config_hash(parent)}" if parent is not None else "")
+    h = config_hash(cfg) + (f"-{config_hash(parent)}" if parent is not None else "") + f"-{code_fingerprint()}"
     if stamp.exists() and stamp.read_text() == h and (run / "checkpoints").exists():
         log.info("reusing %s (config hash %s)", run, h)
         return None

@@ -55,3 +55,34 @@ def test_arm_runs_are_retrained_when_the_shared_stage_changes(tmp_path, monkeypa
     demo._train_cached(arm, parent=shared[0])          # reused
     demo._train_cached(arm, parent=shared[1])          # the shared stage changed: retrained
     assert len(calls) == 2
+
+
+def test_cached_stages_are_retrained_when_the_code_changes(tmp_path, monkeypatch):
+    """A stage cached by other code (another float rounding, another layer) is not reused: a rerun
+    in a working copy then gives what a fresh clone gives. The fingerprint follows the package's
+    sources: a changed source file changes it."""
+    from mllm_jax import demo
+    from mllm_jax.config import ExperimentConfig, apply_updates
+    from mllm_jax.train import experiment
+    calls = []
+
+    def fake_train(cfg):
+        calls.append(cfg.name)
+        (Path(cfg.train.run_dir) / "checkpoints").mkdir(parents=True)
+    monkeypatch.setattr(experiment, "train", fake_train)
+    fingerprint = demo.code_fingerprint.__wrapped__                   # uncached
+    run = apply_updates(ExperimentConfig(), {"train.run_dir": str(tmp_path / "run")})
+    demo._train_cached(run)
+    demo._train_cached(run)                                            # reused
+    monkeypatch.setattr(demo, "code_fingerprint", lambda: "other-code")
+    demo._train_cached(run)                                            # other code: retrained
+    assert len(calls) == 2
+
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "demo.py").write_text("x = 1\n")
+    (pkg / "sub" / "k.cc").write_text("int f();\n")
+    monkeypatch.setattr(demo, "__file__", str(pkg / "demo.py"))
+    a = fingerprint()
+    (pkg / "sub" / "k.cc").write_text("int g();\n")
+    assert fingerprint() != a
