@@ -68,13 +68,11 @@ def test_float32_step_runs_dots_outside_ynnpack_with_the_same_result():
 
 def test_fit_compiles_with_train_xla_options(tmp_path):
     """``train.xla_options`` reaches the compiler: an option XLA does not know fails the run
-    naming it (a {} run trains)."""
+    naming it."""
     cfg = tiny_experiment(**{"train.run_dir": str(tmp_path / "bad"), "train.steps": 1,
                              "train.xla_options": {"xla_cpu_no_such_option": True}})
     with pytest.raises(Exception, match="xla_cpu_no_such_option"):
         fit_toy(cfg)
-    cfg = tiny_experiment(**{"train.run_dir": str(tmp_path / "ok"), "train.steps": 1, "train.xla_options": {}})
-    assert np.isfinite(fit_toy(cfg).history[-1]["loss"])
 
 
 def test_bfloat16_named_by_a_string_or_held_in_params_keeps_xla_defaults():
