@@ -67,7 +67,7 @@ def make_teacher(name: str, cfg: DataConfig, model: MLLMConfig):
 
 def open_teachers(cfg: DataConfig, model: MLLMConfig, source) -> list:
     """Feature providers for ``cfg.teachers``: the cheap ones (scene_graph, pixel) computed
-    online; the others cached in ``cache_dir(cfg.teacher_cache, name, source)`` (built, or
+    online; the others cached in ``cache_dir(cfg.teacher_cache, teacher, source)`` (built, or
     rebuilt when stale)."""
     from mllm_jax.data import teachers as T
     out = []
@@ -79,13 +79,13 @@ def open_teachers(cfg: DataConfig, model: MLLMConfig, source) -> list:
         if name in ("scene_graph", "pixel"):  # microseconds per sample: computed online, never cached
             out.append(T.OnlineFeatures(teacher))
         elif cfg.teacher_cache:
-            out.append(_shared_cache(teacher, source, cache_dir(cfg.teacher_cache, name, source, teacher)))
+            out.append(_shared_cache(teacher, source, cache_dir(cfg.teacher_cache, teacher, source)))
         else:
             raise ConfigError(f"data.teachers: {name!r} needs data.teacher_cache (it is too slow to run per batch)")
     return out
 
 
-def cache_dir(root, name: str, source, teacher=None) -> Path:
+def cache_dir(root, teacher, source) -> Path:
     """``root/<teacher name>/<digest of the source's and the teacher's fingerprints>``: one folder
     per source and teacher model, so that the eval pipeline (the same data config on split
     ``val``), another stream, or a run with another teacher model (``data.teacher_models``) never
@@ -94,9 +94,9 @@ def cache_dir(root, name: str, source, teacher=None) -> Path:
     import hashlib
     fp = source.fingerprint() if hasattr(source, "fingerprint") else None
     if fp is None:
-        return Path(root) / name / "no_fingerprint"
-    key = fp if teacher is None else f"{fp}|{teacher.fingerprint()}"
-    return Path(root) / name / hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+        return Path(root) / teacher.name / "no_fingerprint"
+    key = f"{fp}|{teacher.fingerprint()}"
+    return Path(root) / teacher.name / hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
 
 
 def _shared_cache(teacher, source, path: Path):
