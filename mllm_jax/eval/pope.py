@@ -1,14 +1,19 @@
 """POPE object-hallucination probes: accuracy, precision, recall, F1 and yes-ratio of yes/no
 answers, per negative-sampling strategy (random, popular, adversarial) and overall.
 
-``mode="generate"``: the first word of the greedy answer, normalised, must be ``yes`` or ``no``;
-anything else is *unparsed* and wrong everywhere (the fraction is reported): for accuracy, and
-for precision/recall it is the wrong answer to the probe (a false positive on a "no" probe, a
-false negative on a "yes" probe), so an answer that cannot be read never raises F1.
+``mode="generate"``: the greedy answer is read as the official POPE script reads it
+(RUCAIBox/POPE ``evaluate.py``, LLaVA's ``eval_pope.py``): only its first sentence counts, and
+a negation in it makes it "no" wherever it stands ("Yes, there is not" -> "no"). Unlike the
+official script, which calls everything else "yes", the answer must then say ``yes`` to be
+"yes"; one with neither is *unparsed* (``parse_yes_no`` returns None) and wrong everywhere (the
+fraction is reported): for accuracy, and for precision/recall it is the wrong answer to the
+probe (a false positive on a "no" probe, a false negative on a "yes" probe), so an answer that
+cannot be read never raises F1.
 ``mode="loglik"``: ``yes`` if ``log p(yes) >= log p(no)`` (always parsed).
 """
 from __future__ import annotations
 
+import re
 from typing import Optional, Sequence
 
 import numpy as np
@@ -18,12 +23,26 @@ from mllm_jax.eval.answer import Answerer, normalize_answer
 
 MODES = ("generate", "loglik")
 MAX_NEW_TOKENS = 4
+NEGATIONS = frozenset(("no", "not", "cannot"))
+# a contraction's negation ("isn't", "doesn't", "can't", typographic apostrophe too), looked for
+# before normalize_answer turns the apostrophe into a space
+_NT = re.compile(r"n['\u2019]t\b")
 
 
 def parse_yes_no(text: str) -> Optional[str]:
-    """``"Yes, there is."`` -> ``"yes"``; ``"no"`` -> ``"no"``; anything else -> None."""
-    words = normalize_answer(text).split()
-    return words[0] if words and words[0] in ("yes", "no") else None
+    """The first sentence (the text up to the first ``.``, as the official POPE script keeps)
+    decides: a negation in it -> ``"no"``, else the word ``yes`` in it -> ``"yes"``, else
+    None (unparsed). Negations are whole words, any case: ``no``, ``not``, ``cannot`` and
+    ``n't`` contractions ("isn't", "don't"). The official script counts only ``No``, ``not`` and
+    ``no`` (so "Not really" and "There isn't" are "yes" there) and calls every other answer "yes".
+
+    ``"Yes, there is a dog."`` -> ``"yes"``; ``"There is no dog."`` -> ``"no"``;
+    ``"Yes there is not"`` -> ``"no"``; ``"A cat. No dog."`` -> None; ``"Blue."`` -> None."""
+    first = text.split(".", 1)[0]
+    words = normalize_answer(first).split()
+    if NEGATIONS.intersection(words) or _NT.search(first.lower()):
+        return "no"
+    return "yes" if "yes" in words else None
 
 
 def pope_metrics(predictions: Sequence[Optional[str]], labels: Sequence[str]) -> dict[str, float]:

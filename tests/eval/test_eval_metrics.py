@@ -1,5 +1,6 @@
 """Metrics on hand-built inputs: R@K (ties, several relevant candidates), hard-negative
-accuracy, POPE metrics, answer normalisation and yes/no parsing."""
+accuracy, POPE metrics, answer normalisation and yes/no parsing (against the official POPE
+script's reading)."""
 import numpy as np
 import pytest
 
@@ -133,12 +134,54 @@ def test_number_words_equal_digits_as_in_the_official_vqa_script():
     assert parse_yes_no("No, none.") == "no"
 
 
-def test_parse_yes_no_reads_the_first_word():
-    assert parse_yes_no("Yes, there is a red circle.") == "yes"
-    assert parse_yes_no("no") == "no"
-    assert parse_yes_no("NO!") == "no"
-    assert parse_yes_no("There is no red circle") is None
-    assert parse_yes_no("") is None
+def _official_pope(text: str) -> str:
+    """The official POPE reading (RUCAIBox/POPE evaluate.py, LLaVA's eval_pope.py), rewritten:
+    first sentence, commas removed, split on spaces; "no" if a word is 'No', 'not' or 'no'."""
+    if text.find(".") != -1:
+        text = text.split(".")[0]
+    words = text.replace(",", "").split(" ")
+    return "no" if "No" in words or "not" in words or "no" in words else "yes"
+
+
+POPE_ANSWERS = {
+    "Yes, there is a dog.": "yes",
+    "There is no dog in the image.": "no",
+    "I think yes.": "yes",
+    "No.": "no",
+    "no": "no",
+    "NO!": "no",
+    "No, none.": "no",
+    "Yes there is not": "no",                      # official: a negation anywhere wins
+    "Yes, there is not a dog.": "no",
+    "The image shows a cat. No dog.": None,        # the first sentence has neither
+    "Yes. There is no dog.": "yes",                # only the first sentence counts
+    "Blue.": None,
+    "": None,
+    "There isn't a dog.": "no",                    # n't contractions negate (not in the official list)
+    "There isn\u2019t a dog.": "no",
+    "It doesn't appear so.": "no",
+    "I cannot see a dog.": "no",
+    "Not really.": "no",                           # any case (official: only 'No', 'not', 'no')
+    "Nothing there.": None,                        # whole words: 'nothing', 'snow', 'yesterday' are not no / yes
+    "Snow, yesterday.": None,
+}
+
+
+@pytest.mark.parametrize("text,expected", list(POPE_ANSWERS.items()))
+def test_parse_yes_no_reads_the_first_sentence(text, expected):
+    assert parse_yes_no(text) == expected
+
+
+def test_parse_yes_no_agrees_with_the_official_script_where_it_reads_an_answer():
+    """Where the official script says "no", so do we; where we say "yes", so does it. We differ
+    only in negations it misses ("isn't", "Not") and in leaving answers with neither unparsed
+    (None), which it calls "yes"."""
+    for text in POPE_ANSWERS:
+        ours, official = parse_yes_no(text), _official_pope(text)
+        if official == "no":
+            assert ours == "no", text
+        if ours == "yes":
+            assert official == "yes", text
 
 
 def test_content_relevance_counts_a_candidate_showing_the_same_scene_as_a_hit():
