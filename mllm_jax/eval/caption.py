@@ -43,8 +43,11 @@ def _scorers():
 def caption_scores(references: Sequence[Sequence[str]], hypotheses: Sequence[str]) -> dict[str, float]:
     """``references[i]``: one or more reference captions of item ``i``; ``hypotheses[i]``: the
     generated caption. Returns ``bleu1..bleu4``, ``rougeL``, ``cider``."""
-    if len(references) != len(hypotheses) or not hypotheses:
-        raise ValueError(f"{len(references)} reference lists but {len(hypotheses)} hypotheses (need >= 1 each)")
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} reference lists but {len(hypotheses)} hypotheses (need one each)")
+    if not hypotheses:
+        raise ValueError("caption_scores: no items (0 hypotheses and 0 reference lists); captioning metrics "
+                         "need at least one")
     if any(len(r) == 0 for r in references):
         raise ValueError("every item needs at least one reference caption")
     Bleu, Rouge, Cider = _scorers()
@@ -73,6 +76,8 @@ def short_caption_references(sample: Sample, limit: Optional[int] = None) -> lis
 def evaluate_captions(answerer, samples: Sequence[Sample], *, max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
     """Greedy captions of ``synthetic_sets.caption_set`` samples (short captions) scored against
     all object orderings."""
+    if not samples:
+        raise ValueError("evaluate_captions: no samples; captioning metrics need at least one")
     hyps = answerer.generate(samples, max_new_tokens)
     refs = [short_caption_references(s) for s in samples]
     return {**caption_scores(refs, hyps), "n": len(samples), "tokenizer": "simple (lowercase, no punctuation)",

@@ -53,8 +53,11 @@ def pope_metrics(predictions: Sequence[Optional[str]], labels: Sequence[str]) ->
     positive at all; ``yes_ratio`` is the fraction of "yes" answers."""
     if len(predictions) != len(labels):
         raise ValueError(f"{len(predictions)} predictions but {len(labels)} labels")
-    if not labels or any(lab not in ("yes", "no") for lab in labels):
-        raise ValueError("labels must be a non-empty list of 'yes' / 'no'")
+    if not labels:
+        raise ValueError("pope_metrics: no probes (predictions and labels are empty); POPE needs at least one")
+    bad = sorted({repr(lab) for lab in labels if lab not in ("yes", "no")})
+    if bad:
+        raise ValueError(f"pope_metrics: labels must be 'yes' / 'no', got {', '.join(bad)}")
     pred = np.array([p == "yes" for p in predictions])
     gold = np.array([lab == "yes" for lab in labels])
     right = np.array([p == lab for p, lab in zip(predictions, labels)])
@@ -75,6 +78,10 @@ def evaluate_pope(answerer: Answerer, sets: dict[str, Sequence[Sample]], *, mode
     if mode not in MODES:
         raise ValueError(f"pope mode {mode!r}: expected one of {MODES}")
     names = list(sets)
+    empty = [n for n in names if not len(sets[n])]
+    if not names or empty:
+        raise ValueError(f"evaluate_pope: no probes for strategies {empty}" if empty else
+                         "evaluate_pope: no strategies (sets is empty)")
     samples = [s for n in names for s in sets[n]]
     if mode == "generate":
         preds = [parse_yes_no(t) for t in answerer.generate(samples, max_new_tokens)]

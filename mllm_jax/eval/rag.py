@@ -34,6 +34,9 @@ def evaluate_rag(answerer, embedder, memory: Sequence[Sample], questions: Sequen
                  max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
     """``memory``, ``questions`` from ``synthetic_sets.rag_set`` (``meta["memory_index"]`` is the
     right entry, ``meta["answer"]`` the answer)."""
+    if not questions or not memory:
+        raise ValueError(f"evaluate_rag: {len(questions)} questions and {len(memory)} memory entries; "
+                         "RAG accuracy needs at least one of each")
     sim = embedder.similarity(embedder.encode(questions), embedder.encode(memory))
     top1 = sim.argmax(1)
     gold = np.array([q.meta["memory_index"] for q in questions])

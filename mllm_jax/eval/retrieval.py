@@ -18,6 +18,14 @@ from mllm_jax.data.schema import Sample
 DEFAULT_KS = (1, 5)
 
 
+def _nonempty(metric: str, **inputs) -> None:
+    """A metric over no items is undefined: say which input of ``metric`` was empty."""
+    empty = [name for name, x in inputs.items() if len(x) == 0]
+    if empty:
+        need = "at least one of each" if len(inputs) > 1 else "at least one"
+        raise ValueError(f"{metric}: no {' and no '.join(empty)}; the metric needs {need}")
+
+
 def _relevance(num_queries: int, num_candidates: int, targets=None, relevant=None) -> np.ndarray:
     if (targets is None) == (relevant is None):
         raise ValueError("pass exactly one of targets (int[Q]) or relevant (bool[Q, C])")
@@ -45,6 +53,8 @@ def ranks(sim: np.ndarray, targets=None, *, relevant=None) -> np.ndarray:
     sim = np.asarray(sim, np.float64)
     if sim.ndim != 2:
         raise ValueError(f"sim must be [Q, C], got shape {sim.shape}")
+    if sim.shape[1] == 0:
+        raise ValueError(f"ranks: no candidates (sim has shape {sim.shape}); each query needs at least one")
     rel = _relevance(*sim.shape, targets, relevant)
     if not np.isfinite(sim).all():
         raise ValueError(f"sim has {int((~np.isfinite(sim)).sum())} non-finite entries")
@@ -55,12 +65,15 @@ def ranks(sim: np.ndarray, targets=None, *, relevant=None) -> np.ndarray:
 def recall_at_k(sim: np.ndarray, targets=None, *, relevant=None, ks: Sequence[int] = DEFAULT_KS) -> dict[int, float]:
     """``{k: fraction of queries whose best relevant candidate ranks in the top k}``."""
     r = ranks(sim, targets, relevant=relevant)
+    if not r.size:
+        raise ValueError(f"recall_at_k: no queries (sim has shape {np.shape(sim)}); R@k needs at least one")
     return {int(k): float((r < k).mean()) for k in ks}
 
 
 def retrieve(embedder, queries: Sequence[Sample], candidates: Sequence[Sample], targets=None, *,
              relevant=None, ks: Sequence[int] = DEFAULT_KS, prefix: str = "") -> dict[str, float]:
     """Embeds both sides with ``embedder`` and returns ``{f"{prefix}r{k}": R@k}``."""
+    _nonempty("retrieve", queries=queries, candidates=candidates)
     sim = embedder.similarity(embedder.encode(queries), embedder.encode(candidates))
     return {f"{prefix}r{k}": v for k, v in recall_at_k(sim, targets, relevant=relevant, ks=ks).items()}
 
@@ -83,6 +96,7 @@ def caption_relevance(images: Sequence[Sample], texts: Sequence[Sample]) -> np.n
 def image_text_retrieval(embedder, images: Sequence[Sample], texts: Sequence[Sample], *,
                          relevant: Optional[np.ndarray] = None, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
     """``i2t_r{k}`` and ``t2i_r{k}``; ``relevant: bool[N_img, N_txt]`` defaults to the diagonal."""
+    _nonempty("image_text_retrieval", images=images, texts=texts)
     sim = embedder.similarity(embedder.encode(images), embedder.encode(texts))
     rel = np.eye(len(images), len(texts), dtype=bool) if relevant is None else np.asarray(relevant, bool)
     out = {f"i2t_r{k}": v for k, v in recall_at_k(sim, relevant=rel, ks=ks).items()}
@@ -124,11 +138,13 @@ def hard_negative_accuracy_from_scores(positive: np.ndarray, negative: np.ndarra
     pos, neg = np.asarray(positive, np.float64), np.asarray(negative, np.float64)
     if pos.shape != neg.shape or pos.shape != (len(categories),):
         raise ValueError(f"positive {pos.shape}, negative {neg.shape} and {len(categories)} categories disagree")
+    if not len(categories):
+        raise ValueError("hard_negative_accuracy: no items (0 positive / negative scores); accuracy needs at least one")
     right = pos > neg
     by = defaultdict(list)
     for c, r in zip(categories, right):
         by[c].append(r)
-    return {"overall": float(right.mean()) if len(right) else float("nan"),
+    return {"overall": float(right.mean()),
             **{c: float(np.mean(v)) for c, v in by.items()}}
 
 
@@ -136,6 +152,8 @@ def hard_negative_accuracy(embedder, items) -> dict[str, float]:
     """SugarCrepe-style accuracy over ``synthetic_sets.hard_negative_set`` items (each: image,
     positive, negative, category), per category and overall. Shared images/positives are
     embedded once."""
+    _nonempty("hard_negative_accuracy", items=items)
+
     def unique(samples):
         ids, keep = {}, []
         for s in samples:

@@ -42,6 +42,8 @@ def evaluate_vqa(answerer: Answerer, samples: Sequence[Sample], *, mode: str = "
     """Accuracy overall and per question type (``sample.meta["qtype"]``)."""
     if mode not in MODES:
         raise ValueError(f"vqa mode {mode!r}: expected one of {MODES}")
+    if not samples:
+        raise ValueError("evaluate_vqa: no samples; VQA accuracy needs at least one question")
     refs = [s.meta["answer"] for s in samples]
     if mode == "generate":
         preds = answerer.generate(samples, max_new_tokens)

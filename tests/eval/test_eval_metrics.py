@@ -97,6 +97,8 @@ def test_pope_metrics_hand_made():
     assert m["unparsed"] == pytest.approx(2 / 8)
     none_yes = pope_metrics(["no", "no"], ["yes", "no"])
     assert none_yes["precision"] == 0.0 and none_yes["f1"] == 0.0 and none_yes["acc"] == 0.5
+    with pytest.raises(ValueError, match="labels must be 'yes' / 'no', got 'maybe'"):
+        pope_metrics(["yes", "no"], ["yes", "maybe"])
 
 
 def test_pope_unparsed_answers_never_raise_f1():
@@ -207,3 +209,46 @@ def test_content_relevance_counts_a_candidate_showing_the_same_scene_as_a_hit():
     assert recall_at_k(sim, relevant=rel, ks=(1,)) == {1: 1.0}
     with pytest.raises(ValueError, match="without a scene graph"):
         content_relevance([Sample("t", (text_segment("z"),))], [0])
+
+
+def _empty_input_cases():
+    from mllm_jax.data.schema import Sample, text_segment
+    from mllm_jax.eval.caption import caption_scores, evaluate_captions
+    from mllm_jax.eval.pope import evaluate_pope
+    from mllm_jax.eval.rag import evaluate_rag
+    from mllm_jax.eval.retrieval import image_text_retrieval, retrieve
+    from mllm_jax.eval.vqa import evaluate_vqa
+    s = lambda i: Sample(i, (text_segment(i),))  # noqa: E731
+    emb = _TableEmbedder({})
+    # the model (answerer / embedder None) is never reached: the empty input is refused first
+    return {
+        "recall_at_k no queries": (lambda: recall_at_k(np.zeros((0, 3)), []), r"recall_at_k: no queries"),
+        "recall_at_k no queries (relevant)": (lambda: recall_at_k(np.zeros((0, 3)), relevant=np.zeros((0, 3), bool)),
+                                              r"recall_at_k: no queries"),
+        "recall_at_k no candidates": (lambda: recall_at_k(np.zeros((2, 0)), [0, 0]), r"ranks: no candidates"),
+        "retrieve no queries": (lambda: retrieve(emb, [], [s("c")], [], ks=(1,)), r"retrieve: no queries"),
+        "retrieve no candidates": (lambda: retrieve(emb, [s("q")], [], [0], ks=(1,)), r"retrieve: no candidates"),
+        "image_text_retrieval": (lambda: image_text_retrieval(emb, [], []),
+                                 r"image_text_retrieval: no images and no texts"),
+        "hard_negative_accuracy_from_scores": (lambda: hard_negative_accuracy_from_scores([], [], []),
+                                               r"hard_negative_accuracy: no items"),
+        "hard_negative_accuracy": (lambda: hard_negative_accuracy(emb, []), r"hard_negative_accuracy: no items"),
+        "evaluate_vqa": (lambda: evaluate_vqa(None, []), r"evaluate_vqa: no samples"),
+        "pope_metrics": (lambda: pope_metrics([], []), r"pope_metrics: no probes"),
+        "evaluate_pope no strategies": (lambda: evaluate_pope(None, {}), r"evaluate_pope: no strategies"),
+        "evaluate_pope empty strategy": (lambda: evaluate_pope(None, {"random": [s("p")], "popular": []}),
+                                         r"evaluate_pope: no probes for strategies \['popular'\]"),
+        "caption_scores": (lambda: caption_scores([], []), r"caption_scores: no items"),
+        "evaluate_captions": (lambda: evaluate_captions(None, []), r"evaluate_captions: no samples"),
+        "evaluate_rag no questions": (lambda: evaluate_rag(None, None, [s("m")], []), r"evaluate_rag: 0 questions"),
+        "evaluate_rag no memory": (lambda: evaluate_rag(None, None, [], [s("q")]), r"and 0 memory entries"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_empty_input_cases()))
+def test_every_metric_refuses_empty_input(case):
+    """A metric over no items is undefined: each raises a ValueError naming itself and the empty
+    input (VQA accuracy and R@k returned NaN, the mean of an empty array)."""
+    fn, match = _empty_input_cases()[case]
+    with pytest.raises(ValueError, match=match):
+        fn()
