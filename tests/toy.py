@@ -218,11 +218,13 @@ def toy_data(cfg: ExperimentConfig, *, split: str = "train", process_index: int 
                 for k, v in b.items()}
     ds = (grain.MapDataset.range(n).shuffle(seed=d.seed).repeat().map(example)
           .batch(B, drop_remainder=True).map(rows))
-    num_batches = opts.get("num_batches")
+    num_batches, sigterm_at = opts.get("num_batches"), opts.get("sigterm_at")
     if isinstance(num_batches, (list, tuple)):  # one per process: processes whose data ends at different steps
         num_batches = num_batches[process_index]
+    if isinstance(sigterm_at, (list, tuple)):   # one per process: a signal to one process only
+        sigterm_at = sigterm_at[process_index]
     return ToyIterator(iter(ds), nan_batches=opts.get("nan_batches", ()), drop_batches=opts.get("drop_batches", ()),
-                       sigterm_at=opts.get("sigterm_at"), num_batches=num_batches)
+                       sigterm_at=sigterm_at, num_batches=num_batches)
 
 
 def tiny_experiment(**updates) -> ExperimentConfig:

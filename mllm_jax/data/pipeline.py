@@ -459,7 +459,7 @@ class DataIterator:
         self._messages, self._batches_this_epoch = [], 0
 
     # processes of a multi-process run pick their buckets alone; before their rows become one
-    # global array they agree on the longest (distributed.next_on_every_process)
+    # global array they agree on the longest (distributed.next_step_on_every_process)
     def seq_lengths(self, batch: dict) -> dict[str, int]:
         return seq_lengths(batch)
 

@@ -15,9 +15,10 @@ Only process 0 writes logs, metrics and the config; every process takes part in 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
@@ -100,19 +101,89 @@ def any_process(flag: bool) -> bool:
     return bool(np.max(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
 
+# One training step's agreement among processes is one all-gather of one small int64 row per
+# process: [stop, ended, n, T_0, ..., T_{n-1}, 0, ...] (``step_row``), reduced on every process
+# alike by ``agree_step``. The lengths are the process's ``it.seq_lengths(batch)`` in key order;
+# a row holds STEP_ROW_LENGTHS of them (more: one more all-gather, ``same_seq_lengths``).
+STEP_ROW_LENGTHS = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class StepAgreement:
+    """What every process decides from one step's rows: ``stop`` (any process was signalled),
+    ``ended`` (any process's data ended), ``longest`` (the longest sequence length per key
+    position over all processes, in key order; None where the rows could not hold them all)."""
+    stop: bool
+    ended: bool
+    longest: Optional[tuple[int, ...]]
+
+
+def step_row(stop: bool, ended: bool, lengths: Sequence[int] = ()) -> np.ndarray:
+    """One process's part of a step's agreement: ``int64[3 + STEP_ROW_LENGTHS]``, ``[stop,
+    ended, len(lengths), lengths..., 0...]`` (lengths past STEP_ROW_LENGTHS are left out;
+    ``agree_step`` then says it could not agree on them)."""
+    row = np.zeros(3 + STEP_ROW_LENGTHS, np.int64)
+    kept = list(lengths)[:STEP_ROW_LENGTHS]
+    row[:3] = bool(stop), bool(ended), len(lengths)
+    row[3:3 + len(kept)] = kept
+    return row
+
+
+def agree_step(rows: np.ndarray) -> StepAgreement:
+    """The decisions of one step from every process's ``step_row`` (``int64[P, 3 +
+    STEP_ROW_LENGTHS]``): the same as ``any_process(stop)``, ``any_process(ended)`` and, when
+    neither, the element-wise max of the processes' lengths (``same_seq_lengths``)."""
+    rows = np.asarray(rows, np.int64)
+    stop, ended = bool(rows[:, 0].any()), bool(rows[:, 1].any())
+    counts = rows[:, 2]
+    if stop or ended:        # no step follows: the lengths are not needed (and some may be missing)
+        return StepAgreement(stop, ended, None)
+    if (counts != counts[0]).any():
+        raise ValueError(f"processes have different numbers of sequence lengths in this step's batch "
+                         f"({counts.tolist()}, by process): their data pipelines batch differently")
+    n = int(counts[0])
+    longest = tuple(int(t) for t in rows[:, 3:3 + n].max(axis=0)) if n <= STEP_ROW_LENGTHS else None
+    return StepAgreement(False, False, longest)
+
+
+def next_step_on_every_process(it, stop: bool = False, *, fetch: bool = True) -> tuple[Optional[Any], bool, bool]:
+    """A training step's one agreement among processes: ``(batch, ended, stop)``, the same
+    ``ended`` and ``stop`` on every process, with at most one all-gather (none in a
+    one-process run).
+
+    ``batch`` is ``next(it)`` when ``fetch`` and not ``stop`` (a process that asks to stop
+    fetches nothing: all stop), else None, as where ``it`` ended; ``ended``: any process's ``it``
+    ended; ``stop``: any process passed ``stop``. When neither, ``batch`` is padded to the
+    longest sequence length any process has (as ``same_seq_lengths``) when ``it`` can pad.
+    Every process must call it at the same point with the same ``fetch``."""
+    batch, ended = None, False
+    if fetch and not stop:
+        try:
+            batch = next(it)
+        except StopIteration:
+            ended = True
+    if jax.process_count() == 1:
+        return batch, ended, bool(stop)
+    mine = it.seq_lengths(batch) if batch is not None and hasattr(it, "seq_lengths") else {}
+    keys = sorted(mine)
+    from jax.experimental import multihost_utils
+    agreed = agree_step(multihost_utils.process_allgather(step_row(stop, ended, [mine[k] for k in keys])))
+    if agreed.stop or agreed.ended or not keys:
+        return batch, agreed.ended, agreed.stop
+    if agreed.longest is None:       # more lengths than a row holds
+        return same_seq_lengths(it, batch), False, False
+    want = dict(zip(keys, agreed.longest))
+    return (batch if want == mine else it.pad_seq_lengths(batch, want)), False, False
+
+
 def next_on_every_process(it) -> tuple[Optional[Any], bool]:
     """``(next(it), False)``, or ``(batch or None, True)`` on every process as soon as any
     process's ``it`` has ended (its shard ran out first): all processes run the same steps,
     none waits in a collective for one that has left. ``batch`` is None where ``it`` itself
     ended. In a multi-process run the batch is padded to the longest sequence length any
-    process has (``same_seq_lengths``) when ``it`` can pad."""
-    try:
-        batch, ended = next(it), False
-    except StopIteration:
-        batch, ended = None, True
-    ended = any_process(ended)
-    if not ended and jax.process_count() > 1 and hasattr(it, "seq_lengths"):
-        batch = same_seq_lengths(it, batch)
+    process has (``same_seq_lengths``) when ``it`` can pad. One all-gather
+    (``next_step_on_every_process``)."""
+    batch, ended, _ = next_step_on_every_process(it)
     return batch, ended
 
 
@@ -182,6 +253,7 @@ def global_batch(local: dict, mesh: Mesh, rules: shd.Rules = shd.DEFAULT_RULES) 
     return jax.tree_util.tree_map_with_path(put, local)
 
 
-__all__ = ["initialize", "detected_launcher", "any_process", "next_on_every_process", "next_or_blank_on_every_process",
+__all__ = ["initialize", "detected_launcher", "any_process", "next_on_every_process", "next_step_on_every_process",
+           "step_row", "agree_step", "StepAgreement", "STEP_ROW_LENGTHS", "next_or_blank_on_every_process",
            "same_seq_lengths", "is_primary", "local_batch_size", "global_batch", "ENV_COORDINATOR",
            "ENV_NUM_PROCESSES", "ENV_PROCESS_ID"]

@@ -14,6 +14,9 @@
   pairs, examples; counts are summed), so it is the metric of the whole eval set.
 - SIGTERM / SIGINT: the current step finishes, a checkpoint is written, ``fit`` returns with
   ``status="preempted"`` (the CLI exits with 128 + signal). A second SIGINT aborts at once.
+- Multi-process: the processes agree once per step, in one small all-gather after it, on
+  whether any was signalled, whether any one's data ended, and the next batch's sequence
+  lengths (``distributed.next_step_on_every_process``).
 """
 from __future__ import annotations
 
@@ -413,10 +416,12 @@ def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], los
     end_state = None     # the data state to save when this process fetched a batch it will not train on
     try:
         with StopSignal() as stop:
+            # one agreement per step, after it, with the next batch (a signal before step 1: after it)
+            if step < tc.steps:
+                before = data.get_state() if multi else None
+                host_batch, ended, _ = distributed.next_step_on_every_process(data)
             while step < tc.steps:
                 # data.num_epochs reached (here or on another process): save and stop like a finished run
-                before = data.get_state() if multi else None
-                host_batch, ended = distributed.next_on_every_process(data)
                 if ended:
                     log.warning("the training data ended at step %d of train.steps=%d (data.num_epochs)%s; "
                                 "stopping there", step, tc.steps, "" if host_batch is None else " on another process")
@@ -438,9 +443,16 @@ def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], los
                     eval_history.append({"step": step, **step_eval})
                     writer.write(step, step_eval)
                     thr.reset()
-                stopping = stop.requested()
-                if stopping or (tc.checkpoint.every_steps and step % tc.checkpoint.every_steps == 0):
+                if tc.checkpoint.every_steps and step % tc.checkpoint.every_steps == 0:
                     ckpt.save(state, data_state=data.get_state(), config=cfg_dict, metrics=step_eval)
+                    last_saved = step
+                signalled = stop.signum is not None      # read once: what the others are told
+                fetch = step < tc.steps                  # (a signalled process fetches nothing more)
+                before = data.get_state() if fetch and multi and not signalled else None
+                host_batch, ended, stopping = distributed.next_step_on_every_process(data, signalled, fetch=fetch)
+                if stopping and last_saved != step:      # with the data state of the batches trained on
+                    ckpt.save(state, data_state=before if before is not None else data.get_state(),
+                              config=cfg_dict, metrics=step_eval)
                     last_saved = step
                 if stopping:
                     status, signum = "preempted", stop.signum

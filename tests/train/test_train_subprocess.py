@@ -190,6 +190,29 @@ def test_two_process_run_stops_together_when_one_process_data_ends(tmp_path, cac
     assert [json.loads((data / f"process_{i}-of-2.json").read_text())["index"] for i in range(2)] == [2, 2]
 
 
+def test_two_process_run_stops_together_when_one_process_is_signalled(tmp_path, cache_env):
+    """SIGTERM to process 1 only, while it fetches its third batch: step 3 runs on both, then
+    both save step 3 and exit as preempted. Process 0 had fetched a fourth batch before it learnt
+    of the signal (the step's one agreement carries the next batch's lengths): its saved data
+    position is after the 3 batches it trained on."""
+    cfg = _config(tmp_path, **{"train.steps": 6, "train.checkpoint.every_steps": 0, "mesh.data": 2, "mesh.fsdp": 2,
+                               "data.batch_size": 4, "data_options": {"sigterm_at": [None, 2]}})
+    port = _free_port()
+    multi = [_launch(cfg, tmp_path / "multi", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                     "--process-id", str(i), devices=2, env_extra=cache_env) for i in range(2)]
+    try:
+        rcs = [_finish(p, timeout=120) for p in multi]
+    finally:
+        for p in multi:
+            p.kill()
+    assert [rc for rc, _ in rcs] == [128 + signal.SIGTERM] * 2, rcs[0][1][-3000:] + rcs[1][1][-3000:]
+    assert all("preempted at step 3" in out for _, out in rcs)
+    assert sorted(_losses(tmp_path / "multi")) == [1, 2, 3]
+    assert _steps(tmp_path / "multi") == [3]
+    data = tmp_path / "multi" / "checkpoints" / "3" / "data"
+    assert [json.loads((data / f"process_{i}-of-2.json").read_text())["index"] for i in range(2)] == [3, 3]
+
+
 def test_two_process_eval_stops_together_when_one_process_eval_data_ends(tmp_path, cache_env):
     """Process 1's eval data ends after 2 batches, process 0's after 3 (train.eval_steps=3): a
     third eval step where process 1 feeds padding rows evaluates process 0's last rows (they were
