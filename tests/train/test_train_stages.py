@@ -133,6 +133,64 @@ def test_stage_mapping_updates_merge_into_the_config():
     optim = stage_config(base, stage, None, {"train.optim": {"lr": 3e-4}}).train.optim
     assert (optim.lr, optim.b1, optim.warmup_steps, optim.weight_decay) == (3e-4, 0.8, 50, 0.1)
 
+_PARTS = {"vision": "ckpt/clip"}
+
+
+@pytest.mark.parametrize("own", [
+    {"train.init_parts": _PARTS},
+    {" train.init_parts ": _PARTS, "train.steps": 5},
+    {"train": {"init_parts": _PARTS, "steps": 5}},
+    {"train": dataclasses.replace(ExperimentConfig().train, init_parts=_PARTS)},
+])
+def test_a_chained_stage_refuses_the_init_parts_its_own_updates_set(own):
+    """A chained stage (init_from_previous, after another stage) runs with train.init_parts
+    empty. One its own updates set, in any form apply_updates takes, was silently dropped: now a
+    ConfigError naming the stage. The same updates on a first or unchained stage load."""
+    base = ExperimentConfig()
+    with pytest.raises(ConfigError, match=r"stage 'two': train\.init_parts=\{'vision': 'ckpt/clip'\} is set by its "
+                                          r"updates.*runs/one.*only the first stage of a recipe, or a stage with "
+                                          r"init_from_previous: false, loads train\.init_parts"):
+        stage_config(base, StageConfig("two", own), "runs/one")
+    assert stage_config(base, StageConfig("one", own), None).train.init_parts == _PARTS
+    unchained = stage_config(base, StageConfig("two", own, init_from_previous=False), "runs/one")
+    assert unchained.train.init_parts == _PARTS and unchained.train.init_from is None
+    recipe = dataclasses.replace(base, stages=(StageConfig("one"), StageConfig("two", own)))
+    with pytest.raises(ConfigError, match="stage 'two'"):
+        stage_configs(recipe)
+
+
+def test_a_chained_stage_clears_inherited_init_parts_silently():
+    """The base config's init_parts (the recipe's pretrained parts) are the first stage's: a
+    chained stage clears them without a word, as it does those of overrides given for the whole
+    recipe (the command line's, also applied to the base); a stage that empties them itself, or
+    whose own value the recipe-wide overrides replace, is fine."""
+    base = apply_updates(ExperimentConfig(), {"train.init_parts": _PARTS})
+    chained = stage_config(base, StageConfig("two", {"train.steps": 5}), "runs/one")
+    assert chained.train.init_parts == {} and chained.train.init_from == "runs/one"
+    assert stage_config(base, StageConfig("two", {"train.init_parts": {}}), "runs/one").train.init_parts == {}
+    wide = {"train.init_parts": {"decoder": "ckpt/llm"}}
+    assert stage_config(base, StageConfig("two", {"train.init_parts": _PARTS}), "runs/one", wide,
+                        overrides_for_stage=False).train.init_parts == {}
+    recipe = dataclasses.replace(ExperimentConfig(), stages=(StageConfig("one"), StageConfig("two"),
+                                                             StageConfig("three", {"train.steps": 5})))
+    got = [c.train.init_parts for _, c in stage_configs(recipe, overrides=wide)]
+    assert got == [{"decoder": "ckpt/llm"}, {}, {}]
+
+
+def test_a_chained_stage_refuses_init_parts_in_overrides_given_for_it():
+    """Overrides given for one chained stage (``stage_config``'s, or the command line's with
+    ``--stage``) that set init_parts would be ignored: a ConfigError naming the stage; the other
+    stages of the recipe take them as the whole recipe's."""
+    recipe = dataclasses.replace(ExperimentConfig(), stages=(StageConfig("one"), StageConfig("two")))
+    wide = {"train": {"init_parts": _PARTS}}
+    with pytest.raises(ConfigError, match=r"stage 'two': train\.init_parts=.* is set by the overrides given for it"):
+        stage_config(recipe, StageConfig("two"), "runs/one", wide)
+    with pytest.raises(ConfigError, match=r"stage 'two': .*overrides given for it"):
+        stage_configs(recipe, only="two", overrides=wide)
+    [(_, one)] = stage_configs(recipe, only="one", overrides=wide)
+    assert one.train.init_parts == _PARTS
+
+
 def test_run_stages_checks_every_stage_first_and_stops_after_a_preempted_one(tmp_path):
     """A typo in a later stage's updates fails before any stage trains; a stage that was
     preempted (SIGTERM) is not followed by the next stage, which would start from its unfinished
