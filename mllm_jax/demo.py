@@ -2,7 +2,7 @@
 
     python -m mllm_jax demo [--out results] [--quick] [key=value ...]   # overrides on tiny.yaml
 
-1. A byte-level BPE tokenizer is trained on the scene world's corpus (seconds).
+1. A byte-level BPE tokenizer is trained on the scene world's corpus (seconds; cached, by the code too).
 2. Stage 0 (``mllm_jax/train/vision_pretrain.py``): the ViT is pretrained to predict scene-graph
    facts from pixels (images only), standing in for the CLIP/SigLIP checkpoint every real MLLM
    starts from; written as the MLLM's init checkpoint (``--vision-steps``, cached).
@@ -109,10 +109,14 @@ def arm_config(base: ExperimentConfig, name: str, out: Path, text_teacher: str) 
 
 
 def _tokenizer(cfg: ExperimentConfig, out: Path) -> str:
+    """The scene world's BPE tokenizer, trained on its corpus; cached by what it depends on: the
+    world's version, the scene config, the vocabulary size and the code (the tokenizer trainer
+    and the corpus are code: ``code_fingerprint``, as for the trained stages)."""
     from mllm_jax.data.synthetic_sets import scene_corpus
     from mllm_jax.data.tokenize import train_tokenizer
     from mllm_jax.data.synthetic import WORLD_VERSION
-    d = out / "demo" / f"tokenizer-v{WORLD_VERSION}-{config_hash(cfg.data.scene)}-{cfg.model.decoder.vocab_size}"
+    d = out / "demo" / (f"tokenizer-v{WORLD_VERSION}-{config_hash(cfg.data.scene)}-{cfg.model.decoder.vocab_size}"
+                        f"-{code_fingerprint()[:8]}")
     if not (d / "tokenizer.json").exists():
         tmp = d.with_name(d.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)

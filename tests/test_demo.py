@@ -86,3 +86,25 @@ def test_cached_stages_are_retrained_when_the_code_changes(tmp_path, monkeypatch
     a = fingerprint()
     (pkg / "sub" / "k.cc").write_text("int g();\n")
     assert fingerprint() != a
+
+
+def test_the_tokenizer_is_retrained_when_the_code_changes(tmp_path, monkeypatch):
+    """The demo's tokenizer folder was keyed by the world's version, the scene config and the
+    vocabulary size only: a change to the tokenizer trainer or the scene corpus (code) reused a
+    tokenizer the new code would not make, while the trained stages were retrained. Now it is
+    keyed by the code too (a real, sub-second BPE training on the scene corpus)."""
+    from mllm_jax import demo
+    from mllm_jax.config import ExperimentConfig, load_config
+    from mllm_jax.data import tokenize
+    cfg = load_config(demo.CONFIG, ExperimentConfig)
+    trained = []
+    real = tokenize.train_tokenizer
+    monkeypatch.setattr(tokenize, "train_tokenizer", lambda *a, **kw: trained.append(a[1]) or real(*a, **kw))
+    monkeypatch.setattr(demo, "code_fingerprint", lambda: "0123456789abcdef")
+    first = demo._tokenizer(cfg, tmp_path)
+    assert demo._tokenizer(cfg, tmp_path) == first and len(trained) == 1           # same code: reused
+    monkeypatch.setattr(demo, "code_fingerprint", lambda: "fedcba9876543210")
+    other = demo._tokenizer(cfg, tmp_path)
+    assert other != first and len(trained) == 2                                     # other code: retrained
+    assert (Path(first) / "tokenizer.json").exists() and (Path(other) / "tokenizer.json").exists()
+    assert Path(first).parent == Path(other).parent == tmp_path / "demo"
