@@ -17,8 +17,8 @@ has: InfMLLM's stage 1 puts a new pool-adapter between the ViT and LLM of a conv
 ``train.init_parts`` (``{part: dir}``) starts the params under ``<part>.`` from a checkpoint of
 that part (a converted CLIP tower, a converted LLM), checked the same way: stage 1 from a ViT
 and an LLM saved separately. Only the first stage loads them; later ones start from the last
-(a chained stage clears the ``init_parts`` it inherits from the base config, and refuses one
-its own updates, or overrides given for it, set: it would be ignored).
+(a chained stage clears the ``init_parts`` of the base config and of the command line, and
+refuses one its own updates set: it would be ignored).
 
 InfMLLM's three stages (METHODS.md §3) — ViT ``vision.*``, pool-adapter ``projector.*``,
 LLM ``decoder.*``:
@@ -101,27 +101,24 @@ def _sets_init_parts(updates: dict) -> bool:
 
 
 def stage_config(base: ExperimentConfig, stage: StageConfig, previous_run_dir: Optional[str],
-                 overrides: Optional[dict] = None, *, overrides_for_stage: bool = True) -> ExperimentConfig:
+                 overrides: Optional[dict] = None) -> ExperimentConfig:
     """The config one stage runs with (its own run dir, its init from the previous stage).
     ``overrides`` (``{"a.b": value}``, e.g. the command line's) apply after the stage's updates:
     what the user typed wins over the recipe.
 
     A stage that starts from the previous one (``init_from_previous`` and a previous run dir)
-    runs with ``train.init_parts`` empty: an ``init_parts`` of ``base`` (or of ``overrides``
-    given for the whole recipe, ``overrides_for_stage=False``) is the first stage's. One set by
-    the stage's own updates, or by ``overrides`` given for this stage, is a ``ConfigError``:
-    it would be ignored."""
+    runs with ``train.init_parts`` empty: an ``init_parts`` of ``base`` or of ``overrides`` (the
+    command line's, which apply to every stage of a recipe) is the first stage's. One set by the
+    stage's own updates (and not replaced by ``overrides``) is a ``ConfigError``: it would be
+    ignored."""
     cfg = apply_updates(dataclasses.replace(base, stages=()), stage.updates, overrides or {})
     chained = bool(stage.init_from_previous and previous_run_dir)
     # a stage that starts from the previous one takes all its params from there (train.init_parts,
     # the pretrained parts the first stage started from, would undo what that stage trained)
     if chained and cfg.train.init_parts:
-        source = "its updates" if _sets_init_parts(stage.updates) else None   # the last to set it wins
-        if overrides and _sets_init_parts(overrides):
-            source = "the overrides given for it" if overrides_for_stage else None
-        if source is not None:
+        if _sets_init_parts(stage.updates) and not (overrides and _sets_init_parts(overrides)):
             raise ConfigError(
-                f"stage {stage.name!r}: train.init_parts={dict(cfg.train.init_parts)} is set by {source}, "
+                f"stage {stage.name!r}: train.init_parts={dict(cfg.train.init_parts)} is set by its updates, "
                 f"but the stage starts from the previous stage's run ({previous_run_dir}), which holds all its "
                 f"params: only the first stage of a recipe, or a stage with init_from_previous: false, loads "
                 f"train.init_parts (a chained stage clears the base config's). Set it on the first stage or the "
@@ -137,9 +134,7 @@ def stage_configs(cfg: ExperimentConfig, only: Optional[str] = None,
                   overrides: Optional[dict] = None) -> list[tuple[StageConfig, ExperimentConfig]]:
     """``(stage, its config)`` for every stage of ``cfg.stages`` in order (or just ``only``),
     each initialised from the previous stage's run dir; ``overrides`` as in ``stage_config``.
-    Every stage's config is built, so a typo in stage 3 fails before stage 1 runs. ``overrides``
-    are for the whole recipe (a chained stage clears a ``train.init_parts`` they set, as the
-    base config's), except with ``only``, where they are for that stage."""
+    Every stage's config is built, so a typo in stage 3 fails before stage 1 runs."""
     names = [s.name for s in cfg.stages]
     if len(set(names)) != len(names):
         raise ConfigError(f"stages: names must be unique, got {names}")
@@ -147,7 +142,7 @@ def stage_configs(cfg: ExperimentConfig, only: Optional[str] = None,
         raise ConfigError(f"--stage {only!r}: no such stage; the recipe has {names}")
     out, prev = [], None
     for stage in cfg.stages:
-        out.append((stage, stage_config(cfg, stage, prev, overrides, overrides_for_stage=only == stage.name)))
+        out.append((stage, stage_config(cfg, stage, prev, overrides)))
         prev = out[-1][1].train.run_dir
     return [(stage, scfg) for stage, scfg in out if only in (None, stage.name)]
 

@@ -133,6 +133,7 @@ def test_stage_mapping_updates_merge_into_the_config():
     optim = stage_config(base, stage, None, {"train.optim": {"lr": 3e-4}}).train.optim
     assert (optim.lr, optim.b1, optim.warmup_steps, optim.weight_decay) == (3e-4, 0.8, 50, 0.1)
 
+
 _PARTS = {"vision": "ckpt/clip"}
 
 
@@ -169,24 +170,22 @@ def test_a_chained_stage_clears_inherited_init_parts_silently():
     assert chained.train.init_parts == {} and chained.train.init_from == "runs/one"
     assert stage_config(base, StageConfig("two", {"train.init_parts": {}}), "runs/one").train.init_parts == {}
     wide = {"train.init_parts": {"decoder": "ckpt/llm"}}
-    assert stage_config(base, StageConfig("two", {"train.init_parts": _PARTS}), "runs/one", wide,
-                        overrides_for_stage=False).train.init_parts == {}
+    assert stage_config(base, StageConfig("two", {"train.init_parts": _PARTS}), "runs/one",
+                        wide).train.init_parts == {}
     recipe = dataclasses.replace(ExperimentConfig(), stages=(StageConfig("one"), StageConfig("two"),
                                                              StageConfig("three", {"train.steps": 5})))
     got = [c.train.init_parts for _, c in stage_configs(recipe, overrides=wide)]
     assert got == [{"decoder": "ckpt/llm"}, {}, {}]
 
 
-def test_a_chained_stage_refuses_init_parts_in_overrides_given_for_it():
-    """Overrides given for one chained stage (``stage_config``'s, or the command line's with
-    ``--stage``) that set init_parts would be ignored: a ConfigError naming the stage; the other
-    stages of the recipe take them as the whole recipe's."""
+def test_command_line_init_parts_are_the_first_stages_also_with_one_stage_named():
+    """The command line's overrides apply to every stage (the CLI applies them to the base and
+    to each stage): their init_parts are the first stage's, and rerunning one chained stage with
+    the same command line (``--stage two``) clears them rather than failing."""
     recipe = dataclasses.replace(ExperimentConfig(), stages=(StageConfig("one"), StageConfig("two")))
     wide = {"train": {"init_parts": _PARTS}}
-    with pytest.raises(ConfigError, match=r"stage 'two': train\.init_parts=.* is set by the overrides given for it"):
-        stage_config(recipe, StageConfig("two"), "runs/one", wide)
-    with pytest.raises(ConfigError, match=r"stage 'two': .*overrides given for it"):
-        stage_configs(recipe, only="two", overrides=wide)
+    [(_, two)] = stage_configs(recipe, only="two", overrides=wide)
+    assert two.train.init_parts == {} and two.train.init_from.endswith("one")
     [(_, one)] = stage_configs(recipe, only="one", overrides=wide)
     assert one.train.init_parts == _PARTS
 
