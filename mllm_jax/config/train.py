@@ -30,14 +30,23 @@ class StructureConfig:
     gamma: float = 0.1                     # soft-DTW smoothing
     softdtw_scale: float = 1.0             # S = exp(-divergence / scale) for soft-DTW
     target_sigma: float = 1.0              # GAK bandwidth of the triple kernel (unit-norm teacher features)
-    image_teacher: str = "pixel"           # batch key teacher_<name> for image-image slice pairs
-    text_teacher: str = "minilm"           # ... text-text pairs
-    shared_teacher: str = "scene_graph"    # ... image-text pairs (a space both modalities live in)
+    # teachers (data.teachers names; batch keys teacher_<name>) of the triple kernel's local kernel:
+    image_teacher: str | tuple[str, ...] = "pixel"  # image-image slice pairs; a list concatenates its
+                                           # teachers' unit-norm features (the paper: [dinov2, clip])
+    text_teacher: str | tuple[str, ...] = "minilm"  # text-text pairs (the paper: [bge, clip])
+    shared_teacher: str = "scene_graph"    # image-text pairs: one space both modalities live in (CLIP)
     layer: int = -1                        # hidden layer of the slice embeddings (-1 = last, normed)
 
     def __post_init__(self):
         if self.alignment not in ("gak", "softdtw", "pooled"):
             raise ConfigError(f"objective.structure.alignment: {self.alignment!r}; expected gak, softdtw or pooled")
+        for field in ("image_teacher", "text_teacher"):
+            names = getattr(self, field)
+            if isinstance(names, (list, tuple)):
+                if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+                    raise ConfigError(f"objective.structure.{field}: {list(names)}; expected a teacher name or a "
+                                      "non-empty list of distinct teacher names")
+                object.__setattr__(self, field, tuple(names))
 
 
 @dataclasses.dataclass(frozen=True)

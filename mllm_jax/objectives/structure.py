@@ -15,6 +15,7 @@ embeddings (and so through LoRA, the projector, ... whatever the optimiser train
 """
 from __future__ import annotations
 
+import logging
 from typing import Mapping, Optional
 
 import jax
@@ -24,6 +25,7 @@ from mllm_jax import align
 from mllm_jax.config import StructureConfig
 
 Array = jax.Array
+log = logging.getLogger("mllm_jax.objectives")
 
 
 def _l2(x: Array) -> Array:
@@ -49,21 +51,51 @@ def model_similarity(emb: Array, mask: Array, cfg: StructureConfig) -> Array:
     return align.pooled_cosine(e, m)
 
 
+def _key(name: str) -> str:
+    return f"teacher_{name}"
+
+
+_warned: set = set()
+
+
+def _modality_features(batch: Mapping[str, Array], names, shared: Array, field: str) -> Array:
+    """The features of one modality's local kernel: one teacher's, or (a list of names) the
+    concatenation of each teacher's L2-normalised features (the triple kernel normalises the
+    whole again, so each teacher weighs the same: the local kernel's squared distance is the
+    mean of the teachers'). A single teacher missing from the batch falls back to the shared
+    one (logged once); a missing teacher of a list is an error."""
+    have = sorted(k for k in batch if k.startswith("teacher_"))
+    if isinstance(names, str):
+        if _key(names) in batch:
+            return batch[_key(names)].astype(jnp.float32)
+        if (field, names) not in _warned:
+            _warned.add((field, names))
+            log.warning("structure loss: objective.structure.%s=%r is not in the batch (teachers present: %s); "
+                        "its pairs use the shared teacher's features", field, names, have)
+        return shared
+    missing = [n for n in names if _key(n) not in batch]
+    if missing:
+        raise KeyError(f"structure loss: objective.structure.{field}={list(names)} but the batch has no "
+                       f"{[_key(n) for n in missing]} (teachers present: {have}); set data.teachers to include them")
+    return jnp.concatenate([_l2(batch[_key(n)].astype(jnp.float32)) for n in names], axis=-1)
+
+
 def target_similarity(batch: Mapping[str, Array], cfg: StructureConfig) -> Array:
     """The triple kernel over the batch's per-slice teacher features: ``float32[B, B]``.
 
-    Missing teachers fall back to the shared one (so ``scene_graph`` alone gives the oracle
-    structure kernel); at least the shared teacher must be present.
+    ``cfg.image_teacher`` / ``cfg.text_teacher`` name one teacher each or a list to concatenate
+    (the paper's DINOv2 + CLIP image, BGE + CLIP text features). A single one missing from the
+    batch falls back to the shared teacher (so ``scene_graph`` alone gives the oracle structure
+    kernel); the shared teacher must be present.
     """
-    key = lambda name: f"teacher_{name}"  # noqa: E731
-    if key(cfg.shared_teacher) not in batch:
+    if _key(cfg.shared_teacher) not in batch:
         have = sorted(k for k in batch if k.startswith("teacher_"))
-        raise KeyError(f"structure loss: the batch has no {key(cfg.shared_teacher)!r} (teachers present: {have}); "
+        raise KeyError(f"structure loss: the batch has no {_key(cfg.shared_teacher)!r} (teachers present: {have}); "
                        "set data.teachers to include it")
-    shared = batch[key(cfg.shared_teacher)].astype(jnp.float32)
+    shared = batch[_key(cfg.shared_teacher)].astype(jnp.float32)
     feats = {"shared": shared,
-             "image": batch.get(key(cfg.image_teacher), shared).astype(jnp.float32),
-             "text": batch.get(key(cfg.text_teacher), shared).astype(jnp.float32)}
+             "image": _modality_features(batch, cfg.image_teacher, shared, "image_teacher"),
+             "text": _modality_features(batch, cfg.text_teacher, shared, "text_teacher")}
     m, _ = _safe_mask(batch["slice_mask"])
     modality = batch["slice_is_image"].astype(jnp.int32)
     t = align.triple_kernel(feats, modality, m, sigma=cfg.target_sigma)

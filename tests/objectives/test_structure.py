@@ -47,6 +47,42 @@ def test_single_slice_target_is_the_modality_switched_local_kernel():
     np.testing.assert_allclose(t, t.T, rtol=1e-6)
 
 
+def test_a_list_of_teachers_concatenates_their_unit_features():
+    """image_teacher=[pixel, vision] (the paper's DINOv2 + CLIP image features): the local
+    kernel's squared distance between two images is the mean of the two teachers' (each
+    L2-normalised first, whatever its scale)."""
+    sigma = 0.8
+    b = _single_slice_batch([[1, 0], [0, 1], [1, 1]], image=[[3, 0], [0, 2], [1, 1]], is_image=(True, True, False))
+    b["teacher_vision"] = jnp.asarray([[1, 0, 0], [1, 1, 0], [0, 0, 1]], jnp.float32)[:, None]
+    cfg = StructureConfig(target_sigma=sigma, image_teacher=["pixel", "vision"])
+    assert cfg.image_teacher == ("pixel", "vision")
+    t = np.asarray(target_similarity(b, cfg))
+    d2_pixel, d2_vision = 2.0, 2 - math.sqrt(2)          # e1 vs e2; e1 vs (e1+e2)/sqrt2
+    np.testing.assert_allclose(t[0, 1], _k((d2_pixel + d2_vision) / 2, sigma), rtol=1e-5)
+    single = np.asarray(target_similarity(b, StructureConfig(target_sigma=sigma, image_teacher="pixel")))
+    np.testing.assert_allclose(single[0, 1], _k(d2_pixel, sigma), rtol=1e-5)
+    np.testing.assert_allclose(t[:, 2], single[:, 2], rtol=1e-6)     # image-text pairs: the shared space
+    with pytest.raises(KeyError, match=r"image_teacher=\['pixel', 'clip'\].*teacher_clip"):
+        target_similarity(b, StructureConfig(image_teacher=("pixel", "clip")))
+
+
+def test_teacher_lists_in_the_config():
+    from mllm_jax.config import ConfigError, ExperimentConfig, apply_overrides
+    cfg = apply_overrides(ExperimentConfig(), ["objective.structure.text_teacher=[minilm, clip]"])
+    assert cfg.objective.structure.text_teacher == ("minilm", "clip")
+    for bad in ([], ["pixel", "pixel"], ["pixel", ""]):
+        with pytest.raises(ConfigError, match="objective.structure.image_teacher"):
+            StructureConfig(image_teacher=bad)
+
+
+def test_a_missing_single_teacher_falls_back_to_the_shared_one_and_says_so(caplog):
+    b = _single_slice_batch([[1, 0], [0, 1], [1, 1]], is_image=(True, True, False))
+    with caplog.at_level("WARNING", logger="mllm_jax.objectives"):
+        t = np.asarray(target_similarity(b, StructureConfig(image_teacher="dino_not_loaded")))
+    assert "image_teacher='dino_not_loaded' is not in the batch" in caplog.text
+    np.testing.assert_allclose(t[0, 1], _k(2.0, 1.0), rtol=1e-5)       # e1 vs e2 in the shared space
+
+
 def test_structure_loss_hand_computed():
     sigma = 1.0
     emb = jnp.asarray([[[1.0, 0.0]], [[0.0, 1.0]], [[1.0, 0.0]]])        # samples 0 and 2 identical
