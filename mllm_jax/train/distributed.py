@@ -101,9 +101,9 @@ def any_process(flag: bool) -> bool:
     return bool(np.max(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
 
-# One training step's agreement among processes is one all-gather of one small int64 row per
-# process: [stop, ended, n, T_0, ..., T_{n-1}, 0, ...] (``step_row``), reduced on every process
-# alike by ``agree_step``. The lengths are the process's ``it.seq_lengths(batch)`` in key order;
+# One training (or eval) step's agreement among processes is one all-gather of one small int64
+# row per process: [stop, ended, n, T_0, ..., T_{n-1}, 0, ...] (``step_row``), reduced on every
+# process alike (``agree_step``; for eval, ``next_or_blank_on_every_process``). The lengths are the process's ``it.seq_lengths(batch)`` in key order;
 # a row holds STEP_ROW_LENGTHS of them (more: one more all-gather, ``same_seq_lengths``).
 STEP_ROW_LENGTHS = 32
 
@@ -118,15 +118,27 @@ class StepAgreement:
     longest: Optional[tuple[int, ...]]
 
 
-def step_row(stop: bool, ended: bool, lengths: Sequence[int] = ()) -> np.ndarray:
+def step_row(stop: bool, ended: int, lengths: Sequence[int] = ()) -> np.ndarray:
     """One process's part of a step's agreement: ``int64[3 + STEP_ROW_LENGTHS]``, ``[stop,
     ended, len(lengths), lengths..., 0...]`` (lengths past STEP_ROW_LENGTHS are left out;
-    ``agree_step`` then says it could not agree on them)."""
+    ``agree_step`` then says it could not agree on them). ``ended``: 0 / 1 for a training step;
+    an eval step's code (0 goes on, 1 ended and feeds blanks, 2 ended and cannot)."""
     row = np.zeros(3 + STEP_ROW_LENGTHS, np.int64)
     kept = list(lengths)[:STEP_ROW_LENGTHS]
-    row[:3] = bool(stop), bool(ended), len(lengths)
+    row[:3] = bool(stop), int(ended), len(lengths)
     row[3:3 + len(kept)] = kept
     return row
+
+
+def _agreed_lengths(rows: np.ndarray) -> Optional[tuple[int, ...]]:
+    """The element-wise max of every process's lengths (``step_row``), None where a row could
+    not hold them all; processes with different numbers of lengths are an error."""
+    counts = rows[:, 2]
+    if (counts != counts[0]).any():
+        raise ValueError(f"processes have different numbers of sequence lengths in this step's batch "
+                         f"({counts.tolist()}, by process): their data pipelines batch differently")
+    n = int(counts[0])
+    return tuple(int(t) for t in rows[:, 3:3 + n].max(axis=0)) if n <= STEP_ROW_LENGTHS else None
 
 
 def agree_step(rows: np.ndarray) -> StepAgreement:
@@ -135,15 +147,29 @@ def agree_step(rows: np.ndarray) -> StepAgreement:
     neither, the element-wise max of the processes' lengths (``same_seq_lengths``)."""
     rows = np.asarray(rows, np.int64)
     stop, ended = bool(rows[:, 0].any()), bool(rows[:, 1].any())
-    counts = rows[:, 2]
     if stop or ended:        # no step follows: the lengths are not needed (and some may be missing)
         return StepAgreement(stop, ended, None)
-    if (counts != counts[0]).any():
-        raise ValueError(f"processes have different numbers of sequence lengths in this step's batch "
-                         f"({counts.tolist()}, by process): their data pipelines batch differently")
-    n = int(counts[0])
-    longest = tuple(int(t) for t in rows[:, 3:3 + n].max(axis=0)) if n <= STEP_ROW_LENGTHS else None
-    return StepAgreement(False, False, longest)
+    return StepAgreement(False, False, _agreed_lengths(rows))
+
+
+def _gather(it, batch, stop: bool, code: int) -> tuple[np.ndarray, dict]:
+    """One all-gather of this process's ``step_row`` (its lengths: ``it.seq_lengths(batch)``)
+    -> ``(rows int64[P, ...], this process's {path: T})``."""
+    from jax.experimental import multihost_utils
+    mine = it.seq_lengths(batch) if batch is not None and hasattr(it, "seq_lengths") else {}
+    row = step_row(stop, code, [mine[k] for k in sorted(mine)])
+    return np.asarray(multihost_utils.process_allgather(row), np.int64), mine
+
+
+def _pad_to_agreed(it, batch, rows: np.ndarray, mine: dict):
+    """``batch`` padded to the longest lengths of ``rows`` (as ``same_seq_lengths``)."""
+    if not mine:
+        return batch
+    longest = _agreed_lengths(rows)
+    if longest is None:              # more lengths than a row holds: one more all-gather
+        return same_seq_lengths(it, batch)
+    want = dict(zip(sorted(mine), longest))
+    return batch if want == mine else it.pad_seq_lengths(batch, want)
 
 
 def next_step_on_every_process(it, stop: bool = False, *, fetch: bool = True) -> tuple[Optional[Any], bool, bool]:
@@ -164,16 +190,11 @@ def next_step_on_every_process(it, stop: bool = False, *, fetch: bool = True) ->
             ended = True
     if jax.process_count() == 1:
         return batch, ended, bool(stop)
-    mine = it.seq_lengths(batch) if batch is not None and hasattr(it, "seq_lengths") else {}
-    keys = sorted(mine)
-    from jax.experimental import multihost_utils
-    agreed = agree_step(multihost_utils.process_allgather(step_row(stop, ended, [mine[k] for k in keys])))
-    if agreed.stop or agreed.ended or not keys:
+    rows, mine = _gather(it, batch, stop, ended)
+    agreed = agree_step(rows)
+    if agreed.stop or agreed.ended:
         return batch, agreed.ended, agreed.stop
-    if agreed.longest is None:       # more lengths than a row holds
-        return same_seq_lengths(it, batch), False, False
-    want = dict(zip(keys, agreed.longest))
-    return (batch if want == mine else it.pad_seq_lengths(batch, want)), False, False
+    return _pad_to_agreed(it, batch, rows, mine), False, False
 
 
 def next_on_every_process(it) -> tuple[Optional[Any], bool]:
@@ -196,19 +217,17 @@ def next_or_blank_on_every_process(it, last) -> tuple[Optional[Any], bool]:
     if jax.process_count() == 1:
         batch = next(it, None)
         return batch, batch is None
-    from jax.experimental import multihost_utils
     try:
         batch, code = next(it), 0
     except StopIteration:      # 1: ended, can feed blanks; 2: ended, cannot
         batch, code = None, 1 if last is not None and hasattr(it, "blank_like") else 2
-    codes = np.asarray(multihost_utils.process_allgather(np.int32(code)))
+    if code == 1:              # its blank rows take part in the length agreement
+        batch = it.blank_like(last)
+    rows, mine = _gather(it, batch, False, code)          # one all-gather: codes and lengths
+    codes = rows[:, 1]
     if (codes > 0).all() or (codes == 2).any():
         return None, True
-    if batch is None:
-        batch = it.blank_like(last)
-    if hasattr(it, "seq_lengths"):
-        batch = same_seq_lengths(it, batch)
-    return batch, False
+    return _pad_to_agreed(it, batch, rows, mine), False
 
 
 def same_seq_lengths(it, batch):

@@ -107,7 +107,8 @@ def test_a_mixture_with_a_stream_that_cannot_blank_stops_eval_everywhere(monkeyp
     mix = MixtureIterator({"a": Ended(), "b": iter(())})         # b: a plain iterator
     assert not hasattr(mix, "blank_like")
     monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
-    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack([np.asarray(x), np.int32(0)]))
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda x: np.stack([np.asarray(x), distributed.step_row(False, 0, [4, 4])]))
     last = {"a": {"input_ids": np.ones((2, 4), np.int32)}, "b": {"input_ids": np.ones((2, 4), np.int32)}}
     assert distributed.next_or_blank_on_every_process(mix, last) == (None, True)   # the other one goes on
 
@@ -286,3 +287,36 @@ def test_fit_agrees_once_per_step(tmp_path, monkeypatch):
     res = fit_toy(tiny_experiment(**{"train.steps": 3, "train.run_dir": str(tmp_path / "r")}))
     assert res.status == "completed" and [h["step"] for h in res.history] == [1, 2, 3]
     assert calls == [(False, True), (False, True), (False, True), (False, False)]
+
+
+def test_an_eval_step_is_one_all_gather_and_blanks_take_the_agreed_lengths(monkeypatch):
+    """Eval in a 2-process run (the other process's row faked): while the other goes on, a
+    process whose data ended feeds blank rows padded to the other's longer length, with one
+    all-gather per step (there were two: the codes, then the lengths); all stop together once
+    every process ended, or at once when one cannot feed blanks (code 2)."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+    monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
+    gathered, other = [], {}
+
+    def allgather(x):
+        gathered.append(np.asarray(x))
+        return np.stack([np.asarray(x), other["row"]])
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+
+    class Ended(_Lengths):
+        def __next__(self):
+            raise StopIteration
+
+        def blank_like(self, batch):
+            return {k: 0 * v + 8 for k, v in batch.items()}        # blank rows: length 8 here
+
+    other["row"] = distributed.step_row(False, 0, [16])            # the other goes on, 16 long
+    batch, done = distributed.next_or_blank_on_every_process(Ended(), {"a": 4})
+    assert (batch, done) == ({"a": 16}, False) and len(gathered) == 1
+    assert gathered[0][:4].tolist() == [0, 1, 1, 8]                # code 1, one length: the blank's
+    other["row"] = distributed.step_row(False, 1, [8])             # both ended
+    assert distributed.next_or_blank_on_every_process(Ended(), {"a": 4}) == (None, True) and len(gathered) == 2
+    other["row"] = distributed.step_row(False, 0, [16])            # this one cannot blank: all stop
+    assert distributed.next_or_blank_on_every_process(Ended(), None) == (None, True)
+    assert gathered[-1][:3].tolist() == [0, 2, 0] and len(gathered) == 3
