@@ -78,7 +78,8 @@ class DataConfig:
                                            # local model folders of the model-based teachers:
                                            # minilm: a sentence-transformers BERT folder (default
                                            # $MLLM_JAX_ASSETS/all-MiniLM-L6-v2); vision: a Hugging Face
-                                           # CLIP / SigLIP vision tower folder (config.json + safetensors)
+                                           # CLIP / SigLIP / DINOv2 vision tower folder (config.json +
+                                           # safetensors; DINOv2 also reads preprocessor_config.json)
 
     def __post_init__(self):
         if self.bad_input not in ("error", "skip"):

@@ -155,15 +155,33 @@ class DecoderConfig:
         return d
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)        # DINOv2's preprocessor_config.json (and timm's ImageNet)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def dinov2_swiglu_hidden(hidden_size: int, mlp_ratio: int) -> int:
+    """transformers' ``Dinov2SwiGLUFFN`` width: two thirds of ``hidden_size * mlp_ratio``,
+    rounded up to a multiple of 8 (DINOv2-giant: 1536 * 4 -> 4096)."""
+    return (int(int(hidden_size * mlp_ratio) * 2 / 3) + 7) // 8 * 8
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """ViT in the CLIP (class token, pre-LN, quick-gelu) or SigLIP (no class token) variant."""
-    variant: str = "clip"                  # clip | siglip
+    """ViT in the CLIP (class token, pre-LN, quick-gelu), SigLIP (no class token) or DINOv2
+    (class token, LayerScale, final LayerNorm, position table interpolated) variant.
+
+    ``image_size`` is the side images are resized to (``data.pipeline.ImageSpec``) and fed at.
+    For DINOv2 it comes from the folder's ``preprocessor_config.json`` (224 for the released
+    checkpoints), and ``position_image_size`` is the side the position table was trained for
+    (HF ``config.image_size``, 518 for them) when it differs: the tower then resizes the table
+    bicubically, as transformers' ``Dinov2Embeddings.interpolate_pos_encoding`` does.
+    """
+    variant: str = "clip"                  # clip | siglip | dinov2
     image_size: int = 32
     patch_size: int = 4
     num_channels: int = 3
     hidden_size: int = 64
-    intermediate_size: int = 128
+    intermediate_size: int = 128           # MLP width (DINOv2 SwiGLU: the width of each of its two halves)
     num_layers: int = 2
     num_heads: int = 4
     hidden_act: str = "quick_gelu"
@@ -171,18 +189,27 @@ class VisionConfig:
     use_head: bool = False                 # SigLIP attention-pooling head
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    position_image_size: Optional[int] = None  # DINOv2: the position table's image side, if not image_size
+    layerscale_value: float = 1.0          # DINOv2: LayerScale's initial value (HF layerscale_value)
+    use_swiglu_ffn: bool = False           # DINOv2-giant: SwiGLU MLP (HF use_swiglu_ffn)
     dtype: str = "float32"
     remat: bool = False
 
     def __post_init__(self):
-        if self.variant not in ("clip", "siglip"):
-            raise ConfigError(f"vision.variant: {self.variant!r}; expected 'clip' or 'siglip'")
+        if self.variant not in ("clip", "siglip", "dinov2"):
+            raise ConfigError(f"vision.variant: {self.variant!r}; expected 'clip', 'siglip' or 'dinov2'")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"vision: num_heads={self.num_heads} does not divide hidden_size={self.hidden_size}")
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"vision: patch_size={self.patch_size} does not divide image_size={self.image_size}")
+        if self.variant != "dinov2" and (self.position_image_size is not None or self.use_swiglu_ffn):
+            raise ConfigError(f"vision: position_image_size and use_swiglu_ffn are DINOv2 options "
+                              f"(variant is {self.variant!r})")
+        if self.position_image_size is not None and self.position_image_size % self.patch_size:
+            raise ConfigError(f"vision: patch_size={self.patch_size} does not divide "
+                              f"position_image_size={self.position_image_size}")
 
     @property
     def grid_size(self) -> int:
@@ -192,25 +219,43 @@ class VisionConfig:
     def num_patches(self) -> int:
         return self.grid_size ** 2
 
+    @property
+    def has_class_token(self) -> bool:
+        return self.variant in ("clip", "dinov2")
+
+    @property
+    def position_grid_size(self) -> int:
+        """Side of the patch grid of the position table (DINOv2: ``position_image_size``)."""
+        return (self.position_image_size or self.image_size) // self.patch_size
+
     @classmethod
     def from_hf(cls, hf: dict, **kw) -> "VisionConfig":
-        """From a ``clip_vision_model`` / ``siglip_vision_model`` config dict.
+        """From a ``clip_vision_model`` / ``siglip_vision_model`` / ``dinov2`` config dict.
 
         Keys absent from the dict take transformers' defaults for that model type (nested
         ``vision_config`` dicts, e.g. inside a LLaVA config, only list non-default values).
+        A DINOv2 config gives ``image_size`` = its (position table's) image size; the DINOv2
+        converter then reads the folder's ``preprocessor_config.json`` (``image_size``, mean, std).
         """
         mt = hf.get("model_type", "clip_vision_model")
-        if mt not in ("clip_vision_model", "siglip_vision_model"):
+        if mt == "dinov2_with_registers":
+            raise ConfigError(f"vision config: model_type 'dinov2_with_registers' (DINOv2 with "
+                              f"num_register_tokens={hf.get('num_register_tokens', 4)} register tokens) is not "
+                              "supported; only 'dinov2' (Dinov2Model) is")
+        if mt not in ("clip_vision_model", "siglip_vision_model", "dinov2"):
             raise ConfigError(f"vision config: model_type {mt!r} is not supported "
-                              "(clip_vision_model, siglip_vision_model)")
-        variant = "clip" if mt.startswith("clip") else "siglip"
-        # transformers 5.x CLIPVisionConfig / SiglipVisionConfig defaults
+                              "(clip_vision_model, siglip_vision_model, dinov2)")
+        variant = {"clip_vision_model": "clip", "siglip_vision_model": "siglip", "dinov2": "dinov2"}[mt]
+        # transformers 5.x CLIPVisionConfig / SiglipVisionConfig / Dinov2Config defaults
         dflt = dict(image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
         extra = {}
         if variant == "siglip":
             dflt = dict(image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
             extra = dict(use_head=bool(hf.get("vision_use_head", True)),
                          image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+        elif variant == "dinov2":
+            dflt = dict(image_size=224, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-6)
+            extra = _dinov2_from_hf(hf)
 
         def square(key):
             v = hf.get(key, dflt[key])
@@ -221,17 +266,18 @@ class VisionConfig:
             return int(v)
 
         act = hf.get("hidden_act", dflt["hidden_act"])
-        return cls(
+        return cls(**{**dict(
             variant=variant, image_size=square("image_size"), patch_size=square("patch_size"),
             num_channels=hf.get("num_channels", 3), hidden_size=hf.get("hidden_size", 768),
             intermediate_size=hf.get("intermediate_size", 3072),
             num_layers=hf.get("num_hidden_layers", 12), num_heads=hf.get("num_attention_heads", 12),
             hidden_act=_HF_ACT_ALIASES.get(act, act),
-            layer_norm_eps=float(hf.get("layer_norm_eps") or dflt["layer_norm_eps"]), **{**extra, **kw})
+            layer_norm_eps=float(hf.get("layer_norm_eps") or dflt["layer_norm_eps"])), **extra, **kw})
 
     def to_hf(self) -> dict:
+        model_type = {"clip": "clip_vision_model", "siglip": "siglip_vision_model", "dinov2": "dinov2"}[self.variant]
         d = {
-            "model_type": "clip_vision_model" if self.variant == "clip" else "siglip_vision_model",
+            "model_type": model_type,
             "image_size": self.image_size, "patch_size": self.patch_size,
             "num_channels": self.num_channels, "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
@@ -240,7 +286,35 @@ class VisionConfig:
         }
         if self.variant == "siglip":
             d["vision_use_head"] = self.use_head
+        if self.variant == "dinov2":   # Dinov2Config has no intermediate_size: mlp_ratio (an int) gives it
+            del d["intermediate_size"]
+            d.update(image_size=self.position_image_size or self.image_size, mlp_ratio=_dinov2_mlp_ratio(self),
+                     layerscale_value=self.layerscale_value, use_swiglu_ffn=self.use_swiglu_ffn, qkv_bias=True,
+                     use_mask_token=False)   # the mask token (masked-image pretraining only) is not kept
         return d
+
+
+def _dinov2_from_hf(hf: dict) -> dict:
+    """The DINOv2-only fields of ``VisionConfig.from_hf``; refuses what the tower cannot run."""
+    if not hf.get("qkv_bias", True):
+        raise ConfigError("dinov2 config: qkv_bias=false is not supported (every released DINOv2 has q/k/v biases)")
+    hidden, ratio = hf.get("hidden_size", 768), hf.get("mlp_ratio", 4)
+    swiglu = bool(hf.get("use_swiglu_ffn", False))
+    width = dinov2_swiglu_hidden(hidden, ratio) if swiglu else int(hidden * ratio)
+    return dict(intermediate_size=width, use_swiglu_ffn=swiglu,
+                layerscale_value=float(hf.get("layerscale_value", 1.0)),
+                image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+
+
+def _dinov2_mlp_ratio(cfg: "VisionConfig") -> int:
+    """The integer ``mlp_ratio`` (Dinov2Config types it ``int``) that gives ``intermediate_size``."""
+    for r in range(1, 65):
+        width = dinov2_swiglu_hidden(cfg.hidden_size, r) if cfg.use_swiglu_ffn else cfg.hidden_size * r
+        if width == cfg.intermediate_size:
+            return r
+    raise ConfigError(f"vision: intermediate_size={cfg.intermediate_size} is not what Dinov2Config gives for "
+                      f"hidden_size={cfg.hidden_size}, use_swiglu_ffn={cfg.use_swiglu_ffn} and any integer "
+                      "mlp_ratio; it cannot be exported as a Dinov2Model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,6 +416,9 @@ class MLLMConfig:
     contrastive_bias: float = -10.0        # initial logit_bias (SigLIP)
 
     def __post_init__(self):
+        if self.vision.variant == "dinov2":
+            raise ConfigError("model.vision.variant: 'dinov2' towers serve as teachers "
+                              "(data.teacher_models.vision), not as the MLLM's vision tower; use 'clip' or 'siglip'")
         n = self.vision.num_layers      # hidden states 0 (the embeddings) .. n, or -1 .. -(n + 1)
         if not -(n + 1) <= self.vision_feature_layer <= n:
             raise ConfigError(f"model.vision_feature_layer: {self.vision_feature_layer}; the vision tower has "

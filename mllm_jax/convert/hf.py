@@ -86,6 +86,10 @@ class Family:
     hf_rename: Optional[Callable[[str], str]] = None  # other naming schemes -> the table's names
     local_params: tuple[str, ...] = ()      # regexes of our params with no HF counterpart: not
                                             # exported, left at their init on load (e.g. soft prompts)
+    # optional: our config updated from the folder's preprocessor_config.json, (cfg, dict, file) -> cfg,
+    # and the preprocessor_config.json save_pretrained writes for a config (vision towers that use one)
+    preprocessor_from_hf: Optional[Callable[[Any, dict, str], Any]] = None
+    preprocessor_to_hf: Optional[Callable[[Any], dict]] = None
 
 
 FAMILIES: dict[str, Family] = {}
@@ -247,7 +251,9 @@ def load_pretrained(path: str | Path, *, gguf_file: Optional[str] = None, mesh=N
                     config_overrides: Optional[dict] = None) -> nnx.Module:
     """Loads an HF model dir (config.json + safetensors) or a GGUF file into our model.
 
-    ``config_overrides`` replace fields of our config (e.g. ``{"dtype": "bfloat16"}``).
+    Families that read one (DINOv2) also take the input size and mean / std from the folder's
+    ``preprocessor_config.json``. ``config_overrides`` replace fields of our config (e.g.
+    ``{"dtype": "bfloat16"}``).
     """
     path = Path(path)
     if gguf_file is not None:
@@ -260,8 +266,18 @@ def load_pretrained(path: str | Path, *, gguf_file: Optional[str] = None, mesh=N
         hf_cfg = json.loads(cfg_file.read_text())
         tensors = read_safetensors_dir(path)
         source = str(path)
-    family = find_family(hf_cfg)
-    cfg = family.config_from_hf(hf_cfg, set(tensors))
+    from mllm_jax.config import ConfigError
+    try:
+        family = find_family(hf_cfg)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    try:
+        cfg = family.config_from_hf(hf_cfg, set(tensors))
+    except ConfigError as e:   # name the file: the message names the field
+        raise ConfigError(f"{path / 'config.json' if gguf_file is None else source}: {e}") from None
+    pre = path / "preprocessor_config.json"
+    if gguf_file is None and family.preprocessor_from_hf is not None and pre.exists():
+        cfg = family.preprocessor_from_hf(cfg, json.loads(pre.read_text()), str(pre))
     if config_overrides:
         cfg = dataclasses.replace(cfg, **config_overrides)
     model = build_abstract(family, cfg)
@@ -287,15 +303,20 @@ def export_tensors(model: nnx.Module) -> tuple[Family, dict, dict[str, np.ndarra
 
 
 def save_pretrained(model: nnx.Module, path: str | Path) -> Path:
-    """Writes ``config.json`` and ``model.safetensors`` (float32, atomic) that transformers loads."""
+    """Writes ``config.json`` and ``model.safetensors`` (float32, atomic) that transformers loads,
+    and ``preprocessor_config.json`` for families that read one (DINOv2)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     fam, hf_cfg, tensors = export_tensors(model)
     hf_cfg = {**hf_cfg, "torch_dtype": "float32"}
     write_safetensors(tensors, path / "model.safetensors")
-    tmp = path / "config.json.tmp"
-    tmp.write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
-    tmp.replace(path / "config.json")
+    files = {"config.json": hf_cfg}
+    if fam.preprocessor_to_hf is not None:
+        files["preprocessor_config.json"] = fam.preprocessor_to_hf(model.config)
+    for name, content in files.items():
+        tmp = path / f"{name}.tmp"
+        tmp.write_text(json.dumps(content, indent=2, sort_keys=True))
+        tmp.replace(path / name)
     return path
 
 

@@ -52,7 +52,7 @@ def make_teacher(name: str, cfg: DataConfig, model: MLLMConfig):
         path = cfg.teacher_models.get("vision")
         if path is None:
             raise ConfigError("data.teachers: 'vision' needs data.teacher_models.vision, a local Hugging Face "
-                              "vision tower folder (CLIPVisionModel / SiglipVisionModel: config.json + "
+                              "vision tower folder (CLIPVisionModel / SiglipVisionModel / Dinov2Model: config.json + "
                               "safetensors), or build teachers.VisionTeacher(tower) and pass it to "
                               "make_iterator(teachers=[...])")
         from mllm_jax.convert.hf import load_pretrained
@@ -60,7 +60,7 @@ def make_teacher(name: str, cfg: DataConfig, model: MLLMConfig):
         tower = load_pretrained(path)
         if not isinstance(tower, VisionTower):
             raise ConfigError(f"data.teacher_models.vision: {path} holds a {type(tower).__name__}, "
-                              "not a vision tower (CLIPVisionModel / SiglipVisionModel)")
+                              "not a vision tower (CLIPVisionModel / SiglipVisionModel / Dinov2Model)")
         return T.VisionTeacher(tower, Path(path).name)
     raise ConfigError(f"data.teachers: {name!r}; expected one of {TEACHERS}")
 

@@ -14,8 +14,9 @@ Sugar's target similarity compares two samples' slice sequences with a kernel ov
 * ``MiniLMTeacher`` (``minilm``): a real sentence encoder (all-MiniLM-L6-v2) run by our BERT
   (``models/text_encoder.py``): mean pooling over tokens then L2 normalisation, exactly as
   sentence-transformers does. Image segments: zero.
-* ``VisionTeacher`` (``vision``): any of our vision towers (``models/vision.py``), the pooled
-  output L2-normalised. Text segments: zero.
+* ``VisionTeacher`` (``vision``): any of our vision towers (``models/vision.py``: CLIP, SigLIP,
+  DINOv2), the pooled output L2-normalised (DINOv2: the final LayerNorm's CLS token, Sugar's
+  image feature). Text segments: zero.
 
 Each teacher has a ``fingerprint()`` (model id + config hash + weights digest). A cache
 records the fingerprint, the source's fingerprint, and a content hash per sample; opening a

@@ -56,7 +56,7 @@ class SceneLabelProbe(nnx.Module):
     def __call__(self, pixels: jax.Array) -> jax.Array:
         """``float32[B, H, W, C]`` (normalised) -> logits ``float32[B, SCENE_FEATURE_DIM]``."""
         x = self.vision(pixels).last_hidden_state
-        if self.cfg.variant == "clip":
+        if self.cfg.has_class_token:
             x = x[:, 1:]                                   # drop the class token
         x = pool_grid(x, self.side, self.grid)
         return self.head(x.reshape(x.shape[0], -1))
