@@ -57,6 +57,15 @@ class _PairTaskMixin:
         return ("image", "text") if self.task == "vladva" else None
 
 
+def _repeated(keys) -> set:
+    """The keys (record ids) that occur more than once (None: no id)."""
+    seen, repeated = set(), set()
+    for key in keys:
+        if key is not None:
+            (repeated if key in seen else seen).add(key)
+    return repeated
+
+
 def _resolve(path: str, root: Path) -> Path:
     p = Path(path)
     return p if p.is_absolute() else root / p
@@ -88,6 +97,19 @@ class _Lines:
     def record(self, i: int) -> str:
         return f"{self.file.name}:{self.spans[i][2]}"
 
+    def ids(self) -> list[Optional[str]]:
+        """``str(obj.get("id", i))`` of the JSON object on line record ``i``, as the JSONL readers
+        name their samples; None where the line is no JSON object (``json`` raises its
+        ``DataError`` when that record is read)."""
+        data, out = self.file.read_bytes(), []
+        for i, (s, e, _) in enumerate(self.spans):
+            try:
+                obj = json.loads(data[s:e].decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                obj = None
+            out.append(str(obj.get("id", i)) if isinstance(obj, dict) else None)
+        return out
+
     def json(self, i: int) -> dict:
         rec = self.record(i)
         text = decode_text(self.raw(i), rec, "line")
@@ -116,10 +138,8 @@ class LlavaSource:
         self.root = Path(image_root) if image_root else self.path.parent
         # LLaVA-format files reuse ids (the image's id for several conversations about it); sample
         # ids key the teacher caches, so a repeated id gets the record index: "llava:<id>#<index>"
-        seen, self._repeated = set(), set()
-        for i, r in enumerate(self.records):
-            key = str(r.get("id", i)) if isinstance(r, dict) else None
-            (self._repeated if key in seen else seen).add(key)
+        self._repeated = _repeated(str(r.get("id", i)) if isinstance(r, dict) else None
+                                   for i, r in enumerate(self.records))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -169,6 +189,7 @@ class InterleavedSource:
         self.path = Path(path)
         self.lines = _Lines(self.path)
         self.root = Path(image_root) if image_root else self.path.parent
+        self._repeated = _repeated(self.lines.ids())     # as LlavaSource: ids key the teacher caches
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -200,7 +221,9 @@ class InterleavedSource:
                 segs.append(text_segment(t))
             else:
                 raise DataError("bad_record", rec, f"texts[{j}]", f"expected a string or null, got {type(t).__name__}")
-        return Sample(f"interleaved:{obj.get('id', i)}", tuple(segs), "interleaved", meta={"record": rec})
+        key = str(obj.get("id", i))
+        sid = f"interleaved:{key}#{i}" if key in self._repeated else f"interleaved:{key}"
+        return Sample(sid, tuple(segs), "interleaved", meta={"record": rec})
 
 
 class PairsSource(_PairTaskMixin):
@@ -212,6 +235,9 @@ class PairsSource(_PairTaskMixin):
         self.root = Path(image_root) if image_root else self.path.parent
         self.tsv = self.path.suffix.lower() in (".tsv", ".txt")
         self.header = self.tsv and len(self.lines) and self.lines.raw(0).lower().startswith(b"image\t")
+        # a caption file often gives every caption of an image the image's id (COCO: five each); ids
+        # key the teacher caches, so a repeated id gets the record index, as in LlavaSource
+        self._repeated = set() if self.tsv else _repeated(self.lines.ids())
 
     def __len__(self) -> int:
         return len(self.lines) - int(bool(self.header))
@@ -233,6 +259,7 @@ class PairsSource(_PairTaskMixin):
             obj = self.lines.json(j)
             path, caption = obj.get("image"), obj.get("caption", obj.get("text"))
             rid = str(obj.get("id", i))
+            rid = f"{rid}#{i}" if rid in self._repeated else rid
             if not isinstance(path, str) or not isinstance(caption, str):
                 raise DataError("bad_record", rec, "image/caption", "a pair needs string 'image' and 'caption' fields")
         return pair_task(f"pairs:{rid}", "pairs", _resolve(path, self.root), caption, self.task, {"record": rec})

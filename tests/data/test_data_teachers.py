@@ -210,6 +210,32 @@ def test_llava_ids_repeated_across_records_can_be_cached(tmp_path):
         np.testing.assert_array_equal(cache.features(s), TC.PixelTeacher().embed(s.segments))
 
 
+def test_jsonl_ids_repeated_across_records_can_be_cached(tmp_path):
+    """Caption files give every caption of an image the image's id (COCO: five per image), and an
+    id-less interleaved record is named by its index, which another record's id may repeat: the
+    JSONL readers disambiguate as LlavaSource does, so a cache can be built (it raised 'duplicate
+    sample ids') and each record reads its own rows."""
+    from PIL import Image
+    from mllm_jax.data.formats import InterleavedSource, PairsSource
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((8, 8, 3), 10, np.uint8)).save(tmp_path / "b.png")
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text("\n".join(json.dumps(r) for r in [
+        {"id": 7, "image": "a.png", "caption": "a red square"}, {"id": 8, "image": "b.png", "caption": "dark"},
+        {"id": 7, "image": "a.png", "caption": "a square, red"}]))
+    docs = tmp_path / "d.jsonl"
+    docs.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "1", "texts": ["one", None], "images": ["a.png"]}, {"texts": [None, "two"], "images": ["b.png"]},
+        {"id": "z", "texts": ["three"], "images": []}]))
+    for src, want in [(PairsSource(pairs), ["pairs:7#0", "pairs:8", "pairs:7#2"]),
+                      (InterleavedSource(docs), ["interleaved:1#0", "interleaved:1#1", "interleaved:z"])]:
+        assert [src[i].id for i in range(3)] == want
+        cache = TC.ensure_cache(TC.PixelTeacher(), src, tmp_path / f"cache_{type(src).__name__}")
+        for i in range(3):
+            s = validate_sample(src[i])
+            np.testing.assert_array_equal(cache.features(s), TC.PixelTeacher().embed(s.segments))
+
+
 # ---- MiniLM through our BERT, and our vision towers (need the encoders branch) -----------------
 
 def _torch_sentence_embeddings(model_dir, texts):
