@@ -178,3 +178,14 @@ def test_vision_feature_layer_out_of_range_is_refused(layer):
         MLLMConfig(vision=VisionConfig(num_layers=3), vision_feature_layer=layer)
     for ok in (-4, -1, 0, 3):
         MLLMConfig(vision=VisionConfig(num_layers=3), vision_feature_layer=ok)
+
+
+@pytest.mark.parametrize("tasks, fragment", [(("vqa:-2", "pope:1"), "'vqa:-2'; a weight is a count >= 0"),
+                                             (("vqa:1", "pope:1", "vqa:3"), "'vqa' is listed twice")])
+def test_task_weights_refuse_negative_and_repeated_tasks(tasks, fragment):
+    """A negative weight left the task out of the scene source's task table, and a repeated
+    task's second weight replaced the first, both without a word."""
+    from mllm_jax.config import DataConfig
+    with pytest.raises(ConfigError, match=fragment):
+        DataConfig(tasks=tasks).task_weights()
+    assert DataConfig(tasks=("vqa:0", "pope", "caption_short:2")).task_weights() == {"vqa": 0, "pope": 1, "caption_short": 2}

@@ -102,9 +102,15 @@ class DataConfig:
         for item in self.tasks:
             name, _, w = item.partition(":")
             try:
-                out[name.strip()] = int(w) if w else 1
+                weight = int(w) if w else 1
             except ValueError:
                 raise ConfigError(f"data.tasks: {item!r}; expected 'name:integer_weight'") from None
+            name = name.strip()
+            if weight < 0:       # the scene source repeats a task `weight` times: a negative one dropped it
+                raise ConfigError(f"data.tasks: {item!r}; a weight is a count >= 0 (0 leaves the task out)")
+            if name in out:      # a second entry replaced the first, unseen
+                raise ConfigError(f"data.tasks: {name!r} is listed twice ({list(self.tasks)}); give it one weight")
+            out[name] = weight
         return out
 
 
