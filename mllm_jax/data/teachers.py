@@ -365,13 +365,14 @@ def build_cache(teacher, source, path: str | Path, *, chunk: int = 256, source_f
     """Computes ``teacher`` on every sample of ``source`` (records that fail validation are left
     out: the pipeline skips them too) and writes the cache atomically: into a temporary folder
     next to ``path`` (meta.json last), which then replaces ``path``. A build that fails leaves
-    ``path`` as it was; one that is killed leaves a ``.<name>.building-*`` folder that the next
-    build removes. Concurrent builds of one ``path`` should hold ``_build_lock`` (as
-    ``ensure_cache`` does)."""
+    ``path`` as it was; one that is killed leaves a ``.<name>.building-*`` folder (or, killed
+    while replacing an older cache, that cache as ``.<name>.old-*``) that the next build removes.
+    Concurrent builds of one ``path`` should hold ``_build_lock`` (as ``ensure_cache`` does)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.building-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    for pattern in (f".{path.name}.building-*", f".{path.name}.old-*"):
+        for stale in path.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = path.with_name(f".{path.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         _write_cache(teacher, source, tmp, chunk=chunk, source_fingerprint=source_fingerprint)

@@ -394,6 +394,26 @@ def test_concurrent_ensure_cache_builds_once(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_a_rebuild_stopped_while_replacing_the_cache_leaves_no_copy_behind(tmp_path, monkeypatch):
+    """A rebuild moves the old cache aside (``.<name>.old-*``) and then deletes it; a run stopped
+    in between left that whole copy on disk for good (only ``.building-*`` folders were cleaned)."""
+    import shutil
+    src, path = _source(8), tmp_path / "pixel"
+    TC.ensure_cache(TC.PixelTeacher(seed=0), src, path)
+
+    def stopped(p, *a, **kw):
+        if ".old-" in Path(p).name:
+            raise KeyboardInterrupt          # stopped right after the new cache took the old one's place
+        return shutil.rmtree(p, *a, **kw)
+    monkeypatch.setattr(TC.shutil, "rmtree", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        TC.ensure_cache(TC.PixelTeacher(seed=1), src, path)
+    monkeypatch.undo()
+    assert len(list(tmp_path.glob(".pixel.old-*"))) == 1
+    TC.ensure_cache(TC.PixelTeacher(seed=2), src, path)                 # the next rebuild
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 def test_a_cache_rebuilt_under_a_reader_is_refused(tmp_path):
     """Another run rebuilding the folder (another teacher) while this one reads it: the reader's
     next disk read (lazy) or first load (preloaded, or a worker's reopened copy) raises instead
