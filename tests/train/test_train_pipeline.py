@@ -4,7 +4,7 @@ uninterrupted one does."""
 import numpy as np
 import pytest
 
-from mllm_jax.config import SceneConfig
+from mllm_jax.config import SceneConfig, apply_overrides
 from mllm_jax.train.experiment import train
 from tests.toy import one_device_mesh, params_np, tiny_experiment
 
@@ -37,3 +37,15 @@ def test_grain_pipeline_state_is_checkpointed_and_resumed(tokenizer_dir, tmp_pat
     assert [h["loss"] for h in first.history + resumed.history] == [h["loss"] for h in straight.history]
     a, b = params_np(resumed.state), params_np(straight.state)
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_eval_data_is_read_once_per_eval(tokenizer_dir, tmp_path):
+    """An eval pass of more steps than the val set has batches ended with the set; it went on into
+    the set's next epoch and counted those rows twice (train.eval_steps=10, 6 batches here)."""
+    from mllm_jax.train.registry import grain_data
+    cfg = _cfg(tokenizer_dir, tmp_path, 1)
+    cfg = apply_overrides(cfg, ["data.scene.val_size=24", "train.eval_steps=10"])
+    rows = [int(i) for _, b in zip(range(cfg.train.eval_steps), grain_data(cfg, split="eval", process_index=0,
+                                                                            process_count=1))
+            for i in b["sample_index"] if i >= 0]
+    assert sorted(rows) == list(range(24))
