@@ -9,11 +9,12 @@ resolved config can be written next to a run's checkpoints and read back exactly
 Model configs also map to and from Hugging Face ``config.json`` dicts (``from_hf``/``to_hf``),
 so weights can move both ways (see ``mllm_jax/convert/hf.py``).
 
-The package splits by concept: ``base`` (the machinery), ``model``, ``data``, ``train``,
-``embed`` (evaluation); every public name is re-exported here.
+The package splits by concept: ``base`` (the machinery), ``model``, ``clip`` (the CLIP teacher's
+model), ``data``, ``train``, ``embed`` (evaluation); every public name is re-exported here.
 """
 from mllm_jax.config.base import (ConfigError, apply_overrides, apply_updates, config_hash, from_dict, parse_overrides,
                                   load_config, save_config, to_dict)
+from mllm_jax.config.clip import ClipConfig, ClipTextConfig
 from mllm_jax.config.data import DataConfig, SceneConfig, StreamConfig
 from mllm_jax.config.embed import EmbedConfig
 from mllm_jax.config.model import (DecoderConfig, LoRAConfig, MLLMConfig, ProjectorConfig, TextEncoderConfig,
@@ -28,5 +29,5 @@ __all__ = [
     "SceneConfig", "DataConfig",
     "MeshConfig", "StreamConfig", "StructureConfig", "ContrastiveConfig", "ObjectiveConfig", "OptimConfig",
     "CheckpointConfig", "TrainConfig", "StageConfig", "ExperimentConfig", "apply_updates", "parse_overrides",
-    "EmbedConfig",
+    "EmbedConfig", "ClipConfig", "ClipTextConfig",
 ]

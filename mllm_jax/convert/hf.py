@@ -153,7 +153,8 @@ def write_safetensors(tensors: dict[str, np.ndarray], file: Path, metadata: dict
     """Writes atomically (temp file + rename)."""
     from safetensors.numpy import save_file
     tmp = file.with_suffix(file.suffix + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+    # np.ascontiguousarray makes a 0-d array 1-d; the reshape keeps scalars (CLIP's logit_scale) 0-d
+    save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()}, str(tmp),
               metadata=metadata or {"format": "pt"})
     tmp.replace(file)
 
