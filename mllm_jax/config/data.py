@@ -76,9 +76,11 @@ class DataConfig:
     teacher_cache: Optional[str] = None    # folder of tensorstore caches (one per teacher)
     teacher_models: dict = dataclasses.field(default_factory=dict)
                                            # local model folders of the model-based teachers:
-                                           # minilm: a sentence-transformers BERT folder (default
-                                           # $MLLM_JAX_ASSETS/all-MiniLM-L6-v2); vision: a Hugging Face
-                                           # CLIP / SigLIP / DINOv2 vision tower folder (config.json +
+                                           # minilm: a BERT sentence-encoder folder (default
+                                           # $MLLM_JAX_ASSETS/all-MiniLM-L6-v2; BGE too), pooled as its
+                                           # sentence-transformers files say (1_Pooling/config.json:
+                                           # MiniLM mean, BGE CLS; mean without them); vision: a Hugging
+                                           # Face CLIP / SigLIP / DINOv2 vision tower folder (config.json +
                                            # safetensors; DINOv2 also reads preprocessor_config.json)
 
     def __post_init__(self):

@@ -11,17 +11,21 @@ Sugar's target similarity compares two samples' slice sequences with a kernel ov
   average-pooled to an 8x8 grid, centred and sent through a fixed Gaussian random projection
   (64-d, seeded), concatenated with a 4x4x4 joint RGB colour histogram (64-d); each half
   L2-normalised, the whole scaled to unit norm. Text segments: zero.
-* ``MiniLMTeacher`` (``minilm``): a real sentence encoder (all-MiniLM-L6-v2) run by our BERT
-  (``models/text_encoder.py``): mean pooling over tokens then L2 normalisation, exactly as
-  sentence-transformers does. Image segments: zero.
+* ``MiniLMTeacher`` (``minilm``): any BERT sentence encoder (all-MiniLM-L6-v2, or BGE, the
+  paper's text teacher) run by our BERT (``models/text_encoder.py``), pooled as the folder's
+  sentence-transformers files say (``modules.json`` + ``1_Pooling/config.json``: MiniLM the
+  mean over tokens, BGE the CLS token; ``max`` too; mean when the folder has no such files;
+  other modes are refused), then L2-normalised, exactly as sentence-transformers does. Image
+  segments: zero.
 * ``VisionTeacher`` (``vision``): any of our vision towers (``models/vision.py``: CLIP, SigLIP,
   DINOv2), the pooled output L2-normalised (DINOv2: the final LayerNorm's CLS token, Sugar's
   image feature). Text segments: zero.
 
-Each teacher has a ``fingerprint()`` (model id + config hash + weights digest). The cache
-(``teacher_cache.py``, re-exported here) records the fingerprint, the source's fingerprint,
-and a content hash per sample; opening a cache that does not match raises
-``StaleCacheError`` and ``ensure_cache`` rebuilds it, so a stale cache is never silently used.
+Each model teacher has a ``fingerprint()`` (model id + config hash + weights digest; the text
+teachers add their tokenizer's digest, the length they truncate to and their pooling). The cache
+(``teacher_cache.py``, re-exported here) records the fingerprint, the source's fingerprint, and
+a content hash per sample; opening a cache that does not match raises ``StaleCacheError`` and
+``ensure_cache`` rebuilds it, so a stale cache is never silently used.
 """
 from __future__ import annotations
 
@@ -111,44 +115,19 @@ def _l2n(x, eps=1e-12):
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
-class MiniLMTeacher:
-    """Sentence embeddings of text segments from a BERT ``TextEncoder`` (our JAX model)."""
-    name = "minilm"
+def _tokenizer_digest(tokenizer) -> str:
+    """A ``tokenizers.Tokenizer`` or a transformers tokenizer, hashed with its settings."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    text = backend.to_str() if hasattr(backend, "to_str") else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return _digest(text)
+
+
+class _TextBatches:
+    """``embed_texts`` for the text teachers: each distinct text encoded once and remembered,
+    batches padded to fixed (batch, length) buckets so the forward compiles once per length.
+    Subclasses set ``dim``, ``max_length``, ``batch_size``, ``memo_size``, ``_pad_id``,
+    ``_state``, ``_text_forward(state, ids, mask)`` and ``_token_ids(texts)``."""
     LENGTHS = (16, 32, 64, 128, 256, 512)
-
-    def __init__(self, model, tokenizer, model_id: str, *, max_length: int = 256, batch_size: int = 64,
-                 memo_size: int = 500_000):
-        import jax
-        from flax import nnx
-        from mllm_jax.config import config_hash
-        from mllm_jax.models.text_encoder import mean_pool
-        self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
-        self.memo_size = memo_size        # distinct texts remembered by embed_texts
-        self.dim = model.config.hidden_size
-        self._fp = f"minilm:{model_id}:{config_hash(model.config)}:{params_digest(model)}:len={max_length}"
-        tokenizer.enable_truncation(max_length=max_length)
-        tokenizer.no_padding()
-        graphdef, state = nnx.split(model)
-
-        def forward(state, ids, mask):
-            out = nnx.merge(graphdef, state)(ids, mask, jax.numpy.zeros_like(ids))
-            return _l2n(mean_pool(out.last_hidden_state, mask))
-
-        self._state, self._forward = state, jax.jit(forward)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **kw) -> "MiniLMTeacher":
-        """An HF sentence-transformers folder (config.json, model.safetensors, tokenizer.json)."""
-        from tokenizers import Tokenizer
-        from mllm_jax.convert.hf import load_pretrained
-        path = Path(path)
-        if not (path / "tokenizer.json").exists():
-            raise FileNotFoundError(f"{path}/tokenizer.json not found; expected a sentence-transformers folder "
-                                    "such as all-MiniLM-L6-v2 (`make assets`)")
-        return cls(load_pretrained(path), Tokenizer.from_file(str(path / "tokenizer.json")), path.name, **kw)
-
-    def fingerprint(self) -> str:
-        return self._fp
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """``float32[len(texts), dim]``, unit norm. Each distinct text is encoded once (the scene
@@ -164,19 +143,136 @@ class MiniLMTeacher:
         return out
 
     def _encode(self, texts: list[str]) -> np.ndarray:
-        """Padded to fixed (batch, length) buckets, so the forward compiles once per length."""
         out = np.zeros((len(texts), self.dim), np.float32)
-        encs = self.tokenizer.encode_batch(list(texts))
+        encs = self._token_ids(list(texts))
         for lo in range(0, len(texts), self.batch_size):
             chunk = encs[lo:lo + self.batch_size]
-            L = next((b for b in self.LENGTHS if b >= max(len(e.ids) for e in chunk)), self.max_length)
-            ids = np.zeros((self.batch_size, L), np.int32)
+            longest = max(len(e) for e in chunk)
+            L = min(next((b for b in self.LENGTHS if b >= longest), self.max_length), self.max_length)
+            ids = np.full((self.batch_size, L), self._pad_id, np.int32)
             mask = np.zeros((self.batch_size, L), np.int32)
             for i, e in enumerate(chunk):
-                ids[i, :len(e.ids)] = e.ids
-                mask[i, :len(e.ids)] = 1
-            out[lo:lo + len(chunk)] = np.asarray(self._forward(self._state, ids, mask))[:len(chunk)]
+                ids[i, :len(e)] = e
+                mask[i, :len(e)] = 1
+            out[lo:lo + len(chunk)] = np.asarray(self._text_forward(self._state, ids, mask))[:len(chunk)]
         return out
+
+
+SENTENCE_POOLINGS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
+                     "pooling_mode_max_tokens": "max"}
+_ST_MODULES_OK = ("Transformer", "Pooling", "Normalize")   # sentence-transformers modules we reproduce
+
+
+def sentence_pooling(path: str | Path) -> str:
+    """The pooling a sentence-transformers folder declares: ``mean`` | ``cls`` | ``max``.
+
+    Read from ``modules.json`` (its Pooling module's folder, usually ``1_Pooling``) and that
+    folder's ``config.json`` (``pooling_mode_cls_token`` / ``pooling_mode_mean_tokens`` /
+    ``pooling_mode_max_tokens``: exactly one true), or from ``1_Pooling/config.json`` without a
+    ``modules.json``; ``mean`` when the folder has neither (a plain BERT folder). Other modes
+    (weighted mean, mean/sqrt(len), last token, several at once) and modules after the pooling
+    other than ``Normalize`` (e.g. a ``Dense`` projection) raise ``ValueError`` naming the file."""
+    path = Path(path)
+    pool_dir = path / "1_Pooling"
+    modules_file = path / "modules.json"
+    if modules_file.exists():
+        try:
+            modules = json.loads(modules_file.read_text())
+        except ValueError as e:
+            raise ValueError(f"{modules_file}: not valid JSON ({e})") from None
+        kinds = [(m.get("type", "").rsplit(".", 1)[-1], m) for m in modules]
+        other = [f"{m.get('path')!r} ({m.get('type')})" for k, m in kinds if k not in _ST_MODULES_OK]
+        if other:
+            raise ValueError(f"{modules_file}: modules {', '.join(other)} are not supported (this teacher runs "
+                             f"{'/'.join(_ST_MODULES_OK)} only, so its embeddings would not be the model's)")
+        pooling = [m for k, m in kinds if k == "Pooling"]
+        if not pooling:
+            return "mean"
+        pool_dir = path / pooling[0].get("path", "1_Pooling")
+    cfg_file = pool_dir / "config.json"
+    if not cfg_file.exists():
+        if modules_file.exists():
+            raise FileNotFoundError(f"{cfg_file}: not found ({modules_file} lists a Pooling module there)")
+        return "mean"
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+    on = sorted(k for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True)
+    modes = [SENTENCE_POOLINGS.get(k) for k in on]
+    if len(on) != 1 or None in modes:
+        raise ValueError(f"{cfg_file}: pooling modes {on or 'none'} are not supported; expected exactly one of "
+                         f"{sorted(SENTENCE_POOLINGS)}")
+    return modes[0]
+
+
+def pool_tokens(hidden, mask, pooling: str):
+    """sentence-transformers' pooling of ``hidden: float[B, T, D]`` under ``mask: int[B, T]``:
+    ``mean`` (masked mean), ``cls`` (the first token), ``max`` (masked max; padding at -1e9)."""
+    import jax.numpy as jnp
+    from mllm_jax.models.pooling import mean_pool
+    if pooling == "mean":
+        return mean_pool(hidden, mask)
+    if pooling == "cls":
+        return hidden[:, 0].astype(jnp.float32)
+    if pooling == "max":
+        return jnp.max(jnp.where(mask.astype(bool)[..., None], hidden.astype(jnp.float32), -1e9), axis=1)
+    raise ValueError(f"sentence pooling {pooling!r}: expected one of {sorted(SENTENCE_POOLINGS.values())}")
+
+
+class MiniLMTeacher(_TextBatches):
+    """Sentence embeddings of text segments from a BERT ``TextEncoder`` (our JAX model), pooled
+    as ``pooling`` says (``mean`` | ``cls`` | ``max``; ``from_pretrained`` reads the folder's)."""
+    name = "minilm"
+
+    def __init__(self, model, tokenizer, model_id: str, *, max_length: int = 256, batch_size: int = 64,
+                 memo_size: int = 500_000, pooling: str = "mean"):
+        import jax
+        from flax import nnx
+        from mllm_jax.config import config_hash
+        if pooling not in SENTENCE_POOLINGS.values():
+            raise ValueError(f"MiniLMTeacher: pooling {pooling!r}; expected one of {sorted(SENTENCE_POOLINGS.values())}")
+        self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
+        self.memo_size = memo_size        # distinct texts remembered by embed_texts
+        self.pooling, self.dim, self._pad_id = pooling, model.config.hidden_size, 0
+        tokenizer.enable_truncation(max_length=max_length)
+        tokenizer.no_padding()
+        self._fp = (f"minilm:{model_id}:{config_hash(model.config)}:{params_digest(model)}:len={max_length}"
+                    f":pool={pooling}:tok={_tokenizer_digest(tokenizer)}")
+        graphdef, state = nnx.split(model)
+
+        def forward(state, ids, mask):
+            out = nnx.merge(graphdef, state)(ids, mask, jax.numpy.zeros_like(ids))
+            return _l2n(pool_tokens(out.last_hidden_state, mask, pooling))
+
+        self._state, self._text_forward = state, jax.jit(forward)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kw) -> "MiniLMTeacher":
+        """A BERT sentence-encoder folder (config.json, model.safetensors, tokenizer.json; e.g.
+        all-MiniLM-L6-v2, bge-base-en-v1.5): the pooling from its sentence-transformers files
+        (``sentence_pooling``) and, unless given, ``max_length`` from its
+        ``sentence_bert_config.json`` (``max_seq_length``, at most the model's positions)."""
+        from tokenizers import Tokenizer
+        from mllm_jax.convert.hf import load_pretrained
+        path = Path(path)
+        if not (path / "tokenizer.json").exists():
+            raise FileNotFoundError(f"{path}/tokenizer.json not found; expected a sentence-transformers folder "
+                                    "such as all-MiniLM-L6-v2 (`make assets`)")
+        kw.setdefault("pooling", sentence_pooling(path))
+        model = load_pretrained(path)
+        st_file = path / "sentence_bert_config.json"
+        if "max_length" not in kw and st_file.exists():
+            n = json.loads(st_file.read_text()).get("max_seq_length")
+            if n:
+                kw["max_length"] = min(int(n), model.config.max_position_embeddings)
+        return cls(model, Tokenizer.from_file(str(path / "tokenizer.json")), path.name, **kw)
+
+    def fingerprint(self) -> str:
+        return self._fp
+
+    def _token_ids(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts)]
 
     def embed(self, segments: Sequence[Segment]) -> np.ndarray:
         out = np.zeros((len(segments), self.dim), np.float32)
@@ -233,4 +329,5 @@ class OnlineFeatures:
 __all__ = [
     "StaleCacheError", "params_digest", "SceneGraphTeacher", "PixelTeacher", "MiniLMTeacher",
     "VisionTeacher", "OnlineFeatures", "TeacherCache", "build_cache", "ensure_cache",
+    "sentence_pooling", "pool_tokens", "SENTENCE_POOLINGS",
 ]
