@@ -8,7 +8,7 @@ from typing import Optional
 from mllm_jax.config.base import ConfigError, check_local_path
 
 STREAM_NAME = r"[A-Za-z0-9_-]+"      # a data stream's name (StreamConfig, MixtureIterator)
-MODEL_TEACHERS = ("minilm", "vision")   # data.teachers that load a model (data.teacher_models)
+MODEL_TEACHERS = ("minilm", "vision", "clip")   # data.teachers that load a model (data.teacher_models)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +71,7 @@ class DataConfig:
     bad_input: str = "skip"                # error | skip
     max_skip_fraction: float = 0.01        # more skipped than this (per epoch) is an error
     doc_loss: bool = True                  # plain documents: next-token loss on their text
-    teachers: tuple[str, ...] = ()         # per-slice teacher features: scene_graph | pixel | minilm | vision
+    teachers: tuple[str, ...] = ()         # per-slice teacher features: scene_graph | pixel | minilm | vision | clip
     soft_prompts: int = 0                  # summary prompts as this many <soft> slots (VladVA) instead of text
     teacher_cache: Optional[str] = None    # folder of tensorstore caches (one per teacher)
     teacher_models: dict = dataclasses.field(default_factory=dict)
@@ -81,7 +81,12 @@ class DataConfig:
                                            # sentence-transformers files say (1_Pooling/config.json:
                                            # MiniLM mean, BGE CLS; mean without them); vision: a Hugging
                                            # Face CLIP / SigLIP / DINOv2 vision tower folder (config.json +
-                                           # safetensors; DINOv2 also reads preprocessor_config.json)
+                                           # safetensors; DINOv2 also reads preprocessor_config.json;
+                                           # a whole CLIPModel folder gives its vision tower); clip: a
+                                           # Hugging Face CLIPModel folder (both towers, projections,
+                                           # tokenizer files): images and texts in CLIP's one space,
+                                           # the paper's image-text kernel
+                                           # (objective.structure.shared_teacher=clip)
 
     def __post_init__(self):
         if self.bad_input not in ("error", "skip"):

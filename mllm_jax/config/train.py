@@ -32,9 +32,10 @@ class StructureConfig:
     target_sigma: float = 1.0              # GAK bandwidth of the triple kernel (unit-norm teacher features)
     # teachers (data.teachers names; batch keys teacher_<name>) of the triple kernel's local kernel:
     image_teacher: str | tuple[str, ...] = "pixel"  # image-image slice pairs; a list concatenates its
-                                           # teachers' unit-norm features (the paper: [dinov2, clip])
-    text_teacher: str | tuple[str, ...] = "minilm"  # text-text pairs (the paper: [bge, clip])
-    shared_teacher: str = "scene_graph"    # image-text pairs: one space both modalities live in (CLIP)
+                                           # teachers' unit-norm features (the paper: [vision, clip],
+                                           # vision a DINOv2 folder)
+    text_teacher: str | tuple[str, ...] = "minilm"  # text-text pairs (the paper: [minilm, clip], minilm BGE)
+    shared_teacher: str = "scene_graph"    # image-text pairs: one space both modalities live in (the paper: clip)
     layer: int = -1                        # hidden layer of the slice embeddings (-1 = last, normed)
 
     def __post_init__(self):

@@ -6,7 +6,7 @@ from pathlib import Path
 from mllm_jax.config import ConfigError, DataConfig, MLLMConfig
 
 SOURCES = ("scene", "llava", "interleaved", "pairs", "fashion_mnist")
-TEACHERS = ("scene_graph", "pixel", "minilm", "vision")
+TEACHERS = ("scene_graph", "pixel", "minilm", "vision", "clip")
 
 
 def open_source(cfg: DataConfig):
@@ -58,10 +58,21 @@ def make_teacher(name: str, cfg: DataConfig, model: MLLMConfig):
         from mllm_jax.convert.hf import load_pretrained
         from mllm_jax.models.vision import VisionTower
         tower = load_pretrained(path)
+        from mllm_jax.models.clip import ClipModel
+        if isinstance(tower, ClipModel):      # a whole CLIPModel folder: its vision tower (pooled, unprojected)
+            tower = tower.vision_model
         if not isinstance(tower, VisionTower):
             raise ConfigError(f"data.teacher_models.vision: {path} holds a {type(tower).__name__}, "
                               "not a vision tower (CLIPVisionModel / SiglipVisionModel / Dinov2Model)")
         return T.VisionTeacher(tower, Path(path).name)
+    if name == "clip":
+        path = cfg.teacher_models.get("clip")
+        if path is None:
+            raise ConfigError("data.teachers: 'clip' needs data.teacher_models.clip, a local Hugging Face CLIPModel "
+                              "folder (config.json with vision_config + text_config + projection_dim, safetensors, "
+                              "tokenizer files), or build teachers.ClipTeacher(model, tokenizer) and pass it to "
+                              "make_iterator(teachers=[...])")
+        return T.ClipTeacher.from_pretrained(path)
     raise ConfigError(f"data.teachers: {name!r}; expected one of {TEACHERS}")
 
 
@@ -74,7 +85,7 @@ def open_teachers(cfg: DataConfig, model: MLLMConfig, source) -> list:
     for name in cfg.teachers:
         if name == "scene_graph" and cfg.source != "scene":
             raise ConfigError(f"data.teachers: 'scene_graph' needs scene graphs, which only data.source='scene' "
-                              f"has (source is {cfg.source!r}); use 'pixel', 'minilm' or 'vision'")
+                              f"has (source is {cfg.source!r}); use 'pixel', 'minilm', 'vision' or 'clip'")
         teacher = make_teacher(name, cfg, model)
         if name in ("scene_graph", "pixel"):  # microseconds per sample: computed online, never cached
             out.append(T.OnlineFeatures(teacher))

@@ -20,6 +20,11 @@ Sugar's target similarity compares two samples' slice sequences with a kernel ov
 * ``VisionTeacher`` (``vision``): any of our vision towers (``models/vision.py``: CLIP, SigLIP,
   DINOv2), the pooled output L2-normalised (DINOv2: the final LayerNorm's CLS token, Sugar's
   image feature). Text segments: zero.
+* ``ClipTeacher`` (``clip``): a CLIP model (``models/clip.py``, an HF ``CLIPModel`` folder):
+  images -> L2-normalised ``get_image_features``, texts -> L2-normalised
+  ``get_text_features``, one shared space (``projection_dim``). It is the paper's image-text
+  kernel, the role ``scene_graph`` plays on the scene world: set
+  ``objective.structure.shared_teacher=clip``.
 
 Each model teacher has a ``fingerprint()`` (model id + config hash + weights digest; the text
 teachers add their tokenizer's digest, the length they truncate to and their pooling). The cache
@@ -32,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -326,8 +331,86 @@ class OnlineFeatures:
         return self.teacher.embed(sample.segments)
 
 
+# ---- CLIP's shared image-text space ---------------------------------------------------------------
+
+class ClipTeacher(_TextBatches):
+    """CLIP's one image-text space (``models/clip.py``): image segments -> L2-normalised
+    ``get_image_features`` (``visual_projection`` of the vision tower's pooled output), text
+    segments -> L2-normalised ``get_text_features`` (``text_projection`` of the text tower's
+    end-token state); ``dim`` = ``projection_dim``. Images are prepared as ``VisionTeacher``
+    prepares them (``ImageSpec`` of the vision config: resize to the tower's size, CLIP's mean
+    and std); texts are tokenised by the folder's tokenizer (transformers, local files only),
+    truncated to the text tower's positions with the end token kept."""
+    name = "clip"
+
+    def __init__(self, model, tokenizer, model_id: str = "clip", *, max_length: Optional[int] = None,
+                 batch_size: int = 64, memo_size: int = 500_000):
+        import jax
+        from flax import nnx
+        from mllm_jax.config import config_hash
+        from mllm_jax.data.pipeline import ImageSpec
+        cfg = model.config
+        positions = cfg.text.max_position_embeddings
+        self.tokenizer, self.batch_size, self.memo_size = tokenizer, batch_size, memo_size
+        self.max_length = min(max_length or positions, positions)
+        self.spec, self.dim = ImageSpec.from_vision(cfg.vision), cfg.projection_dim
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self._pad_id = cfg.text.pad_token_id if pad is None else pad
+        self._fp = (f"clip:{model_id}:{config_hash(cfg)}:{params_digest(model)}:len={self.max_length}"
+                    f":tok={_tokenizer_digest(tokenizer)}")
+        graphdef, state = nnx.split(model)
+
+        def images(state, pixels):
+            return _l2n(nnx.merge(graphdef, state).get_image_features(pixels))
+
+        def texts(state, ids, mask):
+            return _l2n(nnx.merge(graphdef, state).get_text_features(ids, mask))
+
+        self._state, self._image_forward, self._text_forward = state, jax.jit(images), jax.jit(texts)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kw) -> "ClipTeacher":
+        """A Hugging Face ``CLIPModel`` folder (config.json with vision_config + text_config +
+        projection_dim, safetensors, tokenizer files), e.g. openai/clip-vit-large-patch14."""
+        from transformers import AutoTokenizer
+        from mllm_jax.config import ConfigError
+        from mllm_jax.convert.hf import load_pretrained
+        from mllm_jax.models.clip import ClipModel
+        path = Path(path)
+        model = load_pretrained(path)
+        if not isinstance(model, ClipModel):
+            raise ConfigError(f"{path} holds a {type(model).__name__}, not a CLIPModel (model_type 'clip': a "
+                              "vision tower, a text tower and their projections)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(f"{path}: cannot load the CLIP tokenizer from the folder's tokenizer files "
+                                    f"(tokenizer.json, or vocab.json + merges.txt): {e}") from e
+        return cls(model, tokenizer, path.name, **kw)
+
+    def fingerprint(self) -> str:
+        return self._fp
+
+    def _token_ids(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+
+    def embed(self, segments: Sequence[Segment]) -> np.ndarray:
+        out = np.zeros((len(segments), self.dim), np.float32)
+        text = [i for i, s in enumerate(segments) if s.kind == "text"]
+        if text:
+            out[text] = self.embed_texts([segments[i].text for i in text])
+        where = [i for i, s in enumerate(segments) if s.kind == "image"]
+        for lo in range(0, len(where), self.batch_size):
+            idx = where[lo:lo + self.batch_size]
+            x = np.zeros((self.batch_size, self.spec.size, self.spec.size, self.spec.channels), np.float32)
+            for j, i in enumerate(idx):
+                x[j] = self.spec(np.asarray(segments[i].image))
+            out[idx] = np.asarray(self._image_forward(self._state, x))[:len(idx)]
+        return out
+
+
 __all__ = [
     "StaleCacheError", "params_digest", "SceneGraphTeacher", "PixelTeacher", "MiniLMTeacher",
-    "VisionTeacher", "OnlineFeatures", "TeacherCache", "build_cache", "ensure_cache",
+    "VisionTeacher", "ClipTeacher", "OnlineFeatures", "TeacherCache", "build_cache", "ensure_cache",
     "sentence_pooling", "pool_tokens", "SENTENCE_POOLINGS",
 ]

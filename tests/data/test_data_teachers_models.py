@@ -1,5 +1,5 @@
-"""The sentence pooling of the BERT teacher, against transformers (torch, float32) on tiny random
-models saved here."""
+"""The CLIP teacher (images and texts in CLIP's one space) and the sentence pooling of the BERT
+teacher, against transformers (torch, float32) on tiny random models saved here."""
 import json
 
 import numpy as np
@@ -8,9 +8,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from mllm_jax.config import DataConfig, MLLMConfig  # noqa: E402
+from mllm_jax.config import ConfigError, DataConfig, MLLMConfig  # noqa: E402
+from mllm_jax.convert.hf import load_pretrained  # noqa: E402
 from mllm_jax.data import sources  # noqa: E402
 from mllm_jax.data import teachers as TC  # noqa: E402
+from mllm_jax.data.schema import Sample, image_segment, text_segment, validate_sample  # noqa: E402
 
 WORDS = "a the red blue green circle square cross is left of above small large".split()
 
@@ -25,6 +27,104 @@ def _perturb(model, seed=1):
         for p in model.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
     return model.eval()
+
+
+# ---- CLIP ---------------------------------------------------------------------------------------
+
+def _clip_tokenizer(d):
+    """A CLIP BPE tokenizer over a tiny vocabulary: the special tokens first (so the end token,
+    1, is not the highest id: pooling at the argmax would pick another position), every letter
+    alone and word-final, and the words above as merges."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = ["<|startoftext|>", "<|endoftext|>"] + list(letters) + [c + "</w>" for c in letters]
+    merges = []
+    for w in WORDS:                      # merge each word left to right into one token
+        parts = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(parts) > 1:
+            merges.append(f"{parts[0]} {parts[1]}")
+            parts = [parts[0] + parts[1]] + parts[2:]
+            if parts[0] not in vocab:
+                vocab.append(parts[0])
+    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    tok = transformers.CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"))
+    tok.save_pretrained(str(d))
+    return tok, len(vocab)
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clip")
+    tok, vocab_size = _clip_tokenizer(d)
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=12, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=16, patch_size=4),
+        projection_dim=20)
+    model = _perturb(transformers.CLIPModel(cfg))
+    model.save_pretrained(str(d))
+    return model, tok, d
+
+
+def test_clip_teacher_embeds_images_and_texts_in_clips_space(clip_dir, tmp_path):
+    """data.teachers=['clip'] with data.teacher_models.clip = a CLIPModel folder: an image segment
+    gets CLIP's normalised get_image_features (on the teacher's preprocessed image), a text
+    segment the normalised get_text_features of the folder's tokenizer's ids (a text longer than
+    the 12 positions truncated with its end token kept); through the cache as well."""
+    model, tok, d = clip_dir
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)                      # resized to 16
+    texts = ["a red circle", "the small blue square is left of a large green cross above"]
+    sample = Sample("s0", (image_segment(img), text_segment(texts[0]), text_segment(texts[1])))
+    cfg = DataConfig(teachers=("clip",), teacher_models={"clip": str(d)}, teacher_cache=str(tmp_path / "cache"))
+    teacher = sources.make_teacher("clip", cfg, MLLMConfig())
+    assert isinstance(teacher, TC.ClipTeacher) and teacher.dim == 20 and teacher.max_length == 12
+    assert teacher.spec.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))       # CLIP's mean
+
+    enc = tok(texts, padding=True, truncation=True, max_length=12, return_tensors="pt")
+    assert enc["input_ids"].shape[1] == 12 and enc["input_ids"][1, -1].item() == 1      # truncated, end kept
+    with torch.no_grad():
+        ref_txt = model.get_text_features(**enc).pooler_output.numpy()
+        px = torch.from_numpy(teacher.spec(img)[None]).permute(0, 3, 1, 2)
+        ref_img = model.get_image_features(pixel_values=px).pooler_output.numpy()
+    want = _l2(np.concatenate([ref_img, ref_txt]))
+
+    rows = teacher.embed(sample.segments)
+    assert rows.shape == (3, 20)
+    np.testing.assert_allclose(rows, want, atol=2e-5, rtol=0)
+    (cache,) = sources.open_teachers(cfg, MLLMConfig(), [sample])
+    np.testing.assert_allclose(cache.features(validate_sample(sample)), want, atol=2e-5, rtol=0)
+
+    # one modality alone; the memo gives the same vectors
+    only_text = teacher.embed([text_segment(texts[0])])
+    np.testing.assert_allclose(only_text, want[1:2], atol=2e-5, rtol=0)
+    assert teacher.embed([]).shape == (0, 20)
+
+    # the vision teacher takes the same folder: the vision tower's pooled output, unprojected
+    vision = sources.make_teacher("vision", DataConfig(teacher_models={"vision": str(d)}), MLLMConfig())
+    with torch.no_grad():
+        pooled = model.vision_model(pixel_values=px).pooler_output.numpy()
+    np.testing.assert_allclose(vision.embed([image_segment(img)]), _l2(pooled), atol=2e-5, rtol=0)
+
+    fp = teacher.fingerprint()
+    assert fp.startswith(f"clip:{d.name}:") and ":len=12:" in fp
+    assert TC.ClipTeacher(load_pretrained(d), tok, d.name, max_length=8).fingerprint() != fp
+
+
+def test_clip_teacher_needs_a_clip_folder(clip_dir, tmp_path):
+    with pytest.raises(ConfigError, match="needs data.teacher_models.clip"):
+        sources.make_teacher("clip", DataConfig(teachers=("clip",)), MLLMConfig())
+    _, _, d = clip_dir
+    vis = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4))
+    vis.save_pretrained(str(tmp_path / "vision"))
+    with pytest.raises(ConfigError, match="holds a VisionTower, not a CLIPModel"):
+        sources.make_teacher("clip", DataConfig(teacher_models={"clip": str(tmp_path / "vision")}), MLLMConfig())
+    with pytest.raises(ConfigError, match="data.teacher_models: 'dino'"):
+        DataConfig(teacher_models={"dino": str(d)})
 
 
 # ---- sentence pooling (MiniLM: mean, BGE: CLS) ----------------------------------------------------
