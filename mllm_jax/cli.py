@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", help="data,fsdp,tensor sizes, e.g. 1,256,1")
     p.add_argument("--devices", type=int, default=1, help="shorthand for --mesh 1,N,1")
     p.add_argument("--global-batch", type=int, help="sequences per step over all hosts (default: data.batch_size, "
-                                                    "which is per process)")
+                                                    "which is per process; not with streams, each "
+                                                    "stream's data.batch_size sets its batch)")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
     p.add_argument("--accelerators", default="tpu-v5p,h100,h200", help="comma-separated keys of flops.ACCELERATORS")
     p.add_argument("--stage", help="with a multi-stage recipe: plan only this stage (default: every stage, each "

@@ -143,7 +143,8 @@ def make_plan(cfg: ExperimentConfig, mesh_shape: Sequence[int], *, global_batch:
 
     ``global_batch`` defaults to ``data.batch_size`` (which is per process: pass the global
     batch of a multi-host run); sequences are ``max(data.seq_buckets)`` long with
-    ``data.max_images`` images each. Under ``train.optim.grad_accum`` the step scans over
+    ``data.max_images`` images each. With ``streams`` a step reads one batch of each stream
+    (its ``data.batch_size``; ``global_batch`` is refused), and the plan counts them all. Under ``train.optim.grad_accum`` the step scans over
     micro-batches, so the activations are those of one micro-batch (``global_batch / grad_accum``)."""
     if len(mesh_shape) != 3 or any(int(s) < 1 for s in mesh_shape):
         raise ValueError(f"mesh {tuple(mesh_shape)}: expected 3 sizes (data, fsdp, tensor), each >= 1 "
@@ -166,31 +167,42 @@ def make_plan(cfg: ExperimentConfig, mesh_shape: Sequence[int], *, global_batch:
 
     flat = {path_str(p): v for p, v in nnx.to_flat_state(nnx.as_pure(params))}
     counts = _module_counts(flat)
-    B, T, images = global_batch or cfg.data.batch_size, max(cfg.data.seq_buckets), cfg.data.max_images
+    # what one step reads: one batch of `data`, or with `streams` one batch of each stream (the
+    # step's loss sees them all, so their FLOPs, tokens and activations add up; `data` is unused)
+    if cfg.streams and global_batch is not None:
+        raise ValueError(f"global batch {global_batch}: the config has streams {[s.name for s in cfg.streams]}, "
+                         "each batched by its own data.batch_size (per process); one global batch does not apply")
+    batches = ([(f"stream {s.name!r}: ", s.data) for s in cfg.streams] if cfg.streams
+               else [("", cfg.data)])
     mesh_dict = dict(mesh.shape)
-    if B % (mesh_dict["data"] * mesh_dict["fsdp"]):
-        raise shd.ShardingError(f"global batch {B} is not divisible by data x fsdp = "
-                                f"{mesh_dict['data'] * mesh_dict['fsdp']} (mesh {mesh_dict})")
     accum = optim.grad_accum      # the step scans over micro-batches: one micro-batch's activations live
-    if B % accum:
-        raise ValueError(f"global batch {B} is not divisible by train.optim.grad_accum={accum}")
+    v = cfg.model.vision
+    spec = model_spec(cfg.model_name)
+    act = fwd = 0.0
+    tokens = 0
+    for where, data in batches:
+        B, T, images = global_batch or data.batch_size, max(data.seq_buckets), data.max_images
+        if B % (mesh_dict["data"] * mesh_dict["fsdp"]):
+            raise shd.ShardingError(f"{where}global batch {B} is not divisible by data x fsdp = "
+                                    f"{mesh_dict['data'] * mesh_dict['fsdp']} (mesh {mesh_dict})")
+        if B % accum:
+            raise ValueError(f"{where}global batch {B} is not divisible by train.optim.grad_accum={accum}")
+        act += activation_bytes(cfg, mesh_dict, B // accum, T, images)
+        shapes = {"input_ids": (B, T), "pixel_values": (B, images, v.image_size, v.image_size, v.num_channels)}
+        fwd += spec.forward_flops(cfg, shapes) if spec.forward_flops else 2.0 * sum(counts.values()) * B * T
+        tokens += B * T
     bytes_ = {"params": _device_bytes((abstract.params, abstract.frozen)),
               "grads": _device_bytes(abstract.params),
               "opt_state": _device_bytes(abstract.opt_state),
-              "activations (estimate)": activation_bytes(cfg, mesh_dict, B // accum, T, images)}
+              "activations (estimate)": act}
     bytes_["total"] = sum(bytes_.values())
-
-    v = cfg.model.vision
-    shapes = {"input_ids": (B, T), "pixel_values": (B, images, v.image_size, v.image_size, v.num_channels)}
-    spec = model_spec(cfg.model_name)
-    fwd = spec.forward_flops(cfg, shapes) if spec.forward_flops else 2.0 * sum(counts.values()) * B * T
     flops = F.train_flops(fwd)
     n = mesh.size
     times = {a: flops / (n * F.ACCELERATORS[a][0] * mfu) for a in accelerators}
     fits = {a: bytes_["total"] <= F.ACCELERATORS[a][1] for a in accelerators}
     return Plan(mesh_dict, source, counts, sum(counts.values()),
                 sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params)),
-                bytes_, flops, B * T, times, fits, mfu)
+                bytes_, flops, tokens, times, fits, mfu)
 
 
 __all__ = ["Plan", "make_plan", "abstract_params", "table_state", "activation_bytes"]

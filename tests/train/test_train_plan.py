@@ -222,3 +222,27 @@ def test_plan_of_a_recipe_plans_each_stage(capsys):
     assert "== stage multitask" in out and "(LoRA)" in out and "== stage align" not in out
     assert main(["plan", "--config", str(path), "--stage", "nope"]) == 2
     assert "no such stage" in capsys.readouterr().err
+
+
+def test_plan_of_a_multi_stream_config_counts_every_stream():
+    """With ``streams`` a step reads one batch of each stream and never ``data``: plan sized
+    ``data`` (8 x 256 tokens here) and ignored the streams (2 x 64 + 4 x 32 = 256 tokens). Each
+    stream's FLOPs and activations add up to those of a plan of that stream alone."""
+    import dataclasses
+
+    from mllm_jax.config import DataConfig, StreamConfig
+    base = apply_overrides(ExperimentConfig(), ["data.batch_size=8", "data.seq_buckets=[256]", "data.max_images=4"])
+    gen = DataConfig(batch_size=2, seq_buckets=(64,), max_images=1)
+    disc = DataConfig(batch_size=4, seq_buckets=(32,), max_images=2)
+    cfg = dataclasses.replace(base, streams=(StreamConfig("gen", gen), StreamConfig("disc", disc)))
+    plan = make_plan(cfg, (1, 2, 1))
+    assert plan.tokens_per_step == 2 * 64 + 4 * 32
+    alone = [make_plan(dataclasses.replace(base, data=d), (1, 2, 1)) for d in (gen, disc)]
+    assert plan.flops_per_step == pytest.approx(sum(p.flops_per_step for p in alone))
+    act = "activations (estimate)"
+    assert plan.bytes_per_device[act] == pytest.approx(sum(p.bytes_per_device[act] for p in alone))
+    assert plan.bytes_per_device["params"] == alone[0].bytes_per_device["params"]
+    with pytest.raises(ValueError, match=r"streams \['gen', 'disc'\]"):
+        make_plan(cfg, (1, 2, 1), global_batch=8)
+    with pytest.raises(ShardingError, match="stream 'gen': global batch 2 is not divisible by data x fsdp = 4"):
+        make_plan(cfg, (1, 4, 1))
