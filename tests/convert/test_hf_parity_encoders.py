@@ -212,3 +212,21 @@ def test_real_photo(hf_dirs, kind):
     x = ((x - mean) / std).astype(np.float32)[None]
     ref, got = _run_vision(torch_model, ours, x)
     _assert_outputs_match(ref, got, kind)
+
+
+def test_bert_with_tf_era_layernorm_names_loads_as_transformers_loads_it(hf_dirs, tmp_path):
+    """Checkpoints converted from the original TensorFlow BERT name LayerNorms ``LayerNorm.gamma``
+    / ``LayerNorm.beta``; transformers renames them to ``weight`` / ``bias`` on load, ours refused
+    them (every LayerNorm missing and unexpected)."""
+    torch_model, d = hf_dirs["bert_pooler"]
+    tensors = {f"bert.{k}".replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+               for k, v in read_safetensors_dir(d).items()}
+    assert sum(k.endswith("LayerNorm.gamma") for k in tensors) == 5   # embeddings + 2 per layer
+    write_safetensors(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((d / "config.json").read_text())
+    theirs, info = transformers.BertModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ref, got = _run_bert(theirs.eval(), load_pretrained(tmp_path))
+    _assert_outputs_match(ref, got, "bert_pooler")
+    ref, _ = _run_bert(torch_model, load_pretrained(tmp_path))    # the original weights, too
+    _assert_outputs_match(ref, got, "bert_pooler")

@@ -3,7 +3,9 @@
 Loading also accepts checkpoints of BERT with a head (``BertForMaskedLM``, ``BertForPreTraining``):
 their ``bert.`` prefix is stripped and their ``cls.*`` head tensors are skipped, as transformers
 does when it loads one into ``BertModel``. The ``embeddings.position_ids`` buffer some
-checkpoints store (e.g. all-MiniLM-L6-v2) is ignored. ``add_pooler`` follows whether
+checkpoints store (e.g. all-MiniLM-L6-v2) is ignored. LayerNorms named ``LayerNorm.gamma`` /
+``LayerNorm.beta`` (checkpoints converted from the original TensorFlow BERT) load as
+``LayerNorm.weight`` / ``.bias``, as transformers renames them. ``add_pooler`` follows whether
 ``pooler.dense.*`` tensors are present. Saving writes ``BertModel`` names.
 """
 from __future__ import annotations
@@ -32,6 +34,15 @@ def entries(cfg: TextEncoderConfig) -> list[Entry]:
     return t
 
 
+def _rename(name: str) -> str:
+    """TF-era LayerNorm names -> today's (transformers' "legacy" renaming on load)."""
+    if name.endswith("LayerNorm.gamma"):
+        return name[:-len("gamma")] + "weight"
+    if name.endswith("LayerNorm.beta"):
+        return name[:-len("beta")] + "bias"
+    return name
+
+
 def _config_from_hf(hf: dict, tensors: set) -> TextEncoderConfig:
     has_pooler = any(n.endswith("pooler.dense.weight") for n in tensors)
     return dataclasses.replace(TextEncoderConfig.from_hf(hf), add_pooler=has_pooler)
@@ -45,4 +56,4 @@ def _build(cfg, rngs):
 FAMILY = register(Family(
     name="bert", architectures=("BertModel",), model_types=("bert",),
     config_from_hf=_config_from_hf, config_to_hf=lambda cfg: cfg.to_hf(), build=_build, entries=entries,
-    ignore=(r"(^|\.)embeddings\.position_ids$", r"^cls\."), hf_prefixes=("bert.",)))
+    ignore=(r"(^|\.)embeddings\.position_ids$", r"^cls\."), hf_prefixes=("bert.",), hf_rename=_rename))
