@@ -189,3 +189,21 @@ def test_task_weights_refuse_negative_and_repeated_tasks(tasks, fragment):
     with pytest.raises(ConfigError, match=fragment):
         DataConfig(tasks=tasks).task_weights()
     assert DataConfig(tasks=("vqa:0", "pope", "caption_short:2")).task_weights() == {"vqa": 0, "pope": 1, "caption_short": 2}
+
+
+@pytest.mark.parametrize("select", ["Full", "cls", "defualt"])
+def test_unknown_vision_feature_select_is_refused(select, tmp_path):
+    """Only 'default' (drop CLS) and 'full' exist: another value was accepted and then counted as
+    neither: tokens_per_image said num_patches (not 'full') while the model kept the CLS token (not
+    'default'), so 65 features went into 64 image slots and the last patch was dropped silently."""
+    with pytest.raises(ConfigError, match=f"model.vision_feature_select: '{select}'; expected 'default'"):
+        MLLMConfig(vision_feature_select=select)
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {vision_feature_select: full}\n")
+    assert load_config(path, ExperimentConfig).model.vision_feature_select == "full"
+    with pytest.raises(ConfigError, match="model.vision_feature_select"):
+        load_config(path, ExperimentConfig, overrides=[f"model.vision_feature_select={select}"])
+    hf = {"model_type": "llava", "vision_config": {"model_type": "clip_vision_model", "num_hidden_layers": 2},
+          "text_config": {"model_type": "llama"}, "vision_feature_select_strategy": select}
+    with pytest.raises(ConfigError, match="vision_feature_select"):
+        MLLMConfig.from_hf(hf)

@@ -423,6 +423,9 @@ class MLLMConfig:
         if not -(n + 1) <= self.vision_feature_layer <= n:
             raise ConfigError(f"model.vision_feature_layer: {self.vision_feature_layer}; the vision tower has "
                               f"{n} layers, so hidden states {-(n + 1)}..{n}")
+        if self.vision_feature_select not in ("default", "full"):
+            raise ConfigError(f"model.vision_feature_select: {self.vision_feature_select!r}; expected 'default' "
+                              "(drop the CLS token) or 'full' (HF's vision_feature_select_strategy)")
 
     @property
     def tokens_per_image(self) -> int:
