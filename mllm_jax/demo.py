@@ -246,6 +246,12 @@ def main(argv=None) -> int:
     for noisy in ("absl", "jax", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     t_start = time.perf_counter()
+    # the options checked before anything trains (the shared stages take minutes)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"--arms: unknown {unknown}; known: {list(ARMS)}")
+    text_teacher = _text_teacher(args.text_teacher)
     out = Path(args.out)
     (out / "demo").mkdir(parents=True, exist_ok=True)
 
@@ -264,15 +270,10 @@ def main(argv=None) -> int:
                                 "train.run_dir": str(out / "demo" / "pretrain")})
     if vision_steps > 0 and base.train.init_from is None:
         base = apply_updates(base, {"train.init_from": _vision_init(base, out, vision_steps)})
-    text_teacher = _text_teacher(args.text_teacher)
     log.info("shared generative stage: %d steps", steps)
     _train_cached(base)
 
     results, metrics_files, times = {}, {}, {}
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        raise SystemExit(f"--arms: unknown {unknown}; known: {list(ARMS)}")
     tok = TextTokenizer.from_dir(tok_dir)
     for name in arms:
         cfg = apply_updates(arm_config(base, name, out, text_teacher), {"train.steps": arm_steps})

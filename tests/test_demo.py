@@ -108,3 +108,19 @@ def test_the_tokenizer_is_retrained_when_the_code_changes(tmp_path, monkeypatch)
     assert other != first and len(trained) == 2                                     # other code: retrained
     assert (Path(first) / "tokenizer.json").exists() and (Path(other) / "tokenizer.json").exists()
     assert Path(first).parent == Path(other).parent == tmp_path / "demo"
+
+
+def test_bad_options_are_refused_before_anything_trains(tmp_path, monkeypatch):
+    """An unknown --arms name, or --text-teacher minilm without the MiniLM assets, ended the demo
+    only after the tokenizer, the vision stage (and, for --arms, the shared stage) had trained."""
+    from mllm_jax import demo
+
+    def trained(*a, **k):
+        raise AssertionError("trained before the options were checked")
+    for stage in ("_tokenizer", "_vision_init", "_train_cached"):
+        monkeypatch.setattr(demo, stage, trained)
+    with pytest.raises(SystemExit, match=r"--arms: unknown \['nope'\]"):
+        demo.main(["--out", str(tmp_path), "--arms", "generative,nope"])
+    monkeypatch.setenv("MLLM_JAX_ASSETS", str(tmp_path / "no_assets"))
+    with pytest.raises(SystemExit, match="--text-teacher minilm: .*all-MiniLM-L6-v2/model.safetensors not found"):
+        demo.main(["--out", str(tmp_path), "--text-teacher", "minilm"])
