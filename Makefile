@@ -56,4 +56,4 @@ bench: $(TEST_STAMP) assets
 	MLLM_JAX_ASSETS=$(ASSETS) $(PY) experiments/bench/run_all.py
 
 clean:
-	rm -rf $(VENV) results checkpoints
+	rm -rf $(VENV) results checkpoints .cache/jax-tests

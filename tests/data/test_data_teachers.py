@@ -405,7 +405,8 @@ def test_a_rebuild_stopped_while_replacing_the_cache_leaves_no_copy_behind(tmp_p
         if ".old-" in Path(p).name:
             raise KeyboardInterrupt          # stopped right after the new cache took the old one's place
         return shutil.rmtree(p, *a, **kw)
-    monkeypatch.setattr(TC.shutil, "rmtree", stopped)
+    from mllm_jax.data import teacher_cache
+    monkeypatch.setattr(teacher_cache.shutil, "rmtree", stopped)
     with pytest.raises(KeyboardInterrupt):
         TC.ensure_cache(TC.PixelTeacher(seed=1), src, path)
     monkeypatch.undo()

@@ -216,3 +216,71 @@ def test_bert_teacher_refuses_poolings_it_cannot_reproduce(bert_dir, tmp_path):
     _write_pooling(d, "cls_token", extra_modules=[dense])
     with pytest.raises(ValueError, match=r"modules\.json: modules '2_Dense' \(sentence_transformers\.models\.Dense\)"):
         TC.sentence_pooling(d)
+
+
+# ---- the paper's triple kernel from three model folders -----------------------------------------
+
+def test_the_papers_triple_kernel_from_dinov2_bge_and_clip_folders(clip_dir, bert_dir, tmp_path):
+    """Sugar's target kernel as the paper defines it, from local folders: image features DINOv2 +
+    CLIP image (concatenated), text features BGE (CLS pooling) + CLIP text, image-text pairs on
+    CLIP's one space. Teachers opened as a run opens them (config -> caches); one slice per
+    sample, so each target entry is the GAK local kernel of the pair, computed here from
+    transformers' own outputs."""
+    import math
+    import shutil
+
+    import jax.numpy as jnp
+    from mllm_jax.config import StructureConfig
+    from mllm_jax.objectives.structure import target_similarity
+
+    clip, clip_tok, clip_d = clip_dir
+    bert, bert_src = bert_dir
+    bge = tmp_path / "bge"
+    shutil.copytree(bert_src, bge)
+    _write_pooling(bge, "cls_token")
+    torch.manual_seed(0)
+    dino = _perturb(transformers.Dinov2Model(transformers.Dinov2Config(
+        image_size=14, patch_size=7, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, layerscale_value=0.5)))
+    dino.save_pretrained(str(tmp_path / "dino"))
+
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (20, 20, 3), dtype=np.uint8) for _ in range(2)]
+    texts = ["a red circle", "the blue square is left"]
+    samples = [Sample(f"i{k}", (image_segment(im),)) for k, im in enumerate(images)] + \
+              [Sample(f"t{k}", (text_segment(t),)) for k, t in enumerate(texts)]
+    cfg = DataConfig(teachers=("vision", "minilm", "clip"), teacher_cache=str(tmp_path / "cache"),
+                     teacher_models={"vision": str(tmp_path / "dino"), "minilm": str(bge), "clip": str(clip_d)})
+    caches = sources.open_teachers(cfg, MLLMConfig(), samples)
+    batch = {f"teacher_{c.name}": jnp.asarray(np.stack([c.features(validate_sample(s)) for s in samples]))
+             for c in caches}
+    batch["slice_mask"] = jnp.ones((4, 1), bool)
+    batch["slice_is_image"] = jnp.asarray([[True], [True], [False], [False]])
+    sigma = 0.9
+    st = StructureConfig(target_sigma=sigma, image_teacher=["vision", "clip"], text_teacher=["minilm", "clip"],
+                         shared_teacher="clip")
+    t = np.asarray(target_similarity(batch, st))
+
+    # the references: transformers' outputs on the teachers' own preprocessed pixels / tokens
+    dino_spec = sources.make_teacher("vision", cfg, MLLMConfig()).spec
+    clip_spec = sources.make_teacher("clip", cfg, MLLMConfig()).spec
+    nchw = lambda spec: torch.from_numpy(np.stack([spec(im) for im in images])).permute(0, 3, 1, 2)  # noqa: E731
+    with torch.no_grad():
+        f_dino = _l2(dino(pixel_values=nchw(dino_spec)).pooler_output.numpy())
+        f_clip_img = _l2(clip.get_image_features(pixel_values=nchw(clip_spec)).pooler_output.numpy())
+        enc = clip_tok(texts, padding=True, return_tensors="pt")
+        f_clip_txt = _l2(clip.get_text_features(**enc).pooler_output.numpy())
+        tok = transformers.AutoTokenizer.from_pretrained(str(bge), local_files_only=True)
+        f_bge = _l2(bert(**tok(texts, padding=True, return_tensors="pt")).last_hidden_state[:, 0].numpy())
+
+    def k(d2):   # tslearn's GAK local kernel at squared distance d2
+        z = d2 / (2 * sigma ** 2)
+        return math.exp(-(z + math.log(2 - math.exp(-z))))
+
+    def d2(a, b):
+        return float(np.sum((a - b) ** 2))
+    np.testing.assert_allclose(t[0, 1], k((d2(*f_dino) + d2(*f_clip_img)) / 2), rtol=1e-4)   # image-image
+    np.testing.assert_allclose(t[2, 3], k((d2(*f_bge) + d2(*f_clip_txt)) / 2), rtol=1e-4)    # text-text
+    for i in range(2):                                                                        # image-text
+        for j in range(2):
+            np.testing.assert_allclose(t[i, 2 + j], k(d2(f_clip_img[i], f_clip_txt[j])), rtol=1e-4)
