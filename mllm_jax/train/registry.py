@@ -105,16 +105,19 @@ def register(table: dict, name: str, target) -> None:
 
 def grain_data(cfg: ExperimentConfig, *, split: str, process_index: int, process_count: int):
     """The project's grain pipeline (``mllm_jax.data.pipeline``) on ``cfg.data`` for training
-    and on ``cfg.eval_data`` (default: ``cfg.data`` on the ``val`` split, unshuffled) for eval, read
-    once (``num_epochs=1`` where it is unset: an eval pass longer than the set ends with it).
-    With ``cfg.streams``, a ``MixtureIterator`` over them (eval: each on its ``val`` split)."""
+    and on ``cfg.eval_data`` (default: ``cfg.data`` on the ``val`` split, unshuffled) for eval.
+    Eval reads every row once: ``num_epochs=1`` where it is unset (an eval pass longer than the
+    set ends with it) and never ``drop_remainder`` (the last, partial batch is padded with empty
+    rows, which every metric gives zero weight). With ``cfg.streams``, a ``MixtureIterator`` over
+    them (eval: each on its ``val`` split)."""
     from mllm_jax.data.mixture import MixtureIterator
     from mllm_jax.data.pipeline import make_iterator
 
     def one(data):
-        if split == "eval" and data.num_epochs is None:
-            # one pass: ``evaluate`` stops where the data ends; repeating the set counted rows twice
-            data = dataclasses.replace(data, num_epochs=1)
+        if split == "eval":
+            # one pass: ``evaluate`` stops where the data ends; repeating the set counted rows twice,
+            # and dropping the remainder left the last rows of the set (of each process) out
+            data = dataclasses.replace(data, num_epochs=data.num_epochs or 1, drop_remainder=False)
         return make_iterator(data, cfg.model, shard=(process_index, process_count) if data.shard_by_process else (0, 1))
 
     if cfg.streams:  # one batch per stream and step: {name: batch}

@@ -41,11 +41,14 @@ def test_grain_pipeline_state_is_checkpointed_and_resumed(tokenizer_dir, tmp_pat
 
 def test_eval_data_is_read_once_per_eval(tokenizer_dir, tmp_path):
     """An eval pass of more steps than the val set has batches ended with the set; it went on into
-    the set's next epoch and counted those rows twice (train.eval_steps=10, 6 batches here)."""
+    the set's next epoch and counted those rows twice (train.eval_steps=10, 7 batches here). The
+    last, partial batch (26 = 6 x 4 + 2 rows) was dropped (data.drop_remainder, True for
+    training): it is padded with empty rows (sample_index -1) instead."""
     from mllm_jax.train.registry import grain_data
     cfg = _cfg(tokenizer_dir, tmp_path, 1)
-    cfg = apply_overrides(cfg, ["data.scene.val_size=24", "train.eval_steps=10"])
+    cfg = apply_overrides(cfg, ["data.scene.val_size=26", "train.eval_steps=10"])
+    assert cfg.data.drop_remainder and cfg.data.batch_size == 4
     rows = [int(i) for _, b in zip(range(cfg.train.eval_steps), grain_data(cfg, split="eval", process_index=0,
                                                                             process_count=1))
             for i in b["sample_index"] if i >= 0]
-    assert sorted(rows) == list(range(24))
+    assert sorted(rows) == list(range(26))
