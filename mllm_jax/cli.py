@@ -142,7 +142,14 @@ def cmd_convert(args) -> int:
         ck = Checkpointer(args.out)
         ck.save_params(0, flat_params(model), config={"converted_from": str(Path(args.from_hf).absolute())})
         ck.close()
-        print(f"wrote {args.out}/0 ({len(flat_params(model))} arrays); start a run from it with train.init_from={args.out}")
+        from mllm_jax.models.decoder import Decoder
+        from mllm_jax.models.vision import VisionTower
+        part = "vision" if isinstance(model, VisionTower) else "decoder" if isinstance(model, Decoder) else None
+        # a tower or an LLM alone is one part of an MLLM (an LLM alone also starts an LLM run)
+        how = (f"train.init_parts='{{{part}: {args.out}}}' (an MLLM's {part}.* params)" if part == "vision" else
+               f"train.init_from={args.out} (an LLM run) or train.init_parts='{{decoder: {args.out}}}' (an MLLM's "
+               f"decoder.* params)" if part == "decoder" else f"train.init_from={args.out}")
+        print(f"wrote {args.out}/0 ({len(flat_params(model))} arrays); start a run from it with {how}")
         return 0
     if not args.to_hf:
         raise SystemExit("convert --from-run needs --to-hf DIR")

@@ -96,7 +96,10 @@ def _run_model(run: str):
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.temperature >= 0:      # a negative one decoded greedily without a word
+        parser.error(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
     import jax
 
     from mllm_jax.models.mllm import MLLM

@@ -1,4 +1,5 @@
 """`python -m mllm_jax generate --hf DIR`: same text as transformers' generate on the same dir."""
+import pytest
 import torch
 import transformers
 
@@ -89,3 +90,11 @@ def test_hf_mllm_images_go_in_front_of_each_prompt(monkeypatch):
     np.testing.assert_array_equal(seen["ids"], [[0, 7, 7, 5, 6], [7, 7, 9, 10, 11]])
     np.testing.assert_array_equal(seen["attention_mask"], [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
     assert seen["pixel_values"].shape == (2, 1, 4, 4, 3) and seen["max_new_tokens"] == 3
+
+
+def test_a_negative_temperature_is_refused(capsys):
+    """--temperature -0.5 decoded greedily without a word (do_sample was temperature > 0)."""
+    from mllm_jax.generate_cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["--hf", "nowhere", "--prompt", "x", "--temperature", "-0.5"])
+    assert e.value.code == 2 and "--temperature -0.5: must be >= 0 (0 = greedy)" in capsys.readouterr().err

@@ -307,8 +307,8 @@ def save_pretrained(model: nnx.Module, path: str | Path) -> Path:
     """Writes ``config.json`` and ``model.safetensors`` (float32, atomic) that transformers loads,
     and ``preprocessor_config.json`` for families that read one (DINOv2)."""
     path = Path(path)
+    fam, hf_cfg, tensors = export_tensors(model)     # first: a model it refuses leaves no empty folder
     path.mkdir(parents=True, exist_ok=True)
-    fam, hf_cfg, tensors = export_tensors(model)
     hf_cfg = {**hf_cfg, "torch_dtype": "float32"}
     write_safetensors(tensors, path / "model.safetensors")
     files = {"config.json": hf_cfg}

@@ -161,6 +161,17 @@ def test_soft_prompts_lora_and_pool_adapter_build():
     assert m.decoder.layers[0].self_attn.q_proj.lora is not None
 
 
+def test_an_export_transformers_has_no_class_for_leaves_no_folder(tmp_path):
+    """save_pretrained of a pool-adapter MLLM (HF has none) is refused; it made the output
+    folder first and left it empty."""
+    from mllm_jax.config import ConfigError
+    from mllm_jax.convert.hf import save_pretrained
+    m = MLLM(MLLMConfig(projector=ProjectorConfig(kind="pool", pool_size=2)), rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="pool-adapter"):
+        save_pretrained(m, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_pooling_hand_computed():
     h = jnp.arange(2 * 4 * 2, dtype=jnp.float32).reshape(2, 4, 2)
     mask = jnp.array([[1, 1, 0, 0], [0, 1, 1, 1]])

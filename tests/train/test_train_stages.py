@@ -338,10 +338,11 @@ def test_init_parts_load_each_part_from_its_own_checkpoint(tmp_path):
             tiny_mllm_experiment(**{"train.init_parts": {"vision": bad}})
 
 
-def test_init_parts_from_converted_clip_and_llama(tmp_path):
+def test_init_parts_from_converted_clip_and_llama(tmp_path, capsys):
     """InfMLLM stage 1 from a ViT and an LLM saved separately by transformers (CLIPVisionModel,
-    LlamaForCausalLM), each converted with `convert --from-hf`: every vision and decoder param of
-    the pool-adapter MLLM is the converted one, the adapter keeps its init."""
+    LlamaForCausalLM), each converted with `convert --from-hf` (which says how to start from
+    them: init_parts, and for an LLM also an LLM run's init_from): every vision and decoder param
+    of the pool-adapter MLLM is the converted one, the adapter keeps its init."""
     import dataclasses
 
     import torch
@@ -360,6 +361,9 @@ def test_init_parts_from_converted_clip_and_llama(tmp_path):
     transformers.LlamaForCausalLM(txt).save_pretrained(tmp_path / "hf_llama")
     for name in ("clip", "llama"):
         assert main(["convert", "--from-hf", str(tmp_path / f"hf_{name}"), "--out", str(tmp_path / name)]) == 0
+    out = capsys.readouterr().out
+    assert f"train.init_parts='{{vision: {tmp_path / 'clip'}}}'" in out
+    assert f"train.init_from={tmp_path / 'llama'} (an LLM run) or train.init_parts='{{decoder: {tmp_path / 'llama'}}}'" in out
     llava = transformers.LlavaConfig(vision_config=vis.to_dict(), text_config=txt.to_dict(), image_token_index=99,
                                      vision_feature_layer=-1)
     mcfg = dataclasses.replace(MLLMConfig.from_hf(llava.to_dict()), projector=ProjectorConfig(kind="pool", pool_size=2))
