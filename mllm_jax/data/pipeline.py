@@ -379,14 +379,18 @@ class _UnbatchIterator(grain.DatasetIterator):
 class DataIterator:
     """Epochs over a per-epoch grain pipeline, with skip accounting and exact resume.
 
-    ``get_state()`` -> ``{"epoch", "grain", "kept", "dropped", "skipped", "batches", "workers"}`` (JSON);
-    ``set_state`` rebuilds that epoch's pipeline and moves grain's iterator to the saved point.
+    ``get_state()`` -> ``{"epoch", "grain", "kept", "dropped", "skipped", "batches", "workers",
+    "signature"}`` (JSON); ``set_state`` rebuilds that epoch's pipeline and moves grain's iterator
+    to the saved point. ``signature`` (``make_iterator``: the number of records, batch size, seed,
+    shuffle, drop_remainder) says what the position is a position in: a state saved under another
+    one is refused, since it would resume at a point of another order.
     ``summaries`` lists one dict per finished epoch: kept, skipped by reason."""
 
     def __init__(self, build: Callable[[int], Any], *, num_epochs: Optional[int], batch_size: int,
                  drop_remainder: bool, max_skip_fraction: float, check_after: int = 1000, workers: int = 0,
-                 pad_id: int = 0):
+                 pad_id: int = 0, signature: Optional[dict] = None):
         self._build, self.num_epochs, self.batch_size, self.workers = build, num_epochs, batch_size, workers
+        self.signature = dict(signature) if signature is not None else None
         self.pad_id = pad_id
         self.drop_remainder, self.max_skip_fraction, self.check_after = drop_remainder, max_skip_fraction, check_after
         self.epoch, self._it, self._pending_state = 0, None, None
@@ -474,9 +478,16 @@ class DataIterator:
         grain_state = self._it.get_state() if self._it is not None else self._pending_state
         return {"epoch": self.epoch, "grain": grain_state, "kept": self.kept, "dropped": self.dropped,
                 "skipped": [int(x) for x in self.skipped], "batches": self._batches_this_epoch,
-                "workers": self.workers}
+                "workers": self.workers, "signature": self.signature}
 
     def set_state(self, state: dict) -> None:
+        was = state.get("signature")
+        if was is not None and self.signature is not None and was != self.signature:
+            changed = ", ".join(f"{k} {was.get(k)!r} -> {self.signature.get(k)!r}"
+                                for k in sorted(set(was) | set(self.signature)) if was.get(k) != self.signature.get(k))
+            raise ValueError(f"data iterator state was saved for other data ({changed}): its position would "
+                             f"resume at a point of another order. Resume with the settings it was saved with, "
+                             f"or set train.checkpoint.restore_data=false to start the data from its beginning")
         saved = state.get("workers")
         if saved is not None and saved != self.workers:
             # grain's iterator state holds one position per worker process (or one in-process
@@ -558,9 +569,11 @@ def make_iterator(cfg: DataConfig, model: MLLMConfig, *, source=None, tokenizer:
                              epoch=epoch, shuffle=cfg.shuffle, shard=shard, even_shards=cfg.drop_remainder,
                              workers=cfg.worker_count, worker_buffer_size=cfg.worker_buffer_size)
 
+    signature = {"records": len(source), "batch_size": cfg.batch_size, "seed": cfg.seed, "shuffle": cfg.shuffle,
+                 "drop_remainder": cfg.drop_remainder}
     return DataIterator(build, num_epochs=cfg.num_epochs, batch_size=cfg.batch_size,
                         drop_remainder=cfg.drop_remainder, max_skip_fraction=cfg.max_skip_fraction,
-                        workers=cfg.worker_count, pad_id=tokenizer.pad_id)
+                        workers=cfg.worker_count, pad_id=tokenizer.pad_id, signature=signature)
 
 
 __all__ = [

@@ -111,6 +111,20 @@ def test_exact_resume_mid_epoch_and_across_epochs(tok):
     assert [digest(next(resumed)) for _ in range(50)] == want
 
 
+def test_a_state_saved_for_other_data_is_refused(tok):
+    """The saved position is a position in one order (records, batch size, seed, shuffle,
+    drop_remainder): resuming it under another silently read another sequence of batches. Now a
+    ValueError naming what changed and the way out; other epochs (num_epochs) resume."""
+    state = json.loads(json.dumps((lambda r: (next(r), r.get_state())[1])(it(tok, scene()))))
+    for kw, changed in (({"batch_size": 2}, "batch_size 4 -> 2"), ({"seed": 9}, "seed 0 -> 9"),
+                        ({"shuffle": False}, "shuffle True -> False")):
+        with pytest.raises(ValueError, match=rf"saved for other data \({changed}\).*restore_data=false"):
+            it(tok, scene(), **kw).set_state(state)
+    with pytest.raises(ValueError, match=r"records 96 -> 48"):
+        it(tok, scene(48)).set_state(state)
+    it(tok, scene(), num_epochs=5).set_state(state)
+
+
 def test_resume_with_worker_processes(tok):
     """Worker processes give the batches of in-process reading (pairs of views stay together),
     resume exactly, and a state saved under another worker count is refused by name."""
