@@ -164,7 +164,8 @@ def load_image(image: ImageLike, record: str, field: str) -> np.ndarray:
 
 
 def _pil_pixels(im) -> np.ndarray:
-    """8-bit L or RGB pixels of a PIL image. 16-bit grayscale (modes I;16*, or I holding 16-bit
+    """8-bit L or RGB pixels of a PIL image (float mode F: the float values, which
+    ``check_pixels`` wants in [0, 1]; convert("RGB") clipped them). 16-bit grayscale (modes I;16*, or I holding 16-bit
     values, as PIL opens 16-bit PNGs) keeps its high byte: PIL's convert("RGB") clips those values
     at 255, which turned almost every pixel white."""
     if im.mode in ("L", "RGB"):
@@ -174,6 +175,8 @@ def _pil_pixels(im) -> np.ndarray:
         if arr.min() < 0 or arr.max() > 65535:
             raise ValueError(f"{im.mode} pixel values outside 0..65535")
         return (arr >> 8).astype(np.uint8) if im.mode.startswith("I;16") or arr.max() > 255 else arr.astype(np.uint8)
+    if im.mode == "F":      # 32-bit float (e.g. TIFF): checked as float arrays are, in [0, 1]
+        return np.asarray(im, np.float32)
     return np.asarray(im.convert("RGB"))
 
 

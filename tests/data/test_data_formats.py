@@ -100,6 +100,23 @@ def test_sixteen_bit_png_keeps_its_high_byte(tmp_path):
         np.testing.assert_array_equal(a[..., 0], g >> 8)
 
 
+def test_float_tiff_is_read_as_a_float_image(tmp_path):
+    """A 32-bit float TIFF (PIL mode F) in [0, 1] gives its values as 8-bit pixels; one outside
+    [0, 1] is a bad_pixels DataError (skipped and counted) like a float array. PIL's
+    convert('RGB') clipped the floats: 0.5 became 0, a [0, 255] image passed unchecked."""
+    from PIL import Image
+    from mllm_jax.data.schema import load_image
+    g = np.linspace(0, 1, 32 * 16, dtype=np.float32).reshape(32, 16)
+    Image.fromarray(g, mode="F").save(tmp_path / "f.tif")
+    a = load_image(tmp_path / "f.tif", "r", "image")
+    assert a.shape == (32, 16, 1) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a[..., 0], np.round(g * 255).astype(np.uint8))
+    Image.fromarray(g * 255, mode="F").save(tmp_path / "f255.tif")
+    with pytest.raises(DataError, match=r"expected \[0, 1\]") as e:
+        load_image(tmp_path / "f255.tif", "r", "image")
+    assert e.value.reason == "bad_pixels"
+
+
 def test_pairs_readers():
     src = formats.PairsSource(FIX / "pairs.jsonl")
     assert len(src) == 6
