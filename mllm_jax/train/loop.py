@@ -10,8 +10,8 @@
   devices). A step whose loss or gradient norm is not finite leaves params and optimiser state
   untouched and is counted; ``train.max_bad_steps`` in a row stop the run with an error.
 - Metrics are fetched one step late, so the host never waits for the step it just queued.
-- ``evaluate`` pools each eval metric over the eval batches by what it is a mean over (tokens,
-  pairs, examples; counts are summed), so it is the metric of the whole eval set.
+- The eval step and ``evaluate`` live in ``train/evaluation.py`` (re-exported here): each eval
+  metric is pooled over the eval batches by what it is a mean over (tokens, pairs, examples).
 - SIGTERM / SIGINT: the current step finishes, a checkpoint is written, ``fit`` returns with
   ``status="preempted"`` (the CLI exits with 128 + signal). A second SIGINT aborts at once.
 - Multi-process: the processes agree once per step, in one small all-gather after it, on
@@ -40,6 +40,7 @@ from mllm_jax.config import ExperimentConfig, save_config, to_dict
 from mllm_jax.objectives.lm import NTP_DENOMINATOR
 from mllm_jax.train import distributed
 from mllm_jax.train.checkpoint import Checkpointer, find_checkpoint_dir
+from mllm_jax.train.evaluation import COUNT_SUFFIXES, evaluate, make_eval_step
 from mllm_jax.train.flops import device_peak_flops, train_flops
 from mllm_jax.train.metrics import MetricsWriter, Progress, Throughput
 from mllm_jax.train.optim import build_optimizer
@@ -52,8 +53,6 @@ log = logging.getLogger(__name__)
 # counts (named ``*_tokens`` or ``*_pairs``), which are summed. ``evaluate`` says how it pools
 # them over eval batches.
 LossFn = Callable[[nnx.Module, dict, Optional[nnx.Rngs]], tuple[jax.Array, dict]]
-COUNT_SUFFIXES = ("_tokens", "_pairs")
-EXAMPLES = "examples"     # eval_step's count of the batch's real rows (the fallback weight)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -159,28 +158,6 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
     return step
 
 
-def _examples(batch) -> jax.Array:
-    """The real rows of a (global) batch: rows with ``sample_index >= 0`` where it has one (the
-    rest pad an epoch's last batch), else all. A batch of streams or views: the largest count."""
-    if isinstance(batch, dict) and any(isinstance(v, dict) for v in batch.values()):
-        return functools.reduce(jnp.maximum, [_examples(v) for v in batch.values() if isinstance(v, dict)])
-    if isinstance(batch, dict) and "sample_index" in batch:
-        return jnp.sum(batch["sample_index"] >= 0).astype(jnp.float32)
-    return jnp.float32(jax.tree.leaves(batch)[0].shape[0])
-
-
-def make_eval_step(loss_fn: LossFn, mesh=None, rules: shd.Rules = shd.DEFAULT_RULES):
-    """``eval_step(state, batch) -> {"loss": .., "loss/<part>": .., "examples": ..}``
-    (deterministic: rngs=None); ``examples`` is the batch's real rows, a weight for ``evaluate``."""
-    def step(state: TrainState, batch):
-        with shd.activation_sharding(mesh, rules):
-            model = state.model()
-            model.eval()
-            loss, parts = loss_fn(model, batch, None)
-        return {"loss": loss, **{f"loss/{k}": v for k, v in parts.items()}, EXAMPLES: _examples(batch)}
-    return step
-
-
 # XLA:CPU (jaxlib 0.10) runs every dot and most reductions through YNNPACK (its default fusion
 # types INDIVIDUAL_DOT and REDUCE). At the small float32 shapes of a 2-core host its dots are
 # slower than Eigen's GEMMs: train step lm-tiny -14 %, lm-small -4 %, lm-base -2 %, mllm-tiny
@@ -247,10 +224,6 @@ class StopSignal:
         self.signum = signum
         log.warning("received %s: saving a checkpoint after this step", signal.Signals(signum).name)
 
-    def requested(self) -> bool:
-        """True on every process once any process has been signalled."""
-        return distributed.any_process(self.signum is not None)
-
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
@@ -267,62 +240,6 @@ class FitResult:
     status: str                  # "completed" | "preempted"
     signum: Optional[int]
     checkpoint_dir: Path
-
-
-def _eval_weight(name: str, m: dict) -> Optional[str]:
-    """The key of ``m`` (one batch's metrics) whose value weights metric ``name`` in ``evaluate``;
-    None for a count."""
-    if name.endswith(COUNT_SUFFIXES):
-        return None
-    if name == "loss":
-        shared = {_eval_weight(k, m) for k in m if k.startswith("loss/")} - {None}
-        return shared.pop() if len(shared) == 1 else EXAMPLES
-    part = name.removeprefix("loss/")
-    for mean in ("ntp", "z_loss"):
-        tokens = f"loss/{part.removesuffix(mean)}ntp_tokens"
-        if part.endswith(mean) and tokens in m:
-            return tokens
-    return f"{name}_pairs" if f"{name}_pairs" in m else EXAMPLES
-
-
-def evaluate(eval_step, state: TrainState, batches: Iterator, steps: int, mesh, rules,
-             hooks: Sequence[Callable] = ()) -> dict[str, float]:
-    """``eval_step``'s metrics over ``steps`` batches (fewer where every process's data ends
-    first; a process whose data ended while others go on feeds padding rows, so every process's
-    rows count) as the metrics of all of them together (as if one batch held them), plus each hook's
-    ``hook(model, step)`` dict. By name, a metric is
-
-        loss/<x>_tokens, loss/<x>_pairs   a count: summed
-        loss/<p>ntp, loss/<p>z_loss       a token mean: weighted by that next-token loss's loss/<p>ntp_tokens
-        loss/<x> with a loss/<x>_pairs    a mean over pairs: weighted by them
-        loss                              weighted as the other parts, when they all share one weight
-                                          (a next-token objective's loss: by its tokens)
-        anything else                     weighted by ``examples``, the batch's real rows (1 per batch
-                                          when ``eval_step`` does not return it): per-example means
-                                          (contrastive parts), statistics (structure_corr), and the loss
-                                          of a recipe whose terms are means over different things
-    """
-    acc, n = {}, 0           # metric -> (sum of weight * value, sum of weights, sum of values)
-    batch = None
-    for _ in range(steps):
-        batch, ended = distributed.next_or_blank_on_every_process(batches, batch)   # the same eval steps everywhere
-        if ended:
-            break
-        m = jax.device_get(eval_step(state, distributed.global_batch(batch, mesh, rules)))
-        m = {EXAMPLES: 1.0, **{k: float(v) for k, v in m.items()}}
-        for k, v in m.items():
-            w = m[_eval_weight(k, m)] if not k.endswith(COUNT_SUFFIXES) else 0.0
-            sw, sum_w, s = acc.get(k, (0.0, 0.0, 0.0))
-            acc[k] = (sw + w * v, sum_w + w, s + v)
-        n += 1
-    # a count is the sum; a mean over nothing at all (no tokens in any batch) the plain mean
-    out = {f"eval/{k}": s if k.endswith(COUNT_SUFFIXES) else sw / sum_w if sum_w else s / n
-           for k, (sw, sum_w, s) in acc.items() if k != EXAMPLES}
-    if hooks:
-        model, step = state.model(), int(state.step)
-        for hook in hooks:
-            out.update({f"eval/{k}": v for k, v in hook(model, step).items()})
-    return out
 
 
 def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], loss_fn: LossFn, data, *,

@@ -273,8 +273,8 @@ def test_next_step_on_every_process_is_one_all_gather(monkeypatch):
 
 def test_fit_agrees_once_per_step(tmp_path, monkeypatch):
     """fit's only per-step agreement is next_step_on_every_process: once before step 1 and once
-    after each step (after the last with nothing fetched), never the separate stop request."""
-    from mllm_jax.train import loop
+    after each step (after the last with nothing fetched); any_process (the separate stop / data
+    end agreements it replaced) is never called."""
     from tests.toy import fit_toy, tiny_experiment
     calls = []
     real = distributed.next_step_on_every_process
@@ -283,7 +283,7 @@ def test_fit_agrees_once_per_step(tmp_path, monkeypatch):
         calls.append((stop, fetch))
         return real(it, stop, fetch=fetch)
     monkeypatch.setattr(distributed, "next_step_on_every_process", recording)
-    monkeypatch.setattr(loop.StopSignal, "requested", lambda self: pytest.fail("a separate stop agreement"))
+    monkeypatch.setattr(distributed, "any_process", lambda flag: pytest.fail("a separate agreement"))
     res = fit_toy(tiny_experiment(**{"train.steps": 3, "train.run_dir": str(tmp_path / "r")}))
     assert res.status == "completed" and [h["step"] for h in res.history] == [1, 2, 3]
     assert calls == [(False, True), (False, True), (False, True), (False, False)]
