@@ -219,3 +219,26 @@ def test_unsupported_variants_name_the_folder_and_field(hf_dirs, tmp_path):
         MLLMConfig(vision=dino)
     with pytest.raises(ConfigError, match="DINOv2 options"):
         VisionConfig(use_swiglu_ffn=True)
+
+
+def test_preprocessor_normalize_and_rescale_flags(hf_dirs, tmp_path):
+    """``do_normalize: false`` feeds ``x / 255`` as transformers' processor does (the mean / std
+    were applied all the same); ``do_rescale: false`` or another ``rescale_factor``, which
+    ImageSpec cannot do, is refused naming the file (it was silently scaled by 1/255)."""
+    from mllm_jax.data.pipeline import ImageSpec
+    _, d = hf_dirs["mlp"]
+    folder = tmp_path / "dino"
+    shutil.copytree(d, folder)
+    base = {"image_processor_type": "BitImageProcessor", "do_center_crop": False, "size": {"height": 21, "width": 21},
+            "resample": 2, "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3]}
+    pre = folder / "preprocessor_config.json"
+    pre.write_text(json.dumps({**base, "do_normalize": False}))
+    spec = ImageSpec.from_vision(load_pretrained(folder).config)
+    proc = transformers.AutoImageProcessor.from_pretrained(folder, backend="pil")
+    img = np.random.default_rng(4).integers(0, 256, (21, 21, 3), dtype=np.uint8)
+    want = proc(img, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+    np.testing.assert_allclose(spec(img), want, atol=1e-6, rtol=0)
+    for bad in ({"do_rescale": False}, {"rescale_factor": 1 / 127.5}):
+        pre.write_text(json.dumps({**base, **bad}))
+        with pytest.raises(ConfigError, match=rf"{pre}: do_rescale=.*rescale_factor=.* not supported"):
+            load_pretrained(folder)

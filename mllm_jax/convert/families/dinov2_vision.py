@@ -16,7 +16,9 @@ load; saving writes ``use_mask_token: false`` so that transformers expects none.
 The folder's ``preprocessor_config.json`` (a ``BitImageProcessor``'s), when present, gives the
 side images are fed at (``crop_size``, or ``size`` without centre cropping) and the mean / std;
 without it the tower runs at ``config.image_size`` with ImageNet's mean / std, which the
-released DINOv2 processors use. Only those are read: ``ImageSpec`` resizes the whole image to
+released DINOv2 processors use. ``do_normalize: false`` gives a zero mean and unit std (the
+processor then feeds ``x / 255``); ``do_rescale: false`` or a ``rescale_factor`` other than 1/255
+is refused (``ImageSpec`` always scales by 1/255). Only those are read: ``ImageSpec`` resizes the whole image to
 that side (bilinear), where the released processors resize the shorter edge to 256 (bicubic)
 and crop the central 224 (as for CLIP, whose processor also crops, ImageSpec does not). Saving
 writes one that describes our own preprocessing (``ImageSpec``'s plain resize to ``image_size``),
@@ -25,6 +27,7 @@ so save -> load keeps the config.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from mllm_jax.config import ConfigError, VisionConfig
 from mllm_jax.convert.families._common import layer_norm, linear
@@ -77,8 +80,17 @@ def preprocessor_from_hf(cfg: VisionConfig, pp: dict, source: str) -> VisionConf
         side = _square_size(pp.get("size"), f"{source}: size (do_center_crop is false)")
     if side % cfg.patch_size:
         raise ConfigError(f"{source}: an input side of {side} px is not a multiple of patch_size={cfg.patch_size}")
+    # ImageSpec always scales by 1/255 (do_rescale with transformers' default factor); another
+    # scaling would feed the tower other values than transformers' processor does
+    factor = pp.get("rescale_factor", 1 / 255)
+    if not pp.get("do_rescale", True) or not math.isclose(float(factor), 1 / 255, rel_tol=1e-6):
+        raise ConfigError(f"{source}: do_rescale={pp.get('do_rescale', True)}, rescale_factor={factor} is not "
+                          "supported; images are always scaled by 1/255 (do_rescale: true, rescale_factor: 1/255)")
     table = cfg.position_image_size or cfg.image_size
     kw = dict(image_size=side, position_image_size=None if side == table else table)
+    if not pp.get("do_normalize", True):      # transformers' processor then leaves x / 255 as it is
+        kw.update(image_mean=(0.0,) * cfg.num_channels, image_std=(1.0,) * cfg.num_channels)
+        return dataclasses.replace(cfg, **kw)
     for key in ("image_mean", "image_std"):
         if pp.get(key) is not None:
             v = pp[key]
