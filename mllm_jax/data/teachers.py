@@ -227,7 +227,8 @@ def pool_tokens(hidden, mask, pooling: str):
 
 class MiniLMTeacher(_TextBatches):
     """Sentence embeddings of text segments from a BERT ``TextEncoder`` (our JAX model), pooled
-    as ``pooling`` says (``mean`` | ``cls`` | ``max``; ``from_pretrained`` reads the folder's)."""
+    as ``pooling`` says (``mean`` | ``cls`` | ``max``; ``from_pretrained`` reads the folder's).
+    Texts are truncated to ``max_length`` tokens, at most the model's ``max_position_embeddings``."""
     name = "minilm"
 
     def __init__(self, model, tokenizer, model_id: str, *, max_length: int = 256, batch_size: int = 64,
@@ -237,6 +238,8 @@ class MiniLMTeacher(_TextBatches):
         from mllm_jax.config import config_hash
         if pooling not in SENTENCE_POOLINGS.values():
             raise ValueError(f"MiniLMTeacher: pooling {pooling!r}; expected one of {sorted(SENTENCE_POOLINGS.values())}")
+        # at most the model's positions (a longer text would make the encoder raise mid-cache-build)
+        max_length = min(max_length, model.config.max_position_embeddings)
         self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
         self.memo_size = memo_size        # distinct texts remembered by embed_texts
         self.pooling, self.dim, self._pad_id = pooling, model.config.hidden_size, 0

@@ -284,3 +284,20 @@ def test_the_papers_triple_kernel_from_dinov2_bge_and_clip_folders(clip_dir, ber
     for i in range(2):                                                                        # image-text
         for j in range(2):
             np.testing.assert_allclose(t[i, 2 + j], k(d2(f_clip_img[i], f_clip_txt[j])), rtol=1e-4)
+
+
+def test_bert_teacher_truncates_at_the_models_positions(bert_dir):
+    """A folder without sentence_bert_config.json (max_length defaults to 256) whose BERT has 64
+    positions: a text of more than 64 tokens is truncated to 64, as transformers' tokenizer with
+    max_length=64 does, and gets that text's mean-pooled embedding (the encoder raised on a
+    128-token bucket and the cache build died)."""
+    model, d = bert_dir
+    teacher = TC.MiniLMTeacher.from_pretrained(d, pooling="mean")
+    assert teacher.max_length == 64
+    long = " ".join(WORDS * 6)                                      # 84 words, 86 tokens
+    tok = transformers.AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    enc = tok([long], truncation=True, max_length=64, return_tensors="pt")
+    assert enc["input_ids"].shape[1] == 64
+    with torch.no_grad():
+        h = model(**enc).last_hidden_state.numpy()
+    np.testing.assert_allclose(teacher.embed_texts([long]), _l2(h.mean(1)), atol=2e-5, rtol=0)
