@@ -232,7 +232,7 @@ class MiniLMTeacher(_TextBatches):
     name = "minilm"
 
     def __init__(self, model, tokenizer, model_id: str, *, max_length: int = 256, batch_size: int = 64,
-                 memo_size: int = 500_000, pooling: str = "mean"):
+                 memo_size: int = 500_000, pooling: str = "mean", lower_case: bool = False):
         import jax
         from flax import nnx
         from mllm_jax.config import config_hash
@@ -243,10 +243,11 @@ class MiniLMTeacher(_TextBatches):
         self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
         self.memo_size = memo_size        # distinct texts remembered by embed_texts
         self.pooling, self.dim, self._pad_id = pooling, model.config.hidden_size, 0
+        self.lower_case = lower_case      # sentence-transformers' do_lower_case: texts lowercased first
         tokenizer.enable_truncation(max_length=max_length)
         tokenizer.no_padding()
         self._fp = (f"minilm:{model_id}:{config_hash(model.config)}:{params_digest(model)}:len={max_length}"
-                    f":pool={pooling}:tok={_tokenizer_digest(tokenizer)}")
+                    f":pool={pooling}:tok={_tokenizer_digest(tokenizer)}" + (":lower" if lower_case else ""))
         graphdef, state = nnx.split(model)
 
         def forward(state, ids, mask):
@@ -260,7 +261,9 @@ class MiniLMTeacher(_TextBatches):
         """A BERT sentence-encoder folder (config.json, model.safetensors, tokenizer.json; e.g.
         all-MiniLM-L6-v2, bge-base-en-v1.5): the pooling from its sentence-transformers files
         (``sentence_pooling``) and, unless given, ``max_length`` from its
-        ``sentence_bert_config.json`` (``max_seq_length``, at most the model's positions)."""
+        ``sentence_bert_config.json`` (``max_seq_length``, at most the model's positions) and
+        ``lower_case`` from its ``do_lower_case`` (sentence-transformers lowercases the texts
+        before its tokenizer sees them)."""
         from tokenizers import Tokenizer
         from mllm_jax.convert.hf import load_pretrained
         path = Path(path)
@@ -270,16 +273,18 @@ class MiniLMTeacher(_TextBatches):
         kw.setdefault("pooling", sentence_pooling(path))
         model = load_pretrained(path)
         st_file = path / "sentence_bert_config.json"
-        if "max_length" not in kw and st_file.exists():
-            n = json.loads(st_file.read_text()).get("max_seq_length")
-            if n:
-                kw["max_length"] = min(int(n), model.config.max_position_embeddings)
+        st = json.loads(st_file.read_text()) if st_file.exists() else {}
+        if "max_length" not in kw and st.get("max_seq_length"):
+            kw["max_length"] = min(int(st["max_seq_length"]), model.config.max_position_embeddings)
+        kw.setdefault("lower_case", bool(st.get("do_lower_case", False)))
         return cls(model, Tokenizer.from_file(str(path / "tokenizer.json")), path.name, **kw)
 
     def fingerprint(self) -> str:
         return self._fp
 
     def _token_ids(self, texts: list[str]) -> list[list[int]]:
+        if self.lower_case:
+            texts = [t.lower() for t in texts]
         return [e.ids for e in self.tokenizer.encode_batch(texts)]
 
     def embed(self, segments: Sequence[Segment]) -> np.ndarray:

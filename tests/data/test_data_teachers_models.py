@@ -301,3 +301,29 @@ def test_bert_teacher_truncates_at_the_models_positions(bert_dir):
     with torch.no_grad():
         h = model(**enc).last_hidden_state.numpy()
     np.testing.assert_allclose(teacher.embed_texts([long]), _l2(h.mean(1)), atol=2e-5, rtol=0)
+
+
+def test_bert_teacher_lowercases_when_sentence_bert_config_says_so(bert_dir, tmp_path):
+    """sentence_bert_config.json's do_lower_case: sentence-transformers lowercases each text
+    before its tokenizer sees it. With a cased tokenizer, 'A Red Circle' is then encoded as
+    'a red circle' (the cased words are [UNK] otherwise); the setting is in the fingerprint."""
+    import shutil
+    model, src = bert_dir
+    d = tmp_path / "cased"
+    shutil.copytree(src, d)
+    (d / "tokenizer.json").unlink()
+    tok = transformers.BertTokenizerFast(str(d / "vocab.txt"), do_lower_case=False)
+    tok.save_pretrained(str(d))
+    text = "A Red Circle is Left of the Blue Square"
+    assert tok(text)["input_ids"] != tok(text.lower())["input_ids"]           # cased: [UNK]s
+    enc = tok([text.lower()], return_tensors="pt")
+    with torch.no_grad():
+        want = _l2(model(**enc).last_hidden_state.numpy().mean(1))
+    fps = []
+    for lower in (True, False):
+        (d / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": lower}))
+        teacher = TC.MiniLMTeacher.from_pretrained(d, pooling="mean")
+        fps.append(teacher.fingerprint())
+        got = teacher.embed_texts([text])
+        assert (np.abs(got - want).max() < 2e-5) == lower
+    assert fps[0] != fps[1]
