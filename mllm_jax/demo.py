@@ -43,8 +43,7 @@ from typing import Optional
 
 import numpy as np
 
-from mllm_jax.config import (EmbedConfig, ExperimentConfig, StreamConfig, apply_overrides, apply_updates,
-                             config_hash, load_config, save_config)
+from mllm_jax.config import EmbedConfig, ExperimentConfig, StreamConfig, apply_updates, config_hash, load_config
 
 log = logging.getLogger("mllm_jax.demo")
 

@@ -87,7 +87,7 @@ class PixelTeacher:
         self.proj = (rng.standard_normal((grid * grid * 3, proj_dim)) / np.sqrt(proj_dim)).astype(np.float32)
 
     def fingerprint(self) -> str:
-        return f"pixel:v1:" + _digest(self.grid, self.proj_dim, self.bins, self.seed)
+        return "pixel:v1:" + _digest(self.grid, self.proj_dim, self.bins, self.seed)
 
     def image_features(self, img: np.ndarray) -> np.ndarray:
         """``uint8[H, W, C]`` -> ``float32[dim]``."""
