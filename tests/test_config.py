@@ -207,3 +207,18 @@ def test_unknown_vision_feature_select_is_refused(select, tmp_path):
           "text_config": {"model_type": "llama"}, "vision_feature_select_strategy": select}
     with pytest.raises(ConfigError, match="vision_feature_select"):
         MLLMConfig.from_hf(hf)
+
+
+def test_config_hash_leaves_out_preprocessing_fields_at_their_defaults():
+    """VisionConfig.resize_shortest_edge / resample (added later) count in config_hash only when
+    set, so the hashes of configs that do not set them (and the caches keyed by them) are those
+    they had before: the hash of the dict without the two keys."""
+    import hashlib
+    import json
+    cfg = MLLMConfig()
+    d = to_dict(cfg)
+    assert d["vision"].pop("resize_shortest_edge") is None and d["vision"].pop("resample") == "bilinear"
+    old = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert config_hash(cfg) == old
+    assert config_hash(apply_overrides(cfg, ["vision.resample=bicubic"])) != old
+    assert config_hash(apply_overrides(cfg, ["vision.resize_shortest_edge=36"])) != old

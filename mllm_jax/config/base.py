@@ -227,9 +227,32 @@ def save_config(cfg, path: str | Path) -> None:
     Path(path).write_text(yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False))
 
 
+# ``dataclasses.field(metadata=HASH_OMIT_DEFAULT)``: a field added after configs were hashed, left
+# out of ``config_hash`` while it holds its default, so that existing hashes do not change
+HASH_OMIT_DEFAULT = {"hash_omit_default": True}
+
+
+def _hash_dict(v):
+    """``to_dict`` less the ``HASH_OMIT_DEFAULT`` fields that hold their default."""
+    if dataclasses.is_dataclass(v):
+        out = {}
+        for f in dataclasses.fields(v):
+            x = getattr(v, f.name)
+            if f.metadata.get("hash_omit_default") and f.default is not dataclasses.MISSING and x == f.default:
+                continue
+            out[f.name] = _hash_dict(x)
+        return out
+    if isinstance(v, (list, tuple)):
+        return [_hash_dict(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _hash_dict(x) for k, x in v.items()}
+    return v
+
+
 def config_hash(cfg) -> str:
-    """A stable short hash of a config (for caches keyed by configuration)."""
-    blob = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
+    """A stable short hash of a config (for caches keyed by configuration). Fields marked
+    ``HASH_OMIT_DEFAULT`` count only when they differ from their default."""
+    blob = json.dumps(_hash_dict(cfg), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from mllm_jax.config.base import ConfigError
+from mllm_jax.config.base import HASH_OMIT_DEFAULT, ConfigError
+
+# VisionConfig.resample: the PIL filter names and codes (the ``resample`` of transformers' processors)
+RESAMPLE_CODES = {"bilinear": 2, "bicubic": 3}
 
 
 def _freeze(v):
@@ -170,11 +173,21 @@ class VisionConfig:
     """ViT in the CLIP (class token, pre-LN, quick-gelu), SigLIP (no class token) or DINOv2
     (class token, LayerScale, final LayerNorm, position table interpolated) variant.
 
-    ``image_size`` is the side images are resized to (``data.pipeline.ImageSpec``) and fed at.
+    ``image_size`` is the side images are brought to (``data.pipeline.ImageSpec``) and fed at.
     For DINOv2 it comes from the folder's ``preprocessor_config.json`` (224 for the released
     checkpoints), and ``position_image_size`` is the side the position table was trained for
     (HF ``config.image_size``, 518 for them) when it differs: the tower then resizes the table
     bicubically, as transformers' ``Dinov2Embeddings.interpolate_pos_encoding`` does.
+
+    ``resize_shortest_edge`` and ``resample`` say how ``ImageSpec`` brings an image to
+    ``image_size``. ``None`` (the default, the MLLM's own towers): the whole image is stretched
+    to ``image_size x image_size``. An int ``n``: the shorter edge is resized to ``n`` keeping the
+    aspect ratio, and the central ``image_size x image_size`` is cropped, as transformers'
+    ``CLIPImageProcessor`` / ``BitImageProcessor`` do with ``size={"shortest_edge": n}`` and
+    ``crop_size=image_size`` (the converters fill both from a ``preprocessor_config.json``).
+    ``resample`` is the PIL filter of that resize ("bilinear" or "bicubic"; PIL codes 2 and 3).
+    Both are left out of ``config_hash`` while they hold their defaults, so the hashes (and the
+    caches keyed by them) of configs that do not set them are those they had before the fields.
     """
     variant: str = "clip"                  # clip | siglip | dinov2
     image_size: int = 32
@@ -192,6 +205,9 @@ class VisionConfig:
     position_image_size: Optional[int] = None  # DINOv2: the position table's image side, if not image_size
     layerscale_value: float = 1.0          # DINOv2: LayerScale's initial value (HF layerscale_value)
     use_swiglu_ffn: bool = False           # DINOv2-giant: SwiGLU MLP (HF use_swiglu_ffn)
+    # ImageSpec: None = stretch to image_size; n = shorter edge to n, then the central image_size crop
+    resize_shortest_edge: Optional[int] = dataclasses.field(default=None, metadata=HASH_OMIT_DEFAULT)
+    resample: str = dataclasses.field(default="bilinear", metadata=HASH_OMIT_DEFAULT)   # bilinear | bicubic
     dtype: str = "float32"
     remat: bool = False
 
@@ -207,6 +223,15 @@ class VisionConfig:
         if self.variant != "dinov2" and (self.position_image_size is not None or self.use_swiglu_ffn):
             raise ConfigError(f"vision: position_image_size and use_swiglu_ffn are DINOv2 options "
                               f"(variant is {self.variant!r})")
+        if self.resample not in RESAMPLE_CODES:
+            raise ConfigError(f"vision.resample: {self.resample!r}; expected one of {sorted(RESAMPLE_CODES)} "
+                              "(the PIL filter images are resized with)")
+        if self.resize_shortest_edge is not None and (
+                isinstance(self.resize_shortest_edge, bool) or not isinstance(self.resize_shortest_edge, int)
+                or self.resize_shortest_edge < 1):
+            raise ConfigError(f"vision.resize_shortest_edge: {self.resize_shortest_edge!r}; expected a positive int "
+                              "(the side the shorter image edge is resized to before the central image_size crop) "
+                              "or null (stretch the whole image to image_size)")
         if self.position_image_size is not None and self.position_image_size % self.patch_size:
             raise ConfigError(f"vision: patch_size={self.patch_size} does not divide "
                               f"position_image_size={self.position_image_size}")

@@ -252,8 +252,9 @@ def load_pretrained(path: str | Path, *, gguf_file: Optional[str] = None, mesh=N
                     config_overrides: Optional[dict] = None) -> nnx.Module:
     """Loads an HF model dir (config.json + safetensors) or a GGUF file into our model.
 
-    Families that read one (DINOv2) also take the input size and mean / std from the folder's
-    ``preprocessor_config.json``. ``config_overrides`` replace fields of our config (e.g.
+    Families that read one (DINOv2, CLIP vision towers, CLIPModel) also take the image
+    preprocessing (input size, shortest-edge resize + centre crop, resample, mean / std) from
+    the folder's ``preprocessor_config.json`` (``convert/families/_preprocess.py``). ``config_overrides`` replace fields of our config (e.g.
     ``{"dtype": "bfloat16"}``).
     """
     path = Path(path)
@@ -305,7 +306,7 @@ def export_tensors(model: nnx.Module) -> tuple[Family, dict, dict[str, np.ndarra
 
 def save_pretrained(model: nnx.Module, path: str | Path) -> Path:
     """Writes ``config.json`` and ``model.safetensors`` (float32, atomic) that transformers loads,
-    and ``preprocessor_config.json`` for families that read one (DINOv2)."""
+    and ``preprocessor_config.json`` for families that read one (DINOv2, CLIP)."""
     path = Path(path)
     fam, hf_cfg, tensors = export_tensors(model)     # first: a model it refuses leaves no empty folder
     path.mkdir(parents=True, exist_ok=True)

@@ -54,28 +54,73 @@ class TooManySkipsError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class ImageSpec:
-    """How images are prepared for the vision tower (from its config)."""
+    """How images are prepared for a vision tower (from its ``VisionConfig``).
+
+    ``shortest_edge=None`` (configs that do not set ``vision.resize_shortest_edge``, e.g. the
+    MLLM's own tower): the whole image is stretched to ``size x size`` with PIL's ``resample``
+    filter (bilinear by default), scaled by 1/255 and normalised with ``mean`` / ``std``.
+
+    ``shortest_edge=n`` (teachers loaded from a folder whose ``preprocessor_config.json`` says
+    so): exactly what transformers' ``CLIPImageProcessor`` / ``BitImageProcessor`` do with their
+    PIL backend (``CLIPImageProcessorPil`` / ``BitImageProcessorPil``): PIL resize (``resample``)
+    of the shorter edge to ``n`` and the longer to ``int(n * long / short)``
+    (``get_resize_output_image_size``), the central ``size x size`` crop at
+    ``((h - size) // 2, (w - size) // 2)``, zero-padded (centred, the odd pixel after) where the
+    resized image is smaller than the crop (``center_crop``), then ``float32(x * (1/255))``
+    computed in float64 (``rescale``) and the float32 ``(x - mean) / std``.
+    """
     size: int
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    shortest_edge: Optional[int] = None
+    resample: str = "bilinear"
 
     @classmethod
     def from_vision(cls, v: VisionConfig) -> "ImageSpec":
-        return cls(v.image_size, v.num_channels, tuple(v.image_mean), tuple(v.image_std))
+        return cls(v.image_size, v.num_channels, tuple(v.image_mean), tuple(v.image_std),
+                   v.resize_shortest_edge, v.resample)
+
+    def _resize(self, img: np.ndarray, h: int, w: int) -> np.ndarray:
+        from PIL import Image
+        mode = "L" if img.shape[-1] == 1 else "RGB"
+        im = Image.fromarray(img[..., 0] if mode == "L" else img, mode)
+        flt = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[self.resample]
+        return np.asarray(im.resize((w, h), flt)).reshape(h, w, -1)
 
     def __call__(self, img: np.ndarray) -> np.ndarray:
-        """``uint8[h, w, c]`` -> ``float32[size, size, channels]``, resized (bilinear) and normalised."""
+        """``uint8[h, w, c]`` -> ``float32[size, size, channels]``: resized (stretched, or shortest
+        edge + centre crop), scaled by 1/255 and normalised."""
         if img.shape[-1] != self.channels:
             img = np.repeat(img, self.channels, -1) if img.shape[-1] == 1 else \
                 np.round(img.mean(-1, keepdims=True)).astype(np.uint8)
-        if img.shape[0] != self.size or img.shape[1] != self.size:
-            from PIL import Image
-            mode = "L" if img.shape[-1] == 1 else "RGB"
-            im = Image.fromarray(img[..., 0] if mode == "L" else img, mode)
-            img = np.asarray(im.resize((self.size, self.size), Image.BILINEAR)).reshape(self.size, self.size, -1)
-        x = img.astype(np.float32) * np.float32(1 / 255)
+        if self.shortest_edge is None:
+            if img.shape[0] != self.size or img.shape[1] != self.size:
+                img = self._resize(img, self.size, self.size)
+            x = img.astype(np.float32) * np.float32(1 / 255)
+        else:
+            h, w = img.shape[:2]
+            n = self.shortest_edge
+            h, w = (int(n * h / w), n) if w <= h else (n, int(n * w / h))
+            img = center_crop(self._resize(img, h, w), self.size)
+            x = (img.astype(np.float64) * (1 / 255)).astype(np.float32)
         return (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+
+
+def center_crop(img: np.ndarray, size: int) -> np.ndarray:
+    """The central ``size x size`` of ``[h, w, c]``, as transformers' ``image_transforms.center_crop``:
+    offsets ``(h - size) // 2``, ``(w - size) // 2``; an image smaller than the crop is first
+    zero-padded to at least ``size`` on each side, ``ceil((new - old) / 2)`` before it."""
+    h, w = img.shape[:2]
+    top, left = (h - size) // 2, (w - size) // 2
+    if top >= 0 and left >= 0:
+        return img[top:top + size, left:left + size]
+    nh, nw = max(size, h), max(size, w)
+    pt, pl = -(-(nh - h) // 2), -(-(nw - w) // 2)
+    out = np.zeros((nh, nw) + img.shape[2:], img.dtype)
+    out[pt:pt + h, pl:pl + w] = img
+    top, left = top + pt, left + pl
+    return out[max(0, top):min(nh, top + size), max(0, left):min(nw, left + size)]
 
 
 class EncodeTransform:

@@ -346,8 +346,9 @@ class ClipTeacher(_TextBatches):
     ``get_image_features`` (``visual_projection`` of the vision tower's pooled output), text
     segments -> L2-normalised ``get_text_features`` (``text_projection`` of the text tower's
     end-token state); ``dim`` = ``projection_dim``. Images are prepared as ``VisionTeacher``
-    prepares them (``ImageSpec`` of the vision config: resize to the tower's size, CLIP's mean
-    and std); texts are tokenised by the folder's tokenizer (transformers, local files only),
+    prepares them (``ImageSpec`` of the vision config: as the folder's ``preprocessor_config.json``
+    says, shorter edge + centre crop as transformers' CLIPImageProcessor does, or without that
+    file a stretch to the tower's size; CLIP's mean and std); texts are tokenised by the folder's tokenizer (transformers, local files only),
     truncated to the text tower's positions with the end token kept."""
     name = "clip"
 

@@ -7,6 +7,7 @@ Every torch parameter is perturbed away from its init (LayerScale 0.5 everywhere
 unit LayerNorms), the position table by a unit-variance draw so that its interpolation weighs
 in the outputs.
 """
+import dataclasses
 import json
 import shutil
 
@@ -131,11 +132,25 @@ def test_save_load_roundtrip_and_transformers_reads_it(hf_dirs, tmp_path, kind):
     _assert_matches(reloaded.eval(), ours, _pixels(21, 28))
 
 
+IMAGENET = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+# facebook/dinov2-base's preprocessor_config.json, scaled down (shortest edge 256 -> 24, crop 224 -> 21)
+RELEASED_PP = {"image_processor_type": "BitImageProcessor", "do_resize": True, "size": {"shortest_edge": 24},
+               "resample": 3, "do_center_crop": True, "crop_size": {"height": 21, "width": 21}, "do_rescale": True,
+               "rescale_factor": 0.00392156862745098, "do_normalize": True, **IMAGENET, "do_convert_rgb": True}
+
+
+def _bit_pixels(folder, img):
+    """transformers' BitImageProcessor, PIL backend (BitImageProcessorPil), on a uint8 HWC image -> HWC."""
+    proc = transformers.AutoImageProcessor.from_pretrained(folder, backend="pil")
+    assert type(proc).__name__ == "BitImageProcessorPil"
+    return proc(img, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+
+
 def test_preprocessor_config_sets_input_size_and_normalisation(hf_dirs, tmp_path):
     """A BitImageProcessor's crop_size and mean / std: the tower runs at the crop's side with the
     28-px table interpolated (as DINOv2 runs at 224 px with its 518-px table); save -> load keeps
     it, and the preprocessor_config.json we write makes transformers' processor do what
-    ImageSpec does."""
+    ImageSpec does (transformers' PIL backend, BitImageProcessorPil)."""
     torch_model, d = hf_dirs["mlp"]
     folder = tmp_path / "dino"
     shutil.copytree(d, folder)
@@ -147,6 +162,7 @@ def test_preprocessor_config_sets_input_size_and_normalisation(hf_dirs, tmp_path
     cfg = ours.config
     assert (cfg.image_size, cfg.position_image_size, cfg.grid_size, cfg.position_grid_size) == (21, 28, 3, 4)
     assert cfg.image_mean == tuple(mean) and cfg.image_std == tuple(std)
+    assert (cfg.resize_shortest_edge, cfg.resample) == (24, "bicubic")
     assert ours.embeddings.position_embedding.shape == (17, 32)     # 1 + 4*4: the table as saved
     _assert_matches(torch_model, ours, _pixels(21, 21))
 
@@ -154,33 +170,120 @@ def test_preprocessor_config_sets_input_size_and_normalisation(hf_dirs, tmp_path
     assert json.loads((tmp_path / "out" / "config.json").read_text())["image_size"] == 28
     assert load_pretrained(tmp_path / "out").config == cfg
     from mllm_jax.data.pipeline import ImageSpec
-    proc = transformers.AutoImageProcessor.from_pretrained(tmp_path / "out")
-    img = np.random.default_rng(2).integers(0, 256, (21, 21, 3), dtype=np.uint8)
-    want = proc(img, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
-    np.testing.assert_allclose(ImageSpec.from_vision(cfg)(img), want, atol=1e-5, rtol=0)
+    written = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
+    assert written["size"] == {"shortest_edge": 24} and written["crop_size"] == {"height": 21, "width": 21}
+    assert written["do_center_crop"] is True and written["resample"] == 3
+    for shape in [(21, 21, 3), (30, 40, 3), (41, 30, 3)]:
+        img = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
+        np.testing.assert_array_equal(ImageSpec.from_vision(cfg)(img), _bit_pixels(tmp_path / "out", img))
+    # a stretch config (what folders saved before the fields hold) round-trips too
+    stretch = dataclasses.replace(cfg, resize_shortest_edge=None, resample="bilinear")
+    ours2 = load_pretrained(folder, config_overrides=dict(resize_shortest_edge=None, resample="bilinear"))
+    save_pretrained(ours2, tmp_path / "out2")
+    assert load_pretrained(tmp_path / "out2").config == stretch
 
 
-def test_vision_teacher_is_dinov2_pooled_output(hf_dirs, tmp_path):
-    """data.teacher_models.vision = a Dinov2Model folder: the ``vision`` teacher's row for an
-    image segment is transformers' pooler_output (the final LayerNorm's CLS token),
-    L2-normalised, on the teacher's preprocessed image (here 30 px -> the processor's 21 px);
-    text segments get zeros."""
+@pytest.mark.parametrize("shape", [(30, 40, 3), (41, 30, 3)])
+def test_vision_teacher_is_dinov2_pooled_output(hf_dirs, tmp_path, shape):
+    """data.teacher_models.vision = a Dinov2Model folder with a released-like (scaled-down)
+    preprocessor_config.json: the ``vision`` teacher prepares a non-square image exactly as
+    transformers' BitImageProcessor does (shorter edge to 24, bicubic; central 21 crop; ImageNet's
+    mean / std), and its row for the image is transformers' pooler_output on those pixels,
+    L2-normalised; text segments get zeros. The old stretch to 21 px is far from it."""
     from mllm_jax.data import sources
+    from mllm_jax.data.pipeline import ImageSpec
     from mllm_jax.data.schema import image_segment, text_segment
     torch_model, d = hf_dirs["mlp"]
     folder = tmp_path / "dino"
     shutil.copytree(d, folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps({"crop_size": {"height": 21, "width": 21}}))
+    (folder / "preprocessor_config.json").write_text(json.dumps(RELEASED_PP))
     teacher = sources.make_teacher("vision", DataConfig(teacher_models={"vision": str(folder)}), MLLMConfig())
-    assert teacher.dim == 32 and teacher.spec.size == 21
-    assert teacher.spec.mean == (0.485, 0.456, 0.406) and teacher.spec.std == (0.229, 0.224, 0.225)  # ImageNet
-    img = np.random.default_rng(3).integers(0, 256, (30, 30, 3), dtype=np.uint8)
+    assert teacher.dim == 32 and teacher.spec == ImageSpec(21, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                                                           shortest_edge=24, resample="bicubic")
+    img = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)
+    want = _bit_pixels(folder, img)
+    np.testing.assert_array_equal(teacher.spec(img), want)
+    stretched = dataclasses.replace(teacher.spec, shortest_edge=None, resample="bilinear")(img)
+    assert np.abs(stretched - want).max() > 0.5
     rows = teacher.embed([text_segment("a red circle"), image_segment(img)])
-    x = teacher.spec(img)[None]
     with torch.no_grad():
-        ref = torch_model(pixel_values=torch.from_numpy(x).permute(0, 3, 1, 2)).pooler_output.numpy()[0]
+        ref = torch_model(pixel_values=torch.from_numpy(want[None]).permute(0, 3, 1, 2)).pooler_output.numpy()[0]
     np.testing.assert_allclose(rows[1], ref / np.linalg.norm(ref), atol=2e-5, rtol=0)
     assert not rows[0].any()
+
+    # the same folder without the file: the stretch to the model's 28 px, as before
+    plain = sources.make_teacher("vision", DataConfig(teacher_models={"vision": str(d)}), MLLMConfig())
+    assert plain.spec.size == 28 and plain.spec.shortest_edge is None and plain.spec.resample == "bilinear"
+    assert plain.fingerprint() != teacher.fingerprint()
+
+
+@pytest.mark.parametrize("processor", ["CLIPImageProcessorPil", "BitImageProcessorPil"])
+@pytest.mark.parametrize("pp", [
+    {"size": {"shortest_edge": 24}, "crop_size": {"height": 21, "width": 21}, "resample": 3},  # released, scaled
+    {"size": 24, "crop_size": 21},                      # ints; class defaults (bicubic, CLIP's mean / std)
+    {"size": {"shortest_edge": 21}, "crop_size": 21, "resample": 2, **IMAGENET},   # as CLIP's: edge == crop
+    {"size": {"shortest_edge": 17}, "crop_size": 21, "resample": 3},   # resized smaller than the crop: padded
+    {"size": {"height": 21, "width": 21}, "do_center_crop": False, "resample": 3},      # a (bicubic) stretch
+    {"size": {"height": 21, "width": 21}, "do_center_crop": False, "do_normalize": False},
+])
+def test_image_spec_is_transformers_pil_processor(processor, pp):
+    """ImageSpec from a config read from a preprocessor_config.json gives transformers'
+    CLIPImageProcessor / BitImageProcessor (PIL backend) pixel_values on non-square, square,
+    small and grey images: bit for bit with a shortest-edge resize, to float32 rounding for
+    the stretch (ImageSpec scales by 1/255 in float32 there, as it always did)."""
+    from mllm_jax.convert.families._preprocess import vision_from_hf
+    from mllm_jax.data.pipeline import ImageSpec
+    cfg = vision_from_hf(VisionConfig(variant="dinov2", image_size=28, patch_size=7), pp, "pp", resizable_table=True)
+    assert cfg.image_size == 21 and cfg.position_image_size == 28
+    spec, proc = ImageSpec.from_vision(cfg), getattr(transformers, processor)(**pp)
+    rng = np.random.default_rng(5)
+    for shape in [(30, 40, 3), (41, 30, 3), (21, 21, 3), (10, 50, 3), (33, 27, 1)]:
+        img = rng.integers(0, 256, shape, dtype=np.uint8)
+        want = proc(img if shape[-1] == 3 else np.repeat(img, 3, -1),
+                    return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+        got = spec(img)
+        assert got.shape == want.shape == (21, 21, 3), shape
+        if cfg.resize_shortest_edge is None:
+            np.testing.assert_allclose(got, want, atol=5e-7, rtol=0, err_msg=str(shape))
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=str(shape))
+
+
+def test_configs_without_the_fields_stretch_as_before():
+    """A VisionConfig that sets neither field: the whole image stretched to image_size (PIL
+    bilinear), x * float32(1/255), normalised: the code ImageSpec had before the fields."""
+    from PIL import Image
+    from mllm_jax.data.pipeline import ImageSpec
+    cfg = VisionConfig()
+    assert (cfg.resize_shortest_edge, cfg.resample) == (None, "bilinear")
+    spec = ImageSpec.from_vision(cfg)
+    for shape in [(30, 40, 3), (41, 30, 3), (32, 32, 3)]:
+        img = np.random.default_rng(6).integers(0, 256, shape, dtype=np.uint8)
+        x = np.asarray(Image.fromarray(img).resize((32, 32), Image.BILINEAR)) if shape[:2] != (32, 32) else img
+        want = (x.astype(np.float32) * np.float32(1 / 255) - np.asarray(cfg.image_mean, np.float32)) \
+            / np.asarray(cfg.image_std, np.float32)
+        np.testing.assert_array_equal(spec(img), want)
+
+
+def test_preprocessor_fields_are_validated_and_refusals_name_the_key():
+    from mllm_jax.convert.families._preprocess import vision_from_hf
+    with pytest.raises(ConfigError, match="vision.resample: 'lanczos'"):
+        VisionConfig(resample="lanczos")
+    for bad in (0, 2.5, True):
+        with pytest.raises(ConfigError, match="vision.resize_shortest_edge"):
+            VisionConfig(resize_shortest_edge=bad)
+    cfg = VisionConfig(variant="dinov2", image_size=28, patch_size=7)
+    for pp, msg in [({"do_resize": False}, "do_resize=false"),
+                    ({"size": {"shortest_edge": 24, "longest_edge": 40}}, "longest_edge"),
+                    ({"size": {"height": 28, "width": 28}, "crop_size": 21}, "stretch to 28 px.*21-px centre crop"),
+                    ({"size": {"shortest_edge": 24}, "do_center_crop": False}, "non-square"),
+                    ({"size": 24, "crop_size": 21, "resample": 1}, r"resample=1 \(lanczos\)"),
+                    ({"size": 24, "crop_size": 20}, "multiple of patch_size")]:
+        with pytest.raises(ConfigError, match=rf"^pp: .*{msg}"):
+            vision_from_hf(cfg, pp, "pp", resizable_table=True)
+    with pytest.raises(ConfigError, match="differs from the tower's image_size=28"):
+        vision_from_hf(VisionConfig(image_size=28, patch_size=7), {"size": 24, "crop_size": 21}, "pp",
+                       resizable_table=False)
 
 
 def test_image_classification_checkpoint_loads(tmp_path):

@@ -114,6 +114,70 @@ def test_clip_teacher_embeds_images_and_texts_in_clips_space(clip_dir, tmp_path)
     assert TC.ClipTeacher(load_pretrained(d), tok, d.name, max_length=8).fingerprint() != fp
 
 
+# openai/clip-vit-*'s preprocessor_config.json for the 16-px tower (shortest edge 224 -> 16, crop 224 -> 16)
+CLIP_PP = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 16},
+           "resample": 3, "do_center_crop": True, "crop_size": {"height": 16, "width": 16}, "do_rescale": True,
+           "rescale_factor": 0.00392156862745098, "do_normalize": True,
+           "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+           "do_convert_rgb": True}
+
+
+@pytest.mark.parametrize("shape", [(30, 40, 3), (41, 30, 3)])
+def test_clip_teachers_prepare_images_as_clips_processor(clip_dir, tmp_path, shape):
+    """A CLIPModel folder with a released-like preprocessor_config.json: the ``clip`` and ``vision``
+    teachers prepare a non-square image exactly as transformers' CLIPImageProcessor (PIL backend)
+    does (shorter edge to 16, bicubic, central 16 crop), and their rows are CLIP's on those
+    pixels; save -> load keeps the preprocessing (the file is written back)."""
+    import shutil
+
+    from mllm_jax.convert.hf import save_pretrained
+    from mllm_jax.data.pipeline import ImageSpec
+    model, _, d = clip_dir
+    folder = tmp_path / "clip"
+    shutil.copytree(d, folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(CLIP_PP))
+    img = np.random.default_rng(7).integers(0, 256, shape, dtype=np.uint8)
+    proc = transformers.AutoImageProcessor.from_pretrained(folder, backend="pil")
+    assert type(proc).__name__ == "CLIPImageProcessorPil"
+    want = proc(img, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+    px = torch.from_numpy(want[None]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        ref_img = model.get_image_features(pixel_values=px).pooler_output.numpy()
+        pooled = model.vision_model(pixel_values=px).pooler_output.numpy()
+
+    teacher = sources.make_teacher("clip", DataConfig(teacher_models={"clip": str(folder)}), MLLMConfig())
+    assert teacher.spec == ImageSpec(16, 3, tuple(CLIP_PP["image_mean"]), tuple(CLIP_PP["image_std"]),
+                                     shortest_edge=16, resample="bicubic")
+    np.testing.assert_array_equal(teacher.spec(img), want)
+    assert np.abs(ImageSpec.from_vision(load_pretrained(d).config.vision)(img) - want).max() > 0.5   # the stretch
+    np.testing.assert_allclose(teacher.embed([image_segment(img)]), _l2(ref_img), atol=2e-5, rtol=0)
+    vision = sources.make_teacher("vision", DataConfig(teacher_models={"vision": str(folder)}), MLLMConfig())
+    assert vision.spec == teacher.spec
+    np.testing.assert_allclose(vision.embed([image_segment(img)]), _l2(pooled), atol=2e-5, rtol=0)
+    plain = sources.make_teacher("clip", DataConfig(teacher_models={"clip": str(d)}), MLLMConfig())
+    assert plain.spec.shortest_edge is None and plain.fingerprint() != teacher.fingerprint()
+
+    ours = load_pretrained(folder)
+    save_pretrained(ours, tmp_path / "out")
+    assert load_pretrained(tmp_path / "out").config == ours.config
+    again = transformers.AutoImageProcessor.from_pretrained(tmp_path / "out", backend="pil")
+    np.testing.assert_array_equal(again(img, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0), want)
+
+    # a CLIPVisionModel folder (the clip_vision family) reads and writes the file as well
+    vis = tmp_path / "vision"
+    model.vision_model.config.architectures = ["CLIPVisionModel"]
+    transformers.CLIPVisionModel._from_config(model.vision_model.config).save_pretrained(vis)
+    (vis / "preprocessor_config.json").write_text(json.dumps({**CLIP_PP, "size": {"shortest_edge": 20}}))
+    tower = load_pretrained(vis)
+    assert (tower.config.image_size, tower.config.resize_shortest_edge, tower.config.resample) == (16, 20, "bicubic")
+    save_pretrained(tower, tmp_path / "vision_out")
+    assert load_pretrained(tmp_path / "vision_out").config == tower.config
+    bad = dict(CLIP_PP, crop_size=12)
+    (vis / "preprocessor_config.json").write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match=r"preprocessor_config.json: an input side of 12 px differs"):
+        load_pretrained(vis)
+
+
 def test_clip_teacher_needs_a_clip_folder(clip_dir, tmp_path):
     with pytest.raises(ConfigError, match="needs data.teacher_models.clip"):
         sources.make_teacher("clip", DataConfig(teachers=("clip",)), MLLMConfig())

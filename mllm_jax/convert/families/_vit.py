@@ -4,6 +4,12 @@
 transformers 5.x saves ``CLIPVisionModel`` / ``SiglipVisionModel`` tensors without a prefix
 (``embeddings.patch_embedding.weight``); older checkpoints and full CLIP/SigLIP/LLaVA towers
 carry ``vision_model.`` in front, which loading accepts. Saving writes the 5.x names.
+
+The CLIP tower also reads the folder's ``preprocessor_config.json`` (a ``CLIPImageProcessor``'s;
+``_preprocess.vision_from_hf``): the released ones resize the shorter edge to 224 (bicubic) and
+crop the central 224, which ``ImageSpec`` then reproduces exactly (transformers' PIL backend).
+Without the file images are stretched to ``image_size`` (bilinear). Saving writes the file
+that describes the config's ``ImageSpec``. SigLIP towers read none (their processors stretch).
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import numpy as np
 
 from mllm_jax.config import VisionConfig
 from mllm_jax.convert.families._common import attention, layer_norm, linear
+from mllm_jax.convert.families._preprocess import vision_from_hf, vision_to_hf
 from mllm_jax.convert.hf import Entry, Family
 
 
@@ -65,8 +72,12 @@ def make_family(variant: str) -> Family:
     def config_to_hf(cfg: VisionConfig) -> dict:
         return {**cfg.to_hf(), "architectures": [arch]}
 
+    pre = {}
+    if variant == "clip":
+        pre = dict(preprocessor_from_hf=lambda cfg, pp, source: vision_from_hf(cfg, pp, source, resizable_table=False),
+                   preprocessor_to_hf=lambda cfg: vision_to_hf(cfg, "CLIPImageProcessor"))
     return Family(
         name=f"{variant}_vision", architectures=(arch,), model_types=(model_type,),
         config_from_hf=config_from_hf, config_to_hf=config_to_hf,
         build=lambda cfg, rngs: VisionTower(cfg, rngs=rngs), entries=entries,
-        ignore=(r"(^|\.)embeddings\.position_ids$",), hf_prefixes=("vision_model.",))
+        ignore=(r"(^|\.)embeddings\.position_ids$",), hf_prefixes=("vision_model.",), **pre)

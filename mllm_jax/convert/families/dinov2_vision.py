@@ -13,24 +13,20 @@ load; saving writes ``use_mask_token: false`` so that transformers expects none.
 ``dinov2_with_registers`` folders are refused (``VisionConfig.from_hf``), as are
 ``qkv_bias: false`` and non-square sizes.
 
-The folder's ``preprocessor_config.json`` (a ``BitImageProcessor``'s), when present, gives the
-side images are fed at (``crop_size``, or ``size`` without centre cropping) and the mean / std;
-without it the tower runs at ``config.image_size`` with ImageNet's mean / std, which the
-released DINOv2 processors use. ``do_normalize: false`` gives a zero mean and unit std (the
-processor then feeds ``x / 255``); ``do_rescale: false`` or a ``rescale_factor`` other than 1/255
-is refused (``ImageSpec`` always scales by 1/255). Only those are read: ``ImageSpec`` resizes the whole image to
-that side (bilinear), where the released processors resize the shorter edge to 256 (bicubic)
-and crop the central 224 (as for CLIP, whose processor also crops, ImageSpec does not). Saving
-writes one that describes our own preprocessing (``ImageSpec``'s plain resize to ``image_size``),
-so save -> load keeps the config.
+The folder's ``preprocessor_config.json`` (a ``BitImageProcessor``'s), when present, gives how
+images are prepared (``_preprocess.vision_from_hf``): the released processors' shortest edge
+256 (``resize_shortest_edge``), bicubic, central 224 crop (``image_size``), ImageNet's mean /
+std, which ``ImageSpec`` then reproduces exactly as transformers' PIL-backend
+``BitImageProcessorPil`` does. The tower runs at the crop's side with its 518-px position table
+interpolated. Without the file the tower runs at ``config.image_size`` with ImageNet's mean /
+std and images are stretched to it (bilinear). Saving writes the file that describes the
+config's ``ImageSpec``, so save -> load keeps the config.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
-
-from mllm_jax.config import ConfigError, VisionConfig
+from mllm_jax.config import VisionConfig
 from mllm_jax.convert.families._common import layer_norm, linear
+from mllm_jax.convert.families._preprocess import vision_from_hf, vision_to_hf
 from mllm_jax.convert.hf import Entry, Family, register
 
 
@@ -60,55 +56,14 @@ def entries(cfg: VisionConfig) -> list[Entry]:
     return t
 
 
-def _square_size(value, where: str) -> int:
-    """A processor size: an int, or a ``{"height", "width"}`` dict with equal sides."""
-    if isinstance(value, (int, float)):
-        return int(value)
-    if isinstance(value, dict) and "height" in value and "width" in value:
-        if value["height"] != value["width"]:
-            raise ConfigError(f"{where}={value} is not square; only square inputs are supported")
-        return int(value["height"])
-    raise ConfigError(f"{where}={value}: expected an int or {{'height': n, 'width': n}} (a square crop); "
-                      "'shortest_edge' alone gives non-square inputs, which are not supported")
-
-
 def preprocessor_from_hf(cfg: VisionConfig, pp: dict, source: str) -> VisionConfig:
-    """``cfg`` with the input side and mean / std of a ``preprocessor_config.json``."""
-    if pp.get("do_center_crop", True):
-        side = _square_size(pp.get("crop_size", 224), f"{source}: crop_size")
-    else:
-        side = _square_size(pp.get("size"), f"{source}: size (do_center_crop is false)")
-    if side % cfg.patch_size:
-        raise ConfigError(f"{source}: an input side of {side} px is not a multiple of patch_size={cfg.patch_size}")
-    # ImageSpec always scales by 1/255 (do_rescale with transformers' default factor); another
-    # scaling would feed the tower other values than transformers' processor does
-    factor = pp.get("rescale_factor", 1 / 255)
-    if not pp.get("do_rescale", True) or not math.isclose(float(factor), 1 / 255, rel_tol=1e-6):
-        raise ConfigError(f"{source}: do_rescale={pp.get('do_rescale', True)}, rescale_factor={factor} is not "
-                          "supported; images are always scaled by 1/255 (do_rescale: true, rescale_factor: 1/255)")
-    table = cfg.position_image_size or cfg.image_size
-    kw = dict(image_size=side, position_image_size=None if side == table else table)
-    if not pp.get("do_normalize", True):      # transformers' processor then leaves x / 255 as it is
-        kw.update(image_mean=(0.0,) * cfg.num_channels, image_std=(1.0,) * cfg.num_channels)
-        return dataclasses.replace(cfg, **kw)
-    for key in ("image_mean", "image_std"):
-        if pp.get(key) is not None:
-            v = pp[key]
-            v = tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else [v] * cfg.num_channels))
-            if len(v) != cfg.num_channels:
-                raise ConfigError(f"{source}: {key}={list(v)} has {len(v)} values for {cfg.num_channels} channels")
-            kw[key] = v
-    return dataclasses.replace(cfg, **kw)
+    """``cfg`` with the input side, resize, resample and mean / std of a ``preprocessor_config.json``."""
+    return vision_from_hf(cfg, pp, source, resizable_table=True)
 
 
 def preprocessor_to_hf(cfg: VisionConfig) -> dict:
-    """What ``ImageSpec`` does (resize to ``image_size``, bilinear; scale by 1/255; normalise),
-    as a ``BitImageProcessor`` config."""
-    return {"image_processor_type": "BitImageProcessor", "do_resize": True,
-            "size": {"height": cfg.image_size, "width": cfg.image_size}, "resample": 2,
-            "do_center_crop": False, "crop_size": {"height": cfg.image_size, "width": cfg.image_size},
-            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-            "image_mean": list(cfg.image_mean), "image_std": list(cfg.image_std), "do_convert_rgb": True}
+    """What ``ImageSpec`` does for ``cfg``, as a ``BitImageProcessor`` config."""
+    return vision_to_hf(cfg, "BitImageProcessor")
 
 
 def _build(cfg: VisionConfig, rngs):
