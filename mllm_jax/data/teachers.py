@@ -295,6 +295,18 @@ class MiniLMTeacher(_TextBatches):
         return out
 
 
+def _embed_images(segments: Sequence[Segment], out: np.ndarray, spec, batch_size: int, forward) -> None:
+    """Fills ``out``'s rows of the image segments with ``forward(float32[batch_size, H, W, C])``
+    (images prepared by ``spec``, in fixed-size batches: one compiled shape)."""
+    where = [i for i, s in enumerate(segments) if s.kind == "image"]
+    for lo in range(0, len(where), batch_size):
+        idx = where[lo:lo + batch_size]
+        x = np.zeros((batch_size, spec.size, spec.size, spec.channels), np.float32)
+        for j, i in enumerate(idx):
+            x[j] = spec(np.asarray(segments[i].image))
+        out[idx] = np.asarray(forward(x))[:len(idx)]
+
+
 class VisionTeacher:
     """Pooled, L2-normalised output of one of our vision towers for image segments."""
     name = "vision"
@@ -319,13 +331,7 @@ class VisionTeacher:
 
     def embed(self, segments: Sequence[Segment]) -> np.ndarray:
         out = np.zeros((len(segments), self.dim), np.float32)
-        where = [i for i, s in enumerate(segments) if s.kind == "image"]
-        for lo in range(0, len(where), self.batch_size):
-            idx = where[lo:lo + self.batch_size]
-            x = np.zeros((self.batch_size, self.spec.size, self.spec.size, self.spec.channels), np.float32)
-            for j, i in enumerate(idx):
-                x[j] = self.spec(np.asarray(segments[i].image))
-            out[idx] = np.asarray(self._forward(self._state, x))[:len(idx)]
+        _embed_images(segments, out, self.spec, self.batch_size, lambda x: self._forward(self._state, x))
         return out
 
 
@@ -408,13 +414,7 @@ class ClipTeacher(_TextBatches):
         text = [i for i, s in enumerate(segments) if s.kind == "text"]
         if text:
             out[text] = self.embed_texts([segments[i].text for i in text])
-        where = [i for i, s in enumerate(segments) if s.kind == "image"]
-        for lo in range(0, len(where), self.batch_size):
-            idx = where[lo:lo + self.batch_size]
-            x = np.zeros((self.batch_size, self.spec.size, self.spec.size, self.spec.channels), np.float32)
-            for j, i in enumerate(idx):
-                x[j] = self.spec(np.asarray(segments[i].image))
-            out[idx] = np.asarray(self._image_forward(self._state, x))[:len(idx)]
+        _embed_images(segments, out, self.spec, self.batch_size, lambda x: self._image_forward(self._state, x))
         return out
 
 
