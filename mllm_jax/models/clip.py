@@ -35,8 +35,8 @@ from flax import nnx
 
 from mllm_jax.config import dtype_of
 from mllm_jax.config.clip import ClipConfig, ClipTextConfig
-from mllm_jax.models.layers import MLP, Attention, Dense, Embed, LayerNorm, causal_mask, padding_mask
-from mllm_jax.models.vision import VisionTower
+from mllm_jax.models.layers import Dense, Embed, LayerNorm, causal_mask, padding_mask
+from mllm_jax.models.vision import EncoderLayer, VisionTower
 from mllm_jax.sharding import constrain
 
 Array = jax.Array
@@ -63,24 +63,6 @@ class ClipTextEmbeddings(nnx.Module):
         return self.token_embedding(input_ids) + self.position_embedding(positions)
 
 
-class ClipTextLayer(nnx.Module):
-    """Pre-LN block with a mask: ``x + attn(ln1(x))``, then ``h + mlp(ln2(h))``."""
-
-    def __init__(self, cfg: ClipTextConfig, *, dtype, rngs: nnx.Rngs):
-        d = cfg.hidden_size
-        self.layer_norm1 = LayerNorm(d, cfg.layer_norm_eps)
-        self.self_attn = Attention(d, cfg.num_heads, qkv_bias=True, out_bias=True, dtype=dtype, rngs=rngs)
-        self.layer_norm2 = LayerNorm(d, cfg.layer_norm_eps)
-        self.mlp = MLP(d, cfg.intermediate_size, act=cfg.hidden_act, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x: Array, mask: Array) -> Array:
-        """``x: float[B, T, D]``, ``mask: bool[B, T, T]`` (True = may attend) -> ``float[B, T, D]``."""
-        h, _ = self.self_attn(self.layer_norm1(x), mask=mask)
-        x = x + h
-        x = x + self.mlp(self.layer_norm2(x))
-        return constrain(x, ("activation_batch", "length", None))
-
-
 def eos_positions(input_ids: Array, eos_token_id: int) -> Array:
     """``int[B, T]`` -> ``int32[B]``: the position transformers' ``CLIPTextTransformer`` pools at
     (see the module docstring: argmax of the ids when ``eos_token_id == 2``, else the first eos)."""
@@ -97,7 +79,9 @@ class ClipTextTransformer(nnx.Module):
         self.config = cfg
         dtype = dtype_of(cfg.dtype)
         self.embeddings = ClipTextEmbeddings(cfg, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([ClipTextLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([EncoderLayer(cfg.hidden_size, cfg.num_heads, cfg.intermediate_size, act=cfg.hidden_act,
+                                             eps=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
+                                for _ in range(cfg.num_layers)])
         self.final_layer_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
 
     def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None, *,
@@ -170,4 +154,4 @@ class ClipModel(nnx.Module):
 
 
 __all__ = ["ClipModel", "ClipOutput", "ClipTextTransformer", "ClipTextOutput", "ClipTextEmbeddings",
-           "ClipTextLayer", "eos_positions"]
+           "eos_positions"]

@@ -175,25 +175,32 @@ class SwiGLUFFN(nnx.Module):
 
 
 class EncoderLayer(nnx.Module):
-    """Pre-LN transformer block: ``x + attn(ln1(x))``, then ``h + mlp(ln2(h))``; DINOv2 scales
-    each branch by its LayerScale (``layer_scale1``, ``layer_scale2``)."""
+    """Pre-LN transformer block: ``x + attn(ln1(x))``, then ``h + mlp(ln2(h))`` (the ViT towers'
+    and CLIP's text tower's, HF names); with ``layerscale`` (DINOv2) each branch is scaled by its
+    LayerScale (``layer_scale1``, ``layer_scale2``); ``swiglu``: DINOv2-giant's MLP."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
-        d = cfg.hidden_size
-        self.layer_norm1 = LayerNorm(d, cfg.layer_norm_eps)
-        self.self_attn = Attention(d, cfg.num_heads, qkv_bias=True, out_bias=True, dtype=dtype, rngs=rngs)
-        self.layer_norm2 = LayerNorm(d, cfg.layer_norm_eps)
-        if cfg.use_swiglu_ffn:
-            self.mlp = SwiGLUFFN(d, cfg.intermediate_size, dtype=dtype, rngs=rngs)
+    def __init__(self, dim: int, num_heads: int, intermediate_size: int, *, act: str, eps: float,
+                 layerscale: Optional[float] = None, swiglu: bool = False, dtype, rngs: nnx.Rngs):
+        self.layer_norm1 = LayerNorm(dim, eps)
+        self.self_attn = Attention(dim, num_heads, qkv_bias=True, out_bias=True, dtype=dtype, rngs=rngs)
+        self.layer_norm2 = LayerNorm(dim, eps)
+        if swiglu:
+            self.mlp = SwiGLUFFN(dim, intermediate_size, dtype=dtype, rngs=rngs)
         else:
-            self.mlp = MLP(d, cfg.intermediate_size, act=cfg.hidden_act, dtype=dtype, rngs=rngs)
-        dino = cfg.variant == "dinov2"
-        self.layer_scale1 = LayerScale(d, cfg.layerscale_value, rngs=rngs) if dino else None
-        self.layer_scale2 = LayerScale(d, cfg.layerscale_value, rngs=rngs) if dino else None
+            self.mlp = MLP(dim, intermediate_size, act=act, dtype=dtype, rngs=rngs)
+        self.layer_scale1 = LayerScale(dim, layerscale, rngs=rngs) if layerscale is not None else None
+        self.layer_scale2 = LayerScale(dim, layerscale, rngs=rngs) if layerscale is not None else None
 
-    def __call__(self, x: Array) -> Array:
-        """``x: float[B, N, D]`` -> ``float[B, N, D]`` (full bidirectional attention)."""
-        h, _ = self.self_attn(self.layer_norm1(x))
+    @classmethod
+    def of_vision(cls, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs) -> "EncoderLayer":
+        return cls(cfg.hidden_size, cfg.num_heads, cfg.intermediate_size, act=cfg.hidden_act, eps=cfg.layer_norm_eps,
+                   layerscale=cfg.layerscale_value if cfg.variant == "dinov2" else None,
+                   swiglu=cfg.use_swiglu_ffn, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
+        """``x: float[B, N, D]`` -> ``float[B, N, D]``; ``mask: bool[B, N, N]`` (True = may
+        attend), None: full bidirectional attention."""
+        h, _ = self.self_attn(self.layer_norm1(x), mask=mask)
         x = x + (h if self.layer_scale1 is None else self.layer_scale1(h))
         h = self.mlp(self.layer_norm2(x))
         x = x + (h if self.layer_scale2 is None else self.layer_scale2(h))
@@ -260,7 +267,7 @@ class VisionTower(nnx.Module):
         self.embeddings = VisionEmbeddings(cfg, dtype=dtype, rngs=rngs)
         clip = cfg.variant == "clip"
         self.pre_layrnorm = LayerNorm(d, cfg.layer_norm_eps) if clip else None  # (sic) HF's name
-        self.layers = nnx.List([EncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([EncoderLayer.of_vision(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
         self.post_layernorm = LayerNorm(d, cfg.layer_norm_eps)
         self.head = (AttentionPoolingHead(cfg, dtype=dtype, rngs=rngs)
                      if (cfg.use_head and cfg.variant == "siglip") else None)
