@@ -23,3 +23,11 @@ def attention(ours: str, hf: str, names=("q_proj", "k_proj", "v_proj", "out_proj
     for mine, theirs in zip(("q_proj", "k_proj", "v_proj", "o_proj"), names):
         out += linear(f"{ours}.{mine}", f"{hf}.{theirs}")
     return out
+
+
+def clip_encoder_layer(ours: str, hf: str) -> list[Entry]:
+    """A ``vision.EncoderLayer`` without LayerScale <-> HF's CLIP / SigLIP encoder layer
+    (``layer_norm1``, ``self_attn``, ``layer_norm2``, ``mlp.fc1`` / ``mlp.fc2``)."""
+    return (layer_norm(f"{ours}.layer_norm1", f"{hf}.layer_norm1") + attention(f"{ours}.self_attn", f"{hf}.self_attn")
+            + layer_norm(f"{ours}.layer_norm2", f"{hf}.layer_norm2")
+            + linear(f"{ours}.mlp.fc1", f"{hf}.mlp.fc1") + linear(f"{ours}.mlp.fc2", f"{hf}.mlp.fc2"))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from mllm_jax.config import VisionConfig
-from mllm_jax.convert.families._common import attention, layer_norm, linear
+from mllm_jax.convert.families._common import clip_encoder_layer, layer_norm, linear
 from mllm_jax.convert.families._preprocess import vision_from_hf, vision_to_hf
 from mllm_jax.convert.hf import Entry, Family
 
@@ -42,10 +42,7 @@ def entries(cfg: VisionConfig) -> list[Entry]:
         t += [Entry("embeddings.patch_embedding.bias", "embeddings.patch_embedding.bias")]
     for i in range(cfg.num_layers):
         o, h = f"layers.{i}", f"encoder.layers.{i}"
-        t += layer_norm(f"{o}.layer_norm1", f"{h}.layer_norm1")
-        t += attention(f"{o}.self_attn", f"{h}.self_attn")
-        t += layer_norm(f"{o}.layer_norm2", f"{h}.layer_norm2")
-        t += linear(f"{o}.mlp.fc1", f"{h}.mlp.fc1") + linear(f"{o}.mlp.fc2", f"{h}.mlp.fc2")
+        t += clip_encoder_layer(o, h)
     t += layer_norm("post_layernorm", "post_layernorm")
     if not clip and cfg.use_head:
         t += [Entry("head.probe", "head.probe", to_ours=lambda x: x.reshape(-1),

@@ -19,7 +19,7 @@ from flax import nnx
 
 from mllm_jax.config.clip import ClipConfig, ClipTextConfig
 from mllm_jax.convert.families import _vit
-from mllm_jax.convert.families._common import attention, layer_norm, linear
+from mllm_jax.convert.families._common import clip_encoder_layer, layer_norm, linear
 from mllm_jax.convert.families._preprocess import vision_from_hf, vision_to_hf
 from mllm_jax.convert.hf import Entry, Family, register
 
@@ -29,10 +29,7 @@ def text_entries(cfg: ClipTextConfig, ours: str = "text_model", hf: str = "text_
          for n in ("token_embedding", "position_embedding")]
     for i in range(cfg.num_layers):
         o, h = f"{ours}.layers.{i}", f"{hf}.encoder.layers.{i}"
-        t += layer_norm(f"{o}.layer_norm1", f"{h}.layer_norm1")
-        t += attention(f"{o}.self_attn", f"{h}.self_attn")
-        t += layer_norm(f"{o}.layer_norm2", f"{h}.layer_norm2")
-        t += linear(f"{o}.mlp.fc1", f"{h}.mlp.fc1") + linear(f"{o}.mlp.fc2", f"{h}.mlp.fc2")
+        t += clip_encoder_layer(o, h)
     t += layer_norm(f"{ours}.final_layer_norm", f"{hf}.final_layer_norm")
     return t
 
