@@ -38,6 +38,15 @@ def _pair_task(cfg: DataConfig) -> str:
     return task
 
 
+def _teacher_folder(cfg: DataConfig, name: str, what: str, build: str) -> str:
+    """``data.teacher_models[name]``, or a ConfigError saying what folder it needs."""
+    path = cfg.teacher_models.get(name)
+    if path is None:
+        raise ConfigError(f"data.teachers: {name!r} needs data.teacher_models.{name}, a local Hugging Face {what}, "
+                          f"or build teachers.{build} and pass it to make_iterator(teachers=[...])")
+    return path
+
+
 def make_teacher(name: str, cfg: DataConfig, model: MLLMConfig):
     from mllm_jax.data import teachers as T
     if name == "scene_graph":
@@ -49,12 +58,8 @@ def make_teacher(name: str, cfg: DataConfig, model: MLLMConfig):
         d = cfg.teacher_models.get("minilm") or Path(os.environ.get("MLLM_JAX_ASSETS", "assets")) / "all-MiniLM-L6-v2"
         return T.MiniLMTeacher.from_pretrained(d)
     if name == "vision":
-        path = cfg.teacher_models.get("vision")
-        if path is None:
-            raise ConfigError("data.teachers: 'vision' needs data.teacher_models.vision, a local Hugging Face "
-                              "vision tower folder (CLIPVisionModel / SiglipVisionModel / Dinov2Model: config.json + "
-                              "safetensors), or build teachers.VisionTeacher(tower) and pass it to "
-                              "make_iterator(teachers=[...])")
+        path = _teacher_folder(cfg, "vision", "vision tower folder (CLIPVisionModel / SiglipVisionModel / "
+                                              "Dinov2Model: config.json + safetensors)", "VisionTeacher(tower)")
         from mllm_jax.convert.hf import load_pretrained
         from mllm_jax.models.vision import VisionTower
         tower = load_pretrained(path)
@@ -66,12 +71,9 @@ def make_teacher(name: str, cfg: DataConfig, model: MLLMConfig):
                               "not a vision tower (CLIPVisionModel / SiglipVisionModel / Dinov2Model)")
         return T.VisionTeacher(tower, Path(path).name)
     if name == "clip":
-        path = cfg.teacher_models.get("clip")
-        if path is None:
-            raise ConfigError("data.teachers: 'clip' needs data.teacher_models.clip, a local Hugging Face CLIPModel "
-                              "folder (config.json with vision_config + text_config + projection_dim, safetensors, "
-                              "tokenizer files), or build teachers.ClipTeacher(model, tokenizer) and pass it to "
-                              "make_iterator(teachers=[...])")
+        path = _teacher_folder(cfg, "clip", "CLIPModel folder (config.json with vision_config + text_config + "
+                                            "projection_dim, safetensors, tokenizer files)",
+                               "ClipTeacher(model, tokenizer)")
         return T.ClipTeacher.from_pretrained(path)
     raise ConfigError(f"data.teachers: {name!r}; expected one of {TEACHERS}")
 
