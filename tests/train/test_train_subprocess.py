@@ -128,15 +128,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launch_two(cfg: Path, run: Path, cache_env: dict) -> list[subprocess.Popen]:
+    """Processes 0 and 1 of a 2-process run (2 CPU devices each, a localhost coordinator)."""
+    port = _free_port()
+    return [_launch(cfg, run, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+                    devices=2, env_extra=cache_env) for i in range(2)]
+
+
 def test_two_process_run_matches_one_process(tmp_path, cache_env):
     """2 processes x 2 CPU devices (gloo collectives, localhost coordinator) on a (data, fsdp,
     tensor) = (2, 2, 1) mesh, each loading its half of every batch, == one process on one
     device (this one), 3 steps."""
     updates = {"train.steps": 3, "mesh.data": 2, "mesh.fsdp": 2}
     cfg = _config(tmp_path, **updates, **{"data.batch_size": 4})  # per process: 2 x 4 = the 8 rows below
-    port = _free_port()
-    multi = [_launch(cfg, tmp_path / "multi", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                     "--process-id", str(i), devices=2, env_extra=cache_env) for i in range(2)]
+    multi = _launch_two(cfg, tmp_path / "multi", cache_env)
     single = fit_toy(tiny_experiment(**{"train.steps": 3, "train.run_dir": str(tmp_path / "single")}))
     for p in multi:
         _ok(p)
@@ -157,9 +162,7 @@ def test_two_process_run_with_different_buckets_matches_one_process(tmp_path, ca
     data-parallel layout it happened to give the same numbers, so this checks the padding.)"""
     updates = {"train.steps": 3, "mesh.data": 2, "mesh.fsdp": 2, "data_options": {"row_lengths": [16] * 4 + [8] * 4}}
     cfg = _config(tmp_path, **updates, **{"data.batch_size": 4})
-    port = _free_port()
-    multi = [_launch(cfg, tmp_path / "multi", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                     "--process-id", str(i), devices=2, env_extra=cache_env) for i in range(2)]
+    multi = _launch_two(cfg, tmp_path / "multi", cache_env)
     single = fit_toy(tiny_experiment(**{**updates, "mesh.data": 1, "mesh.fsdp": 1,
                                         "train.run_dir": str(tmp_path / "single")}))
     for p in multi:
@@ -177,9 +180,7 @@ def test_two_process_run_stops_together_when_one_process_data_ends(tmp_path, cac
     waiting forever in step 3's collectives for a process that has left."""
     cfg = _config(tmp_path, **{"train.steps": 5, "mesh.data": 2, "mesh.fsdp": 2, "data.batch_size": 4,
                                "data_options": {"num_batches": [3, 2]}})
-    port = _free_port()
-    multi = [_launch(cfg, tmp_path / "multi", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                     "--process-id", str(i), devices=2, env_extra=cache_env) for i in range(2)]
+    multi = _launch_two(cfg, tmp_path / "multi", cache_env)
     outs = [_ok(p) for p in multi]
     assert sorted(_losses(tmp_path / "multi")) == [1, 2]
     assert _steps(tmp_path / "multi") == [2]
@@ -197,9 +198,7 @@ def test_two_process_run_stops_together_when_one_process_is_signalled(tmp_path, 
     position is after the 3 batches it trained on."""
     cfg = _config(tmp_path, **{"train.steps": 6, "train.checkpoint.every_steps": 0, "mesh.data": 2, "mesh.fsdp": 2,
                                "data.batch_size": 4, "data_options": {"sigterm_at": [None, 2]}})
-    port = _free_port()
-    multi = [_launch(cfg, tmp_path / "multi", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                     "--process-id", str(i), devices=2, env_extra=cache_env) for i in range(2)]
+    multi = _launch_two(cfg, tmp_path / "multi", cache_env)
     try:
         rcs = [_finish(p, timeout=120) for p in multi]
     finally:
@@ -220,9 +219,7 @@ def test_two_process_eval_stops_together_when_one_process_eval_data_ends(tmp_pat
     process 1 never joined)."""
     cfg = _config(tmp_path, **{"train.steps": 1, "train.eval_every": 1, "train.eval_steps": 3, "mesh.data": 2,
                                "mesh.fsdp": 2, "data.batch_size": 4, "data_options": {"num_batches": [3, 2]}})
-    port = _free_port()
-    multi = [_launch(cfg, tmp_path / "multi", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                     "--process-id", str(i), devices=2, env_extra=cache_env) for i in range(2)]
+    multi = _launch_two(cfg, tmp_path / "multi", cache_env)
     try:
         rcs = [_finish(p, timeout=120) for p in multi]
     finally:
