@@ -233,9 +233,9 @@ class _Feed:
         return pad_seq_lengths(batch, lengths, 7)
 
 
-def test_next_step_on_every_process_is_one_all_gather(monkeypatch):
-    """One step of a 2-process run (the other process's row faked): one all-gather gives the
-    padded batch, the data end and the stop request; a signalled process fetches nothing."""
+def _fake_second_process(monkeypatch) -> tuple[list, dict]:
+    """A 2-process run whose other process's all-gather row is ``other["row"]``; ``gathered``
+    records this process's rows."""
     import numpy as np
     from jax.experimental import multihost_utils
     monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
@@ -245,6 +245,13 @@ def test_next_step_on_every_process_is_one_all_gather(monkeypatch):
         gathered.append(np.asarray(x))
         return np.stack([np.asarray(x), other["row"]])
     monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    return gathered, other
+
+
+def test_next_step_on_every_process_is_one_all_gather(monkeypatch):
+    """One step of a 2-process run (the other process's row faked): one all-gather gives the
+    padded batch, the data end and the stop request; a signalled process fetches nothing."""
+    gathered, other = _fake_second_process(monkeypatch)
 
     feed = _Feed(8, 8)
     other["row"] = distributed.step_row(False, False, [16])
@@ -294,15 +301,7 @@ def test_an_eval_step_is_one_all_gather_and_blanks_take_the_agreed_lengths(monke
     process whose data ended feeds blank rows padded to the other's longer length, with one
     all-gather per step (there were two: the codes, then the lengths); all stop together once
     every process ended, or at once when one cannot feed blanks (code 2)."""
-    import numpy as np
-    from jax.experimental import multihost_utils
-    monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
-    gathered, other = [], {}
-
-    def allgather(x):
-        gathered.append(np.asarray(x))
-        return np.stack([np.asarray(x), other["row"]])
-    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    gathered, other = _fake_second_process(monkeypatch)
 
     class Ended(_Lengths):
         def __next__(self):
