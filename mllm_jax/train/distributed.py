@@ -197,23 +197,12 @@ def next_step_on_every_process(it, stop: bool = False, *, fetch: bool = True) ->
     return _pad_to_agreed(it, batch, rows, mine), False, False
 
 
-def next_on_every_process(it) -> tuple[Optional[Any], bool]:
-    """``(next(it), False)``, or ``(batch or None, True)`` on every process as soon as any
-    process's ``it`` has ended (its shard ran out first): all processes run the same steps,
-    none waits in a collective for one that has left. ``batch`` is None where ``it`` itself
-    ended. In a multi-process run the batch is padded to the longest sequence length any
-    process has (``same_seq_lengths``) when ``it`` can pad. One all-gather
-    (``next_step_on_every_process``)."""
-    batch, ended, _ = next_step_on_every_process(it)
-    return batch, ended
-
-
 def next_or_blank_on_every_process(it, last) -> tuple[Optional[Any], bool]:
     """For evaluation, which should see every process's rows: ``(batch, False)`` while any
     process's ``it`` goes on, a process whose ``it`` ended getting ``it.blank_like(last)``
     (padding rows only, which every metric gives zero weight; ``last``: its latest batch), then
     ``(None, True)`` on every process. Where ``it`` has no ``blank_like`` or a process ended
-    before its first batch, all stop when any ends (``next_on_every_process``)."""
+    before its first batch, all stop when any ends."""
     if jax.process_count() == 1:
         batch = next(it, None)
         return batch, batch is None
@@ -272,7 +261,7 @@ def global_batch(local: dict, mesh: Mesh, rules: shd.Rules = shd.DEFAULT_RULES) 
     return jax.tree_util.tree_map_with_path(put, local)
 
 
-__all__ = ["initialize", "detected_launcher", "any_process", "next_on_every_process", "next_step_on_every_process",
+__all__ = ["initialize", "detected_launcher", "any_process", "next_step_on_every_process",
            "step_row", "agree_step", "StepAgreement", "STEP_ROW_LENGTHS", "next_or_blank_on_every_process",
            "same_seq_lengths", "is_primary", "local_batch_size", "global_batch", "ENV_COORDINATOR",
            "ENV_NUM_PROCESSES", "ENV_PROCESS_ID"]
