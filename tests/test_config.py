@@ -222,3 +222,14 @@ def test_config_hash_leaves_out_preprocessing_fields_at_their_defaults():
     assert config_hash(cfg) == old
     assert config_hash(apply_overrides(cfg, ["vision.resample=bicubic"])) != old
     assert config_hash(apply_overrides(cfg, ["vision.resize_shortest_edge=36"])) != old
+
+
+def test_a_dotted_override_below_an_unset_optional_config_says_so():
+    """eval_data is None by default: 'eval_data.split=val' said "'split' is below a non-config
+    value"; now it says eval_data is not set and how to give it, and that form works."""
+    from mllm_jax.config import apply_overrides
+    with pytest.raises(ConfigError, match=r"override eval_data.split: eval_data is not set \(None\).*"
+                                          r"eval_data='\{split: \.\.\.\}'"):
+        apply_overrides(ExperimentConfig(), ["eval_data.split=val"])
+    cfg = apply_overrides(ExperimentConfig(), ["eval_data={split: val}", "eval_data.batch_size=2"])
+    assert (cfg.eval_data.split, cfg.eval_data.batch_size) == ("val", 2)

@@ -202,6 +202,10 @@ def _set_path(cls, d: dict, keys: list[str], value, full: str) -> None:
         else:
             d[k] = to_dict(value) if dataclasses.is_dataclass(value) else value   # later keys may go below
         return
+    if sub_cls is not None and d.get(k) is None:     # an optional sub-config that is not set
+        raise ConfigError(f"override {full}: {k} is not set (None), so it has no {keys[1]!r} to change; give "
+                          f"{k} as a mapping (e.g. {k}='{{{keys[1]}: ...}}'; fields it leaves out take their "
+                          f"defaults), then dotted keys below it")
     if sub_cls is None or not isinstance(d.get(k), dict):
         raise ConfigError(f"override {full}: {keys[1]!r} is below a non-config value")
     _set_path(sub_cls, d[k], keys[1:], value, full)
