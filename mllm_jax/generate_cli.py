@@ -8,7 +8,8 @@
 A run's tokenizer is its config's ``data.tokenizer``; an HF dir's is its own tokenizer files
 (GGUF: the tokenizer inside the file, read by transformers). ``--chat`` wraps the prompt in the
 chat template. Images (``--image``, repeatable) go in front of the prompt text, one ``<image>``
-slot each. A run's prompts are rendered as its training data was (``encode_sample``): a document
+slot each; with ``--hf`` (a LLaVA), a prompt may place them itself with one ``<image>`` mark per
+image, as LLaVA's prompt format does. A run's prompts are rendered as its training data was (``encode_sample``): a document
 (its start token, the images, the text, without the end-of-document token), or with ``--chat`` a
 user turn holding the images and the text, then the assistant header.
 """
@@ -161,14 +162,25 @@ def _generate_with_images(model, ids, mask, images, kw):
 
 
 def _generate_mllm(model, ids, mask, images, kw):
-    """An HF LLaVA's prompts: all images' slots go in front of each prompt's text."""
-    k = model.config.tokens_per_image
+    """An HF LLaVA's prompts. A prompt holding ``<image>`` (one id per image, as LLaVA's prompt
+    format writes it, e.g. ``"USER: <image>\nWhat is shown? ASSISTANT:"``) gets each of them
+    expanded to the image's ``tokens_per_image`` slots where it stands, as transformers'
+    LlavaProcessor does; a prompt without any gets all images' slots in front of its text."""
+    k, image_id = model.config.tokens_per_image, model.config.image_token_id
     if not images:
         return model.generate(ids, attention_mask=mask, **kw)
     rows = []
-    for r in range(len(ids)):  # each prompt gets all images, in front of its text
+    for r in range(len(ids)):  # each prompt gets all images
         real = ids[r][mask[r].astype(bool)]
-        rows.append(np.concatenate([np.full(k * len(images), model.config.image_token_id, np.int32), real]))
+        marks = int((real == image_id).sum())
+        if marks == 0:
+            rows.append(np.concatenate([np.full(k * len(images), image_id, np.int32), real]))
+        elif marks == len(images):
+            rows.append(np.concatenate([np.full(k, image_id, np.int32) if t == image_id else np.asarray([t], np.int32)
+                                        for t in real]))
+        else:
+            raise SystemExit(f"--prompt {r + 1} holds {marks} <image> marks but {len(images)} --image files "
+                             "were given: one mark per image, or none (the images then go in front)")
     width = max(len(r) for r in rows)
     ids2 = np.zeros((len(rows), width), np.int32)
     mask2 = np.zeros_like(ids2)

@@ -92,6 +92,27 @@ def test_hf_mllm_images_go_in_front_of_each_prompt(monkeypatch):
     assert seen["pixel_values"].shape == (2, 1, 4, 4, 3) and seen["max_new_tokens"] == 3
 
 
+def test_hf_mllm_image_marks_in_a_prompt_are_expanded_where_they_stand(monkeypatch):
+    """A LLaVA prompt written as LLaVA's format writes it ("USER: <image>\n... ASSISTANT:"): its
+    <image> id (7 here) becomes tokens_per_image slots in place, as LlavaProcessor expands it;
+    the number of marks must be the number of images."""
+    import types
+
+    import numpy as np
+
+    pix = np.zeros((2, 4, 4, 3), np.float32)
+    monkeypatch.setattr(generate_cli, "_pixels", lambda model, images: pix)
+    seen = {}
+    model = types.SimpleNamespace(config=types.SimpleNamespace(tokens_per_image=2, image_token_id=7),
+                                  generate=lambda ids, **kw: seen.update(ids=ids, **kw) or "out")
+    ids = np.array([[1, 5, 7, 6, 7, 8]], np.int32)
+    mask = np.ones_like(ids)
+    generate_cli._generate_mllm(model, ids, mask, ["a.png", "b.png"], {})
+    np.testing.assert_array_equal(seen["ids"], [[1, 5, 7, 7, 6, 7, 7, 8]])
+    with pytest.raises(SystemExit, match="--prompt 1 holds 2 <image> marks but 1 --image files"):
+        generate_cli._generate_mllm(model, ids, mask, ["a.png"], {})
+
+
 def test_a_negative_temperature_is_refused(capsys):
     """--temperature -0.5 decoded greedily without a word (do_sample was temperature > 0)."""
     from mllm_jax.generate_cli import main
