@@ -1,4 +1,5 @@
-"""Tiny random transformers causal LMs (Llama / Qwen2) for parity tests; nothing is downloaded."""
+"""Tiny random transformers models for parity tests (causal LMs: Llama / Qwen2; ``perturb`` for
+any); nothing is downloaded."""
 import numpy as np
 import torch
 import transformers
@@ -16,6 +17,16 @@ CASES = {
     "linear_rope": ("llama", dict(rope_parameters=dict(rope_type="linear", factor=3.0, rope_theta=100.0))),
     "qwen2": ("qwen2", dict(num_key_value_heads=1)),
 }
+
+
+def perturb(model, seed: int = 0):
+    """``model`` in eval mode with ``0.1 * N(0, 1)`` (seeded) added to every parameter, so no
+    parameter keeps a symmetric init (zero biases, unit norms) that would hide a wrong mapping."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
 
 
 def make_hf(family: str, seed: int = 0, **overrides):

@@ -13,6 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tests.tiny_hf import perturb  # noqa: E402
 from mllm_jax.convert.hf import (  # noqa: E402
     CheckpointMismatchError, family_of_model, flat_params, load_pretrained, read_safetensors_dir,
     save_pretrained, write_safetensors)
@@ -23,24 +24,16 @@ VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attent
            image_size=32, patch_size=8)
 
 
-def _perturb(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
 def _build(kind):
     torch.manual_seed(0)
     if kind == "clip":
-        return _perturb(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VIT)))
+        return perturb(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VIT)), seed=0)
     if kind in ("siglip_head", "siglip"):
         cfg = transformers.SiglipVisionConfig(**VIT, vision_use_head=kind == "siglip_head")
-        return _perturb(transformers.SiglipVisionModel(cfg))
+        return perturb(transformers.SiglipVisionModel(cfg), seed=0)
     cfg = transformers.BertConfig(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, max_position_embeddings=40, type_vocab_size=2)
-    return _perturb(transformers.BertModel(cfg, add_pooling_layer=kind == "bert_pooler"))
+    return perturb(transformers.BertModel(cfg, add_pooling_layer=kind == "bert_pooler"), seed=0)
 
 
 @pytest.fixture(scope="module")

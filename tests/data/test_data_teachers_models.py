@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from mllm_jax.config import ConfigError, DataConfig, MLLMConfig  # noqa: E402
+from tests.tiny_hf import perturb  # noqa: E402
 from mllm_jax.convert.hf import load_pretrained  # noqa: E402
 from mllm_jax.data import sources  # noqa: E402
 from mllm_jax.data import teachers as TC  # noqa: E402
@@ -19,14 +20,6 @@ WORDS = "a the red blue green circle square cross is left of above small large".
 
 def _l2(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def _perturb(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 # ---- CLIP ---------------------------------------------------------------------------------------
@@ -64,7 +57,7 @@ def clip_dir(tmp_path_factory):
         vision_config=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
                            image_size=16, patch_size=4),
         projection_dim=20)
-    model = _perturb(transformers.CLIPModel(cfg))
+    model = perturb(transformers.CLIPModel(cfg), seed=1)
     model.save_pretrained(str(d))
     return model, tok, d
 
@@ -199,9 +192,9 @@ def bert_dir(tmp_path_factory):
     (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS))
     transformers.BertTokenizerFast(str(d / "vocab.txt")).save_pretrained(str(d))
     torch.manual_seed(0)
-    model = _perturb(transformers.BertModel(transformers.BertConfig(
+    model = perturb(transformers.BertModel(transformers.BertConfig(
         vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64), add_pooling_layer=False))
+        intermediate_size=64, max_position_embeddings=64), add_pooling_layer=False), seed=1)
     model.save_pretrained(str(d))
     return model, d
 
@@ -303,9 +296,9 @@ def test_the_papers_triple_kernel_from_dinov2_bge_and_clip_folders(clip_dir, ber
     shutil.copytree(bert_src, bge)
     _write_pooling(bge, "cls_token")
     torch.manual_seed(0)
-    dino = _perturb(transformers.Dinov2Model(transformers.Dinov2Config(
+    dino = perturb(transformers.Dinov2Model(transformers.Dinov2Config(
         image_size=14, patch_size=7, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, layerscale_value=0.5)))
+        intermediate_size=32, layerscale_value=0.5)), seed=1)
     dino.save_pretrained(str(tmp_path / "dino"))
 
     rng = np.random.default_rng(3)
