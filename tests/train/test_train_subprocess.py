@@ -135,6 +135,16 @@ def _launch_two(cfg: Path, run: Path, cache_env: dict) -> list[subprocess.Popen]
                     devices=2, env_extra=cache_env) for i in range(2)]
 
 
+def _finish_two(multi: list[subprocess.Popen], timeout: float = 120) -> list[tuple[int, str]]:
+    """``(returncode, output)`` of both processes; both are killed whatever happens (one left
+    waiting in a collective would otherwise outlive the test)."""
+    try:
+        return [_finish(p, timeout=timeout) for p in multi]
+    finally:
+        for p in multi:
+            p.kill()
+
+
 def test_two_process_run_matches_one_process(tmp_path, cache_env):
     """2 processes x 2 CPU devices (gloo collectives, localhost coordinator) on a (data, fsdp,
     tensor) = (2, 2, 1) mesh, each loading its half of every batch, == one process on one
@@ -198,12 +208,7 @@ def test_two_process_run_stops_together_when_one_process_is_signalled(tmp_path, 
     position is after the 3 batches it trained on."""
     cfg = _config(tmp_path, **{"train.steps": 6, "train.checkpoint.every_steps": 0, "mesh.data": 2, "mesh.fsdp": 2,
                                "data.batch_size": 4, "data_options": {"sigterm_at": [None, 2]}})
-    multi = _launch_two(cfg, tmp_path / "multi", cache_env)
-    try:
-        rcs = [_finish(p, timeout=120) for p in multi]
-    finally:
-        for p in multi:
-            p.kill()
+    rcs = _finish_two(_launch_two(cfg, tmp_path / "multi", cache_env))
     assert [rc for rc, _ in rcs] == [128 + signal.SIGTERM] * 2, rcs[0][1][-3000:] + rcs[1][1][-3000:]
     assert all("preempted at step 3" in out for _, out in rcs)
     assert sorted(_losses(tmp_path / "multi")) == [1, 2, 3]
@@ -219,12 +224,7 @@ def test_two_process_eval_stops_together_when_one_process_eval_data_ends(tmp_pat
     process 1 never joined)."""
     cfg = _config(tmp_path, **{"train.steps": 1, "train.eval_every": 1, "train.eval_steps": 3, "mesh.data": 2,
                                "mesh.fsdp": 2, "data.batch_size": 4, "data_options": {"num_batches": [3, 2]}})
-    multi = _launch_two(cfg, tmp_path / "multi", cache_env)
-    try:
-        rcs = [_finish(p, timeout=120) for p in multi]
-    finally:
-        for p in multi:
-            p.kill()
+    rcs = _finish_two(_launch_two(cfg, tmp_path / "multi", cache_env))
     assert all(rc == 0 for rc, _ in rcs), rcs[0][1][-3000:] + rcs[1][1][-3000:]
     rows = [json.loads(line) for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
