@@ -28,7 +28,24 @@ class MixtureIterator:
         return self
 
     def __next__(self) -> dict:
-        return {name: next(it) for name, it in self.streams.items()}
+        """One batch of every stream. When a stream ends, the streams before it that already gave
+        their batch for this step are moved back to where they were, so the state saved after the
+        end (the final checkpoint) holds no batch that was drawn and not trained on: a run resumed
+        from it with more epochs continues every stream at its first unused batch."""
+        out, before = {}, {}
+        names = list(self.streams)
+        for i, name in enumerate(names):
+            it = self.streams[name]
+            if i < len(names) - 1 and hasattr(it, "get_state"):
+                before[name] = it.get_state()
+            try:
+                out[name] = next(it)
+            except StopIteration:
+                for done in out:
+                    if done in before:
+                        self.streams[done].set_state(before[done])
+                raise
+        return out
 
     def seq_lengths(self, batch: dict) -> dict[str, int]:
         """``{stream/path: T}`` over the streams that have ``seq_lengths``."""

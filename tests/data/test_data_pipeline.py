@@ -396,3 +396,22 @@ def test_stream_names_are_unique_and_plain():
             MixtureIterator({"a": iter([]), bad: iter([])})
     assert [s.name for s in apply_updates(ExperimentConfig(), {"streams": [{"name": "gen"}, {"name": "disc-2"}]}).streams] \
         == ["gen", "disc-2"]
+
+
+def test_mixture_end_leaves_no_drawn_batch_unused(tok):
+    """When a later stream ends, the earlier ones that gave their batch for that step are moved
+    back: the state saved at the end, restored with more epochs, continues the long stream at the
+    first batch no step trained on (uninterrupted: the batch after the last one trained on)."""
+    from mllm_jax.data.mixture import MixtureIterator
+
+    def mix(epochs_short):
+        return MixtureIterator({"long": it(tok, scene(40), shuffle=False, num_epochs=None),
+                                "short": it(tok, scene(8), shuffle=False, num_epochs=epochs_short)})
+    reference = mix(None)
+    want = [digest(next(reference)["long"]) for _ in range(4)]       # 'long' batches 0..3
+    first = mix(1)
+    assert [digest(b["long"]) for b in first] == want[:2]             # short: 8 records = 2 batches
+    saved = first.get_state()
+    resumed = mix(2)
+    resumed.set_state(saved)
+    assert [digest(next(resumed)["long"]) for _ in range(2)] == want[2:]  # without the rewind: batches 3, 4
