@@ -223,3 +223,40 @@ def test_bert_with_tf_era_layernorm_names_loads_as_transformers_loads_it(hf_dirs
     _assert_outputs_match(ref, got, "bert_pooler")
     ref, _ = _run_bert(torch_model, load_pretrained(tmp_path))    # the original weights, too
     _assert_outputs_match(ref, got, "bert_pooler")
+
+
+@pytest.mark.parametrize("pp", [
+    {"size": {"height": 32, "width": 32}},                       # as the released files: class defaults
+    {"size": {"height": 32, "width": 32}, "resample": 2, "image_mean": [0.4, 0.5, 0.6]},
+    {"size": {"height": 32, "width": 32}, "do_normalize": False},
+])
+def test_siglip_folder_prepares_images_as_siglips_processor(hf_dirs, tmp_path, pp):
+    """A SigLIP folder's preprocessor_config.json (SiglipImageProcessor: a stretch, bicubic by
+    default, mean / std 0.5 by default) sets the tower's ImageSpec; it was not read (images were
+    stretched bilinear). save_pretrained writes a file transformers loads into the same processor."""
+    import shutil
+
+    from mllm_jax.data.pipeline import ImageSpec
+    _, d = hf_dirs["siglip"]
+    folder = tmp_path / "siglip"
+    shutil.copytree(d, folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "SiglipImageProcessor", **pp}))
+    proc = transformers.SiglipImageProcessorPil(**pp)
+    ours = load_pretrained(folder)
+    assert ours.config.resample == ("bilinear" if pp.get("resample") == 2 else "bicubic")
+    spec = ImageSpec.from_vision(ours.config)
+    saved = tmp_path / "saved"
+    save_pretrained(ours, saved)
+    again = transformers.AutoImageProcessor.from_pretrained(saved, local_files_only=True, backend="pil")
+    rng = np.random.default_rng(7)
+    for shape in [(30, 47, 3), (64, 20, 3), (32, 32, 3), (9, 9, 1)]:
+        img = rng.integers(0, 256, shape, dtype=np.uint8)
+        rgb = img if shape[-1] == 3 else np.repeat(img, 3, -1)
+        want = proc(rgb, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+        np.testing.assert_allclose(spec(img), want, atol=5e-7, rtol=0, err_msg=str(shape))
+        np.testing.assert_allclose(again(rgb, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0), want,
+                                   atol=5e-7, rtol=0, err_msg=str(shape))
+    if len(pp) == 1:      # what the file changed: the stretch was bilinear without it
+        img = rng.integers(0, 256, (30, 47, 3), dtype=np.uint8)
+        assert np.abs(ImageSpec.from_vision(load_pretrained(d).config)(img)
+                      - proc(img, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)).max() > 0.05

@@ -2,10 +2,12 @@
 ``BitImageProcessor``) <-> the ``VisionConfig`` fields ``ImageSpec`` reads: ``image_size``,
 ``resize_shortest_edge``, ``resample``, ``image_mean`` / ``image_std``.
 
-Keys a file leaves out take those processors' class defaults in transformers 5.x (both classes
-have the same ones): ``do_resize`` true, ``size {"shortest_edge": 224}``, ``resample`` 3
-(bicubic), ``do_center_crop`` true, ``crop_size`` 224, ``do_rescale`` true with 1/255,
-``do_normalize`` true with OpenAI CLIP's mean / std. An int ``size`` is a shortest edge
+Keys a file leaves out take the processor's class defaults in transformers 5.x (``defaults``):
+``CLIP_DEFAULTS`` (CLIPImageProcessor and BitImageProcessor have the same ones): ``do_resize``
+true, ``size {"shortest_edge": 224}``, ``resample`` 3 (bicubic), ``do_center_crop`` true,
+``crop_size`` 224, ``do_rescale`` true with 1/255, ``do_normalize`` true with OpenAI CLIP's
+mean / std; ``SIGLIP_DEFAULTS`` (SiglipImageProcessor): ``size {"height": 224, "width": 224}``,
+bicubic, no centre crop, mean / std 0.5. An int ``size`` is a shortest edge
 (``default_to_square=False``), an int ``crop_size`` a square.
 
 What ``ImageSpec`` can reproduce exactly is read:
@@ -34,6 +36,11 @@ from mllm_jax.config.model import RESAMPLE_CODES
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_STANDARD = (0.5, 0.5, 0.5)
+CLIP_DEFAULTS = {"size": {"shortest_edge": 224}, "resample": 3, "do_center_crop": True, "crop_size": 224,
+                 "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD}
+SIGLIP_DEFAULTS = {"size": {"height": 224, "width": 224}, "resample": 3, "do_center_crop": False, "crop_size": None,
+                   "image_mean": IMAGENET_STANDARD, "image_std": IMAGENET_STANDARD}
 _FILTERS = {code: name for name, code in RESAMPLE_CODES.items()}
 _PIL_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
@@ -63,16 +70,19 @@ def _resize_size(value, where: str) -> tuple[str, int]:
     raise ConfigError(f"{where}={value}: expected {{'shortest_edge': n}}, {{'height': n, 'width': n}} or an int")
 
 
-def vision_from_hf(cfg: VisionConfig, pp: dict, source: str, *, resizable_table: bool) -> VisionConfig:
-    """``cfg`` with the preprocessing of a ``preprocessor_config.json``. ``resizable_table``
-    (DINOv2): the input side may differ from the position table's (then ``position_image_size``
-    keeps the table's); otherwise (CLIP) it must be ``cfg.image_size``."""
+def vision_from_hf(cfg: VisionConfig, pp: dict, source: str, *, resizable_table: bool,
+                   defaults: dict = CLIP_DEFAULTS) -> VisionConfig:
+    """``cfg`` with the preprocessing of a ``preprocessor_config.json`` (keys it leaves out from
+    ``defaults``, the processor class's). ``resizable_table`` (DINOv2): the input side may differ
+    from the position table's (then ``position_image_size`` keeps the table's); otherwise (CLIP,
+    SigLIP) it must be ``cfg.image_size``."""
+    pp = {**defaults, **{k: v for k, v in pp.items() if v is not None}}
     if not pp.get("do_resize", True):
         raise ConfigError(f"{source}: do_resize=false is not supported (images of any size are resized "
                           "to the tower's input)")
-    kind, n = _resize_size(pp.get("size", {"shortest_edge": 224}), f"{source}: size")
-    if pp.get("do_center_crop", True):
-        side = _square(pp.get("crop_size", 224), f"{source}: crop_size")
+    kind, n = _resize_size(pp["size"], f"{source}: size")
+    if pp["do_center_crop"]:
+        side = _square(pp["crop_size"], f"{source}: crop_size")
         if kind == "stretch" and side != n:
             raise ConfigError(f"{source}: size={pp.get('size')} (a stretch to {n} px) followed by a "
                               f"{side}-px centre crop is not supported (a shortest_edge resize is, or a stretch "
@@ -82,8 +92,7 @@ def vision_from_hf(cfg: VisionConfig, pp: dict, source: str, *, resizable_table:
                           "which are not supported")
     else:
         side = n
-    code = pp.get("resample", 3)
-    code = 3 if code is None else code
+    code = pp["resample"]
     if code not in _FILTERS:
         raise ConfigError(f"{source}: resample={code!r} ({_PIL_NAMES.get(code, 'unknown')}) is not supported; "
                           f"expected one of {sorted(_FILTERS)} ({', '.join(_FILTERS[c] for c in sorted(_FILTERS))})")
@@ -105,9 +114,8 @@ def vision_from_hf(cfg: VisionConfig, pp: dict, source: str, *, resizable_table:
     c = cfg.num_channels
     if not pp.get("do_normalize", True):      # transformers' processor then leaves x / 255 as it is
         return dataclasses.replace(cfg, **kw, image_mean=(0.0,) * c, image_std=(1.0,) * c)
-    for key, dflt in (("image_mean", OPENAI_CLIP_MEAN), ("image_std", OPENAI_CLIP_STD)):
-        v = pp.get(key)
-        v = dflt if v is None else v
+    for key in ("image_mean", "image_std"):
+        v = pp[key]
         v = tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else [v] * c))
         if len(v) != c:
             raise ConfigError(f"{source}: {key}={list(v)} has {len(v)} values for {c} channels")

@@ -8,8 +8,9 @@ carry ``vision_model.`` in front, which loading accepts. Saving writes the 5.x n
 The CLIP tower also reads the folder's ``preprocessor_config.json`` (a ``CLIPImageProcessor``'s;
 ``_preprocess.vision_from_hf``): the released ones resize the shorter edge to 224 (bicubic) and
 crop the central 224, which ``ImageSpec`` then reproduces exactly (transformers' PIL backend).
-Without the file images are stretched to ``image_size`` (bilinear). Saving writes the file
-that describes the config's ``ImageSpec``. SigLIP towers read none (their processors stretch).
+SigLIP towers read theirs too (a ``SiglipImageProcessor``'s: the released ones stretch to
+``image_size``, bicubic, mean / std 0.5). Without the file images are stretched to
+``image_size`` (bilinear). Saving writes the file that describes the config's ``ImageSpec``.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from mllm_jax.config import VisionConfig
 from mllm_jax.convert.families._common import clip_encoder_layer, layer_norm, linear
-from mllm_jax.convert.families._preprocess import vision_from_hf, vision_to_hf
+from mllm_jax.convert.families._preprocess import CLIP_DEFAULTS, SIGLIP_DEFAULTS, vision_from_hf, vision_to_hf
 from mllm_jax.convert.hf import Entry, Family
 
 
@@ -69,10 +70,11 @@ def make_family(variant: str) -> Family:
     def config_to_hf(cfg: VisionConfig) -> dict:
         return {**cfg.to_hf(), "architectures": [arch]}
 
-    pre = {}
-    if variant == "clip":
-        pre = dict(preprocessor_from_hf=lambda cfg, pp, source: vision_from_hf(cfg, pp, source, resizable_table=False),
-                   preprocessor_to_hf=lambda cfg: vision_to_hf(cfg, "CLIPImageProcessor"))
+    defaults, processor = (CLIP_DEFAULTS, "CLIPImageProcessor") if variant == "clip" else \
+        (SIGLIP_DEFAULTS, "SiglipImageProcessor")
+    pre = dict(preprocessor_from_hf=lambda cfg, pp, source: vision_from_hf(cfg, pp, source, resizable_table=False,
+                                                                         defaults=defaults),
+               preprocessor_to_hf=lambda cfg: vision_to_hf(cfg, processor))
     return Family(
         name=f"{variant}_vision", architectures=(arch,), model_types=(model_type,),
         config_from_hf=config_from_hf, config_to_hf=config_to_hf,
