@@ -180,8 +180,8 @@ class VisionConfig:
     bicubically, as transformers' ``Dinov2Embeddings.interpolate_pos_encoding`` does.
 
     ``resize_shortest_edge`` and ``resample`` say how ``ImageSpec`` brings an image to
-    ``image_size``. ``None`` (the default, the MLLM's own towers): the whole image is stretched
-    to ``image_size x image_size``. An int ``n``: the shorter edge is resized to ``n`` keeping the
+    ``image_size``. ``None`` (the default; the towers of configs written by hand, SigLIP's): the
+    whole image is stretched to ``image_size x image_size``. An int ``n``: the shorter edge is resized to ``n`` keeping the
     aspect ratio, and the central ``image_size x image_size`` is cropped, as transformers'
     ``CLIPImageProcessor`` / ``BitImageProcessor`` do with ``size={"shortest_edge": n}`` and
     ``crop_size=image_size`` (the converters fill both from a ``preprocessor_config.json``).

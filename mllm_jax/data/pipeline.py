@@ -57,11 +57,11 @@ class ImageSpec:
     """How images are prepared for a vision tower (from its ``VisionConfig``).
 
     ``shortest_edge=None`` (configs that do not set ``vision.resize_shortest_edge``, e.g. the
-    MLLM's own tower): the whole image is stretched to ``size x size`` with PIL's ``resample``
+    scene world's towers, SigLIP's): the whole image is stretched to ``size x size`` with PIL's ``resample``
     filter (bilinear by default), scaled by 1/255 and normalised with ``mean`` / ``std``.
 
-    ``shortest_edge=n`` (teachers loaded from a folder whose ``preprocessor_config.json`` says
-    so): exactly what transformers' ``CLIPImageProcessor`` / ``BitImageProcessor`` do with their
+    ``shortest_edge=n`` (towers, LLaVAs and teachers loaded from a folder whose
+    ``preprocessor_config.json`` says so): exactly what transformers' ``CLIPImageProcessor`` / ``BitImageProcessor`` do with their
     PIL backend (``CLIPImageProcessorPil`` / ``BitImageProcessorPil``): PIL resize (``resample``)
     of the shorter edge to ``n`` and the longer to ``int(n * long / short)``
     (``get_resize_output_image_size``), the central ``size x size`` crop at

@@ -277,3 +277,35 @@ def test_siglip_llava_export_runs_in_transformers(tmp_path):
     assert again.config.tokens_per_image == k
     with pytest.raises(ConfigError, match="SigLIP"):
         MLLMConfig.from_hf({**hf.config.to_dict(), "vision_feature_select_strategy": "default"})
+
+
+def test_llava_folder_prepares_images_as_its_processor(pair, tmp_path):
+    """A LLaVA folder's preprocessor_config.json (the CLIPImageProcessor LlavaProcessor holds:
+    shorter edge, bicubic, centre crop) sets how ImageSpec prepares images; they were stretched
+    to the tower's size. An oblong photo prepared by each side gives the same logits, and the file
+    save_pretrained writes loads in transformers as the same processor."""
+    import shutil
+
+    from mllm_jax.data.pipeline import ImageSpec
+    hf, _, src = pair
+    folder = tmp_path / "llava"
+    shutil.copytree(src, folder)
+    proc = transformers.CLIPImageProcessorPil(size={"shortest_edge": 20}, crop_size=16)
+    proc.save_pretrained(folder)
+    ours = load_pretrained(folder)
+    assert (ours.config.vision.resize_shortest_edge, ours.config.vision.resample) == (20, "bicubic")
+    spec = ImageSpec.from_vision(ours.config.vision)
+    img = np.random.default_rng(4).integers(0, 256, (37, 23, 3), dtype=np.uint8)
+    want = proc(img, return_tensors="np")["pixel_values"]                       # [1, 3, 16, 16]
+    np.testing.assert_array_equal(spec(img), want[0].transpose(1, 2, 0))
+    ids = np.full((1, K + 4), 7, np.int32)
+    ids[0, 2:2 + K] = IMG
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids, dtype=torch.long), pixel_values=torch.tensor(want)).logits.numpy()
+    got = np.asarray(ours(jnp.asarray(ids), pixel_values=jnp.asarray(spec(img)[None, None])).logits)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    save_pretrained(ours, tmp_path / "out")
+    again = transformers.AutoImageProcessor.from_pretrained(tmp_path / "out", local_files_only=True, backend="pil")
+    np.testing.assert_array_equal(again(img, return_tensors="np")["pixel_values"], want)
+    assert load_pretrained(tmp_path / "out").config.vision == ours.config.vision
+    assert ImageSpec.from_vision(load_pretrained(src).config.vision).shortest_edge is None   # no file: stretch

@@ -6,14 +6,23 @@ Saving writes the names transformers 5.23's ``save_pretrained`` writes
 (``model.vision_tower.*``, ``model.language_model.*``, ``lm_head.weight``) and towers saved
 with a ``vision_model.`` prefix. The vision and decoder rows come from their own families'
 tables, so there is one mapping per architecture.
+
+The folder's ``preprocessor_config.json`` (the ``CLIPImageProcessor`` / ``SiglipImageProcessor``
+that ``LlavaProcessor`` holds; llava-hf's LLaVA-1.5: shorter edge to 336, bicubic, central 336
+crop) sets the vision config's preprocessing (``_preprocess.vision_from_hf``), so ``ImageSpec``
+prepares images for training, evaluation and ``generate --hf`` as that processor does; without
+the file they are stretched to ``image_size``. Saving writes the file for the config.
 """
 from __future__ import annotations
+
+import dataclasses
 
 from flax import nnx
 
 from mllm_jax.config import ConfigError, MLLMConfig
 from mllm_jax.convert.families import _vit, llama
 from mllm_jax.convert.families._common import linear
+from mllm_jax.convert.families._preprocess import CLIP_DEFAULTS, SIGLIP_DEFAULTS, vision_from_hf, vision_to_hf
 from mllm_jax.convert.hf import Entry, Family, register
 
 _RENAMES = (("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),
@@ -58,10 +67,20 @@ def _config_to_hf(cfg: MLLMConfig) -> dict:
     return cfg.to_hf()
 
 
+def _preprocessor_from_hf(cfg: MLLMConfig, pp: dict, source: str) -> MLLMConfig:
+    defaults = CLIP_DEFAULTS if cfg.vision.variant == "clip" else SIGLIP_DEFAULTS
+    return dataclasses.replace(cfg, vision=vision_from_hf(cfg.vision, pp, source, resizable_table=False,
+                                                          defaults=defaults))
+
+
+def _preprocessor_to_hf(cfg: MLLMConfig) -> dict:
+    return vision_to_hf(cfg.vision, "CLIPImageProcessor" if cfg.vision.variant == "clip" else "SiglipImageProcessor")
+
+
 FAMILY = register(Family(
     name="llava", architectures=("LlavaForConditionalGeneration",), model_types=("llava",),
     config_from_hf=_config_from_hf, config_to_hf=_config_to_hf, build=_build, entries=entries,
     ignore=(r"(^|\.)position_ids$", r"rotary_emb\.inv_freq$", r"^language_model\.lm_head\.weight$"),
-    hf_rename=_rename,
+    hf_rename=_rename, preprocessor_from_hf=_preprocessor_from_hf, preprocessor_to_hf=_preprocessor_to_hf,
     # our additions with no LLaVA counterpart (exported without them, with a warning)
     local_params=(r"^soft_prompt\.", r"^embed_head\.", r"^logit_(scale|bias)$")))
