@@ -27,6 +27,27 @@ def on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
+def cpu_native_bf16(cpuinfo: Optional[str] = None) -> Optional[bool]:
+    """Whether this CPU multiplies bfloat16 natively: x86 ``avx512_bf16`` or ``amx_bf16``, Arm
+    ``bf16`` (``/proc/cpuinfo``'s ``flags`` / ``Features``). Without them (AVX2-only x86, e.g.
+    Zen 2/3) XLA:CPU's bfloat16 GEMM converts to float32 on the fly and runs below the float32
+    rate. ``None`` when it cannot tell (no ``/proc/cpuinfo``)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return None
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    if not flags:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def rowmajor(a: Array, perm: tuple[int, ...]) -> Array:
     """``jnp.transpose(a, perm)``, written (through a trailing unit dimension) so that XLA:CPU
     materialises it as a row-major copy instead of giving the transpose a permuted layout. A

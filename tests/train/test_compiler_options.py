@@ -43,6 +43,36 @@ def test_options_follow_the_model_dtype_and_the_override():
     assert step_compiler_options(bf16, mine) == mine
 
 
+ZEN4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512_bf16 avx512_vnni\n"
+ZEN3 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma bmi2\n"
+SAPPHIRE = "flags\t\t: avx2 avx512f amx_bf16 amx_tile amx_int8\n"
+NEOVERSE_V1 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+NEOVERSE_N1 = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32\n"
+
+
+def test_native_bf16_read_from_cpuinfo_flags():
+    from mllm_jax.models.cpu_forms import cpu_native_bf16
+    assert [cpu_native_bf16(c) for c in (ZEN4, ZEN3, SAPPHIRE, NEOVERSE_V1, NEOVERSE_N1, "")] == \
+        [True, False, True, True, False, None]
+    assert cpu_native_bf16(ZEN3.replace("avx2", "avx512_bf16x")) is False     # whole flags only
+
+
+def test_bfloat16_on_a_cpu_without_native_bf16_is_warned(monkeypatch, caplog):
+    """A bfloat16 model on an AVX2-only CPU runs slower than in float32: fit warns (what it calls)."""
+    from mllm_jax.models import cpu_forms
+    from mllm_jax.train.loop import warn_if_bf16_emulated
+    tx, _ = build_optimizer(OptimConfig(), 10)
+    mesh = one_device_mesh()
+    f32, _ = abstract_train_state(_model_fn(), tx, OptimConfig(), mesh)
+    bf16, _ = abstract_train_state(_model_fn(**{"model.decoder.dtype": "bfloat16"}), tx, OptimConfig(), mesh)
+    real = cpu_forms.cpu_native_bf16
+    for cpuinfo, state, warned in ((ZEN3, bf16, True), (ZEN3, f32, False), (ZEN4, bf16, False), ("", bf16, False)):
+        monkeypatch.setattr(cpu_forms, "cpu_native_bf16", lambda c=cpuinfo: real(c))
+        caplog.clear()
+        assert warn_if_bf16_emulated(state) is warned
+        assert ("no native bfloat16 products" in caplog.text) is warned
+
+
 def test_float32_step_runs_dots_outside_ynnpack_with_the_same_result():
     """XLA's default CPU step runs its dots as YNNPACK fusions (the premise: a newer jaxlib may
     change it); with the float32 options none, and one step gives the same loss and params."""
