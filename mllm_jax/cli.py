@@ -103,7 +103,7 @@ def cmd_plan(args) -> int:
             runs = [(s.name, c) for s, c in stage_configs(cfg, args.stage, parse_overrides(args.overrides))]
         elif args.stage is not None:
             raise ValueError(f"--stage {args.stage!r}: the config defines no stages")
-        plans = [(name, make_plan(c, mesh, global_batch=args.global_batch, mfu=args.mfu,
+        plans = [(name, make_plan(c, mesh, global_batch=args.global_batch, processes=args.processes, mfu=args.mfu,
                                   accelerators=args.accelerators.split(","))) for name, c in runs]
     except ShardingError as e:
         print(f"plan: the mesh {mesh} does not fit the model: {e}", file=sys.stderr)
@@ -225,8 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", help="data,fsdp,tensor sizes, e.g. 1,256,1")
     p.add_argument("--devices", type=int, default=1, help="shorthand for --mesh 1,N,1")
     p.add_argument("--global-batch", type=int, help="sequences per step over all hosts (default: data.batch_size, "
-                                                    "which is per process; not with streams, each "
-                                                    "stream's data.batch_size sets its batch)")
+                                                    "which is per process, times --processes; not with streams, "
+                                                    "each stream's data.batch_size sets its batch)")
+    p.add_argument("--processes", type=int, help="processes (hosts) of the run: every batch (data's, or each "
+                                                 "stream's) is its data.batch_size times this (default 1; not with "
+                                                 "--global-batch)")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
     p.add_argument("--accelerators", default="tpu-v5p,h100,h200", help="comma-separated keys of flops.ACCELERATORS")
     p.add_argument("--stage", help="with a multi-stage recipe: plan only this stage (default: every stage, each "

@@ -138,14 +138,17 @@ def activation_bytes(cfg: ExperimentConfig, mesh: dict[str, int], batch: int, se
 
 
 def make_plan(cfg: ExperimentConfig, mesh_shape: Sequence[int], *, global_batch: Optional[int] = None,
-              mfu: float = 0.4, accelerators: Sequence[str] = ("tpu-v5p", "h100", "h200")) -> Plan:
+              processes: Optional[int] = None, mfu: float = 0.4,
+              accelerators: Sequence[str] = ("tpu-v5p", "h100", "h200")) -> Plan:
     """The ``Plan`` of ``cfg`` on a ``(data, fsdp, tensor)`` mesh (any size; nothing allocated).
 
-    ``global_batch`` defaults to ``data.batch_size`` (which is per process: pass the global
-    batch of a multi-host run); sequences are ``max(data.seq_buckets)`` long with
-    ``data.max_images`` images each. With ``streams`` a step reads one batch of each stream
-    (its ``data.batch_size``; ``global_batch`` is refused), and the plan counts them all. Under ``train.optim.grad_accum`` the step scans over
-    micro-batches, so the activations are those of one micro-batch (``global_batch / grad_accum``)."""
+    The global batch is ``global_batch``, or ``data.batch_size`` (which is per process) times
+    ``processes`` (default 1: the batch of a one-process run); give one of the two. Sequences are
+    ``max(data.seq_buckets)`` long with ``data.max_images`` images each. With ``streams`` a step
+    reads one batch of each stream (its ``data.batch_size`` times ``processes``;
+    ``global_batch`` is refused), and the plan counts them all. Under
+    ``train.optim.grad_accum`` the step scans over micro-batches, so the activations are those
+    of one micro-batch (``global_batch / grad_accum``)."""
     if len(mesh_shape) != 3 or any(int(s) < 1 for s in mesh_shape):
         raise ValueError(f"mesh {tuple(mesh_shape)}: expected 3 sizes (data, fsdp, tensor), each >= 1 "
                          "(plan has no devices to fill a -1 with)")
@@ -153,6 +156,11 @@ def make_plan(cfg: ExperimentConfig, mesh_shape: Sequence[int], *, global_batch:
         raise ValueError(f"mfu {mfu}: must be > 0")
     if global_batch is not None and global_batch < 1:
         raise ValueError(f"global batch {global_batch}: must be >= 1")
+    if processes is not None and processes < 1:
+        raise ValueError(f"processes {processes}: must be >= 1")
+    if global_batch is not None and processes is not None:
+        raise ValueError(f"global batch {global_batch} and processes {processes}: give one (the global batch is "
+                         "data.batch_size per process times the processes)")
     unknown = [a for a in accelerators if a not in F.ACCELERATORS]
     if unknown:
         raise ValueError(f"accelerators {unknown}: unknown; known: {sorted(F.ACCELERATORS)}")
@@ -171,7 +179,9 @@ def make_plan(cfg: ExperimentConfig, mesh_shape: Sequence[int], *, global_batch:
     # step's loss sees them all, so their FLOPs, tokens and activations add up; `data` is unused)
     if cfg.streams and global_batch is not None:
         raise ValueError(f"global batch {global_batch}: the config has streams {[s.name for s in cfg.streams]}, "
-                         "each batched by its own data.batch_size (per process); one global batch does not apply")
+                         "each batched by its own data.batch_size (per process); one global batch does not apply. "
+                         "Give the number of processes instead (--processes N): each stream's global batch is "
+                         "its data.batch_size times N")
     batches = ([(f"stream {s.name!r}: ", s.data) for s in cfg.streams] if cfg.streams
                else [("", cfg.data)])
     mesh_dict = dict(mesh.shape)
@@ -181,7 +191,7 @@ def make_plan(cfg: ExperimentConfig, mesh_shape: Sequence[int], *, global_batch:
     act = fwd = 0.0
     tokens = 0
     for where, data in batches:
-        B, T, images = global_batch or data.batch_size, max(data.seq_buckets), data.max_images
+        B, T, images = global_batch or data.batch_size * (processes or 1), max(data.seq_buckets), data.max_images
         if B % (mesh_dict["data"] * mesh_dict["fsdp"]):
             raise shd.ShardingError(f"{where}global batch {B} is not divisible by data x fsdp = "
                                     f"{mesh_dict['data'] * mesh_dict['fsdp']} (mesh {mesh_dict})")

@@ -242,7 +242,18 @@ def test_plan_of_a_multi_stream_config_counts_every_stream():
     act = "activations (estimate)"
     assert plan.bytes_per_device[act] == pytest.approx(sum(p.bytes_per_device[act] for p in alone))
     assert plan.bytes_per_device["params"] == alone[0].bytes_per_device["params"]
-    with pytest.raises(ValueError, match=r"streams \['gen', 'disc'\]"):
+    with pytest.raises(ValueError, match=r"streams \['gen', 'disc'\].*--processes N"):
         make_plan(cfg, (1, 2, 1), global_batch=8)
+    # a 4-process run: every stream's per-process batch 4 times, as if each stream had it alone
+    four = make_plan(cfg, (1, 8, 1), processes=4)
+    assert four.tokens_per_step == 4 * (2 * 64 + 4 * 32)
+    alone = [make_plan(dataclasses.replace(base, data=d), (1, 8, 1), global_batch=4 * d.batch_size)
+             for d in (gen, disc)]
+    assert four.flops_per_step == pytest.approx(sum(p.flops_per_step for p in alone))
+    assert four.bytes_per_device[act] == pytest.approx(sum(p.bytes_per_device[act] for p in alone))
+    with pytest.raises(ValueError, match="give one"):
+        make_plan(base, (1, 2, 1), global_batch=8, processes=2)
+    with pytest.raises(ValueError, match="processes 0"):
+        make_plan(base, (1, 2, 1), processes=0)
     with pytest.raises(ShardingError, match="stream 'gen': global batch 2 is not divisible by data x fsdp = 4"):
         make_plan(cfg, (1, 4, 1))
