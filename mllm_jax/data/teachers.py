@@ -260,8 +260,11 @@ class MiniLMTeacher(_TextBatches):
     def from_pretrained(cls, path: str | Path, **kw) -> "MiniLMTeacher":
         """A BERT sentence-encoder folder (config.json, model.safetensors, tokenizer.json; e.g.
         all-MiniLM-L6-v2, bge-base-en-v1.5): the pooling from its sentence-transformers files
-        (``sentence_pooling``) and, unless given, ``max_length`` from its
-        ``sentence_bert_config.json`` (``max_seq_length``, at most the model's positions) and
+        (``sentence_pooling``) and, unless given, ``max_length`` as sentence-transformers sets it:
+        its ``sentence_bert_config.json``'s ``max_seq_length`` (at most the model's positions), or
+        without one the model's positions capped by ``tokenizer_config.json``'s
+        ``model_max_length`` (``Transformer``'s ``min(max_position_embeddings,
+        tokenizer.model_max_length)``), and
         ``lower_case`` from its ``do_lower_case`` (sentence-transformers lowercases the texts
         before its tokenizer sees them)."""
         from tokenizers import Tokenizer
@@ -274,8 +277,15 @@ class MiniLMTeacher(_TextBatches):
         model = load_pretrained(path)
         st_file = path / "sentence_bert_config.json"
         st = json.loads(st_file.read_text()) if st_file.exists() else {}
-        if "max_length" not in kw and st.get("max_seq_length"):
-            kw["max_length"] = min(int(st["max_seq_length"]), model.config.max_position_embeddings)
+        if "max_length" not in kw:
+            positions = model.config.max_position_embeddings
+            if st.get("max_seq_length"):
+                kw["max_length"] = min(int(st["max_seq_length"]), positions)
+            else:
+                tc_file = path / "tokenizer_config.json"
+                tc = json.loads(tc_file.read_text()) if tc_file.exists() else {}
+                limit = tc.get("model_max_length")
+                kw["max_length"] = positions if limit is None else min(positions, int(limit))
         kw.setdefault("lower_case", bool(st.get("do_lower_case", False)))
         return cls(model, Tokenizer.from_file(str(path / "tokenizer.json")), path.name, **kw)
 

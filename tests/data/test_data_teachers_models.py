@@ -343,9 +343,27 @@ def test_the_papers_triple_kernel_from_dinov2_bge_and_clip_folders(clip_dir, ber
             np.testing.assert_allclose(t[i, 2 + j], k(d2(f_clip_img[i], f_clip_txt[j])), rtol=1e-4)
 
 
+def test_bert_teacher_without_sentence_bert_config_takes_sentence_transformers_length(bert_dir, tmp_path):
+    """Without sentence_bert_config.json sentence-transformers truncates at
+    min(max_position_embeddings, tokenizer.model_max_length); ours took 256 capped by the
+    positions, so a 512-position BERT whose tokenizer says 512 was cut at 256 tokens."""
+    import shutil
+    _, d = bert_dir
+    for limit, want in ((20, 20), (100, 64), (None, 64)):
+        folder = tmp_path / f"limit{limit}"
+        shutil.copytree(d, folder)
+        tc = json.loads((folder / "tokenizer_config.json").read_text())
+        tc.pop("model_max_length", None)
+        if limit is not None:
+            tc["model_max_length"] = limit
+        (folder / "tokenizer_config.json").write_text(json.dumps(tc))
+        tok = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        assert min(64, tok.model_max_length) == want          # sentence-transformers' rule, from transformers
+        assert TC.MiniLMTeacher.from_pretrained(folder, pooling="mean").max_length == want
+
+
 def test_bert_teacher_truncates_at_the_models_positions(bert_dir):
-    """A folder without sentence_bert_config.json (max_length defaults to 256) whose BERT has 64
-    positions: a text of more than 64 tokens is truncated to 64, as transformers' tokenizer with
+    """A folder without sentence_bert_config.json whose BERT has 64 positions: a text of more than 64 tokens is truncated to 64, as transformers' tokenizer with
     max_length=64 does, and gets that text's mean-pooled embedding (the encoder raised on a
     128-token bucket and the cache build died)."""
     model, d = bert_dir
