@@ -30,8 +30,10 @@ def train(cfg: ExperimentConfig, *, eval_hooks=(), mesh=None) -> FitResult:
     spec = registry.model_spec(cfg.model_name)
     eval_data = (lambda: _data(cfg, "eval")) if cfg.train.eval_every else None
     flops = (lambda shapes: spec.forward_flops(cfg, shapes)) if spec.forward_flops else None
+    parts = (lambda shapes: spec.flops_parts(cfg, shapes)) if spec.flops_parts else None
     return fit(cfg, lambda: spec.build(cfg, nnx.Rngs(cfg.train.seed)), registry.build_loss_fn(cfg),
-               _data(cfg, "train"), eval_data=eval_data, eval_hooks=eval_hooks, forward_flops=flops, mesh=mesh)
+               _data(cfg, "train"), eval_data=eval_data, eval_hooks=eval_hooks, forward_flops=flops,
+               flops_parts=parts, mesh=mesh)
 
 
 def train_recipe(cfg: ExperimentConfig, *, stage: Optional[str] = None, mesh=None,

@@ -12,7 +12,13 @@ FLOPs count what the model computes (multiply-add = 2 FLOPs), forward + backward
     projector:           2 * (in * out) per kernel per image token
 
 so a fully trained decoder costs ``6 * N_matmul * tokens + 12 * L * H * hd * T * tokens`` (PaLM's
-count). Embedding lookups are gathers and cost nothing. The backward of the patch embedding
+count). When part of the model is frozen (LoRA, InfMLLM's stages) the backward pass does less,
+and ``train_flops_of`` counts what it does (``mllm_flops_parts``: the model as vision ->
+projector -> decoder): every product that the gradient flows back through (those above the
+lowest trainable param) costs its forward FLOPs again for the input gradient (twice for the
+weightless attention products, whose two inputs both need one), and each trainable weight
+``2 * rows * size`` for its gradient. Fully trained, that is 3x forward; a frozen ViT under a
+trained projector costs nothing in the backward pass; LoRA on a frozen LLM about 2x forward. Embedding lookups are gathers and cost nothing. The backward of the patch embedding
 needs only its weight gradient, yet 3x counts its input gradient too (0.16% of the train_step
 benchmark's mllm-tiny step). The parameter tables list every param (dotted path, shape,
 logical axes) the way ``models/`` builds them, which lets ``plan`` size a 7B model without
@@ -23,6 +29,8 @@ from __future__ import annotations
 import os
 import re
 from typing import NamedTuple, Optional
+
+import numpy as np
 
 from mllm_jax.config import DecoderConfig, MLLMConfig, VisionConfig
 
@@ -78,7 +86,7 @@ def decoder_params(cfg: DecoderConfig, prefix: str = "") -> list[ParamSpec]:
 
 
 def vision_params(cfg: VisionConfig, prefix: str = "") -> list[ParamSpec]:
-    """CLIP / SigLIP ViT (HF names)."""
+    """CLIP / SigLIP ViT (``models/vision.py`` names)."""
     d, p = cfg.hidden_size, cfg.patch_size
     clip = cfg.variant == "clip"
     n_pos = cfg.num_patches + (1 if clip else 0)
@@ -88,11 +96,11 @@ def vision_params(cfg: VisionConfig, prefix: str = "") -> list[ParamSpec]:
         out.append(ParamSpec(f"{prefix}embeddings.patch_embedding.bias", (d,), ("embed",)))
     else:
         out.append(ParamSpec(f"{prefix}embeddings.class_embedding", (d,), ("embed",)))
-    out.append(ParamSpec(f"{prefix}embeddings.position_embedding.embedding", (n_pos, d), ("position", "embed")))
+    out.append(ParamSpec(f"{prefix}embeddings.position_embedding", (n_pos, d), ("position", "embed")))
     if clip:
         out += _norm(f"{prefix}pre_layrnorm", d, True)
     for i in range(cfg.num_layers):
-        q = f"{prefix}encoder.layers.{i}"
+        q = f"{prefix}layers.{i}"
         out += _norm(f"{q}.layer_norm1", d, True)
         out += _attention(f"{q}.self_attn", d, cfg.num_heads, cfg.num_heads, d // cfg.num_heads, True, True)
         out += _norm(f"{q}.layer_norm2", d, True)
@@ -101,8 +109,11 @@ def vision_params(cfg: VisionConfig, prefix: str = "") -> list[ParamSpec]:
     out += _norm(f"{prefix}post_layernorm", d, True)
     if not clip and cfg.use_head:
         h = f"{prefix}head"
-        out.append(ParamSpec(f"{h}.probe", (1, 1, d), (None, None, "embed")))
-        out += _attention(f"{h}.attention", d, cfg.num_heads, cfg.num_heads, d // cfg.num_heads, True, True)
+        out.append(ParamSpec(f"{h}.probe", (d,), ("embed",)))
+        out += [ParamSpec(f"{h}.attention.in_proj_kernel", (d, 3, d), ("embed", None, "heads"),
+                          (None, None, cfg.num_heads)),
+                ParamSpec(f"{h}.attention.in_proj_bias", (3, d), (None, "heads"), (None, cfg.num_heads))]
+        out += _dense(f"{h}.attention.out_proj", d, d, ("heads", "embed"), True, (cfg.num_heads, None))
         out += _norm(f"{h}.layernorm", d, True)
         out += _dense(f"{h}.mlp.fc1", d, cfg.intermediate_size, ("embed", "mlp"), True)
         out += _dense(f"{h}.mlp.fc2", cfg.intermediate_size, d, ("mlp", "embed"), True)
@@ -157,7 +168,7 @@ def vision_forward_flops(cfg: VisionConfig, images: int, layers: Optional[int] =
     layers (default: all)."""
     layers = cfg.num_layers if layers is None else layers
     t = cfg.num_patches + (1 if cfg.variant == "clip" else 0)
-    n = _matmul_params([s for s in vision_params(cfg) if ".layers." in s.path]) // max(cfg.num_layers, 1) * layers
+    n = _matmul_params([s for s in vision_params(cfg) if s.path.startswith("layers.")]) // max(cfg.num_layers, 1) * layers
     attn = 4 * t * cfg.hidden_size * layers
     patch = 2 * cfg.patch_size ** 2 * cfg.num_channels * cfg.hidden_size * cfg.num_patches
     return float(images) * (t * (2 * n + attn) + patch)
@@ -171,16 +182,80 @@ def vision_layers_run(cfg: MLLMConfig) -> int:
 
 
 def mllm_forward_flops(cfg: MLLMConfig, batch: int, seq_len: int, images: int) -> float:
+    return sum(p.forward for p in mllm_flops_parts(cfg, batch, seq_len, images))
+
+
+def _weights(specs: list[ParamSpec], keep) -> tuple[tuple[str, int], ...]:
+    """(path, size) of the 2-D kernels and LoRA factors among ``specs`` whose path ``keep``s."""
+    return tuple((s.path, s.shape[0] * s.shape[1]) for s in specs
+                 if len(s.shape) == 2 and s.path.endswith((".kernel", ".lora.a", ".lora.b")) and keep(s.path))
+
+
+def mllm_flops_parts(cfg: MLLMConfig, batch: int, seq_len: int, images: int) -> list[FlopsPart]:
+    """``MLLM(cfg)`` over ``batch`` sequences of ``seq_len`` tokens with ``images`` images, as
+    ``FlopsPart`` s bottom to top: the ViT layers that run, the projector, the decoder (its
+    input embeddings and soft prompts at its bottom). LoRA factors count as weights (their own
+    forward products, ``rank / width`` of the layer's, are left out of ``forward``)."""
+    table = mllm_params(cfg)
+    v, d = cfg.vision, cfg.decoder
+    run = vision_layers_run(cfg)
+    t = v.num_patches + (1 if v.variant == "clip" else 0)
+    layer = re.compile(r"^vision\.layers\.(\d+)\.")
+    vis = [s for s in table if s.path.startswith("vision.")]
+    vis_weights = _weights(vis, lambda p: (m := layer.match(p)) is not None and int(m.group(1)) < run)
+    patch = next(s for s in vis if s.path == "vision.embeddings.patch_embedding.kernel")
+    vis_weights += ((patch.path, int(np.prod(patch.shape))),)      # each patch once (no CLS row: ~1/t)
+    vision = FlopsPart(("vision.",), vision_forward_flops(v, images, run),
+                       float(images) * t * 4 * t * v.hidden_size * run, vis_weights, images * t)
     proj_tokens = cfg.tokens_per_image        # the pool adapter pools first, then its MLP
-    dv, dl = cfg.vision.hidden_size, cfg.decoder.hidden_size
-    proj = 2.0 * images * proj_tokens * (dv * dl + dl * dl)
-    vision = vision_forward_flops(cfg.vision, images, vision_layers_run(cfg))
-    return decoder_forward_flops(cfg.decoder, batch, seq_len) + vision + proj
+    dv, dl = v.hidden_size, d.hidden_size
+    projector = FlopsPart(("projector.",), 2.0 * images * proj_tokens * (dv * dl + dl * dl), 0.0,
+                          _weights(table, lambda p: p.startswith("projector.")), images * proj_tokens)
+    dec_weights = _weights(table, lambda p: p.startswith("decoder."))
+    if d.tie_word_embeddings:                 # the logits multiply the embedding matrix
+        dec_weights += (("decoder.embed_tokens.embedding", d.vocab_size * d.hidden_size),)
+    tokens = batch * seq_len
+    decoder = FlopsPart(("decoder.", "soft_prompt."), decoder_forward_flops(d, batch, seq_len),
+                        float(tokens) * 4 * seq_len * d.num_heads * d.resolved_head_dim * d.num_layers,
+                        dec_weights, tokens)
+    return [vision, projector, decoder]
 
 
 def train_flops(forward_flops: float) -> float:
-    """Forward + backward (the backward pass is two matmuls per forward matmul)."""
+    """Forward + backward of a fully trained model (the backward pass is two matmuls per
+    forward matmul); ``train_flops_of`` for one with frozen parts."""
     return 3.0 * forward_flops
+
+
+class FlopsPart(NamedTuple):
+    """One stage of the forward pass (``mllm_flops_parts`` lists them bottom to top).
+
+    ``params``: path prefixes of its params (a trainable one among them makes the gradient flow
+    back through this part and every part above it); ``forward``: its forward FLOPs, of which
+    ``weightless`` have no weight operand (attention's ``QK^T`` and ``PV``); ``weights``: the
+    weight matrices it multiplies (param path, size), each by ``rows`` rows."""
+    params: tuple[str, ...]
+    forward: float
+    weightless: float
+    weights: tuple[tuple[str, int], ...]
+    rows: int
+
+
+def train_flops_of(parts: list[FlopsPart], trainable) -> float:
+    """Forward + backward FLOPs of one step when ``trainable(path)`` says which params are
+    trained: the forward pass; the input gradient of every part from the lowest one with a
+    trainable param (prefixes in ``params``, or a weight) up, ``forward + weightless``; and the
+    weight gradient ``2 * rows * size`` of each trainable weight. Everything trainable: ``3 *
+    forward`` (what ``train_flops`` counts)."""
+    total = sum(p.forward for p in parts)
+    flows = False
+    for p in parts:
+        mine = [path for path, _ in p.weights] + list(p.params)
+        flows = flows or any(trainable(x) for x in mine)
+        if flows:
+            total += p.forward + p.weightless
+        total += 2.0 * p.rows * sum(n for path, n in p.weights if trainable(path))
+    return total
 
 
 # ---- device peaks -------------------------------------------------------------------------------

@@ -41,9 +41,9 @@ from mllm_jax.objectives.lm import NTP_DENOMINATOR
 from mllm_jax.train import distributed
 from mllm_jax.train.checkpoint import Checkpointer, find_checkpoint_dir
 from mllm_jax.train.evaluation import COUNT_SUFFIXES, evaluate, make_eval_step
-from mllm_jax.train.flops import device_peak_flops, train_flops
+from mllm_jax.train.flops import device_peak_flops, train_flops, train_flops_of
 from mllm_jax.train.metrics import MetricsWriter, Progress, Throughput
-from mllm_jax.train.optim import build_optimizer
+from mllm_jax.train.optim import build_optimizer, path_str
 from mllm_jax.train.state import TrainState, abstract_train_state, count_params, create_train_state
 
 log = logging.getLogger(__name__)
@@ -262,13 +262,17 @@ class FitResult:
 
 def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], loss_fn: LossFn, data, *,
         eval_data: Optional[Callable[[], Iterator]] = None, eval_hooks: Sequence[Callable] = (),
-        forward_flops: Optional[Callable[[dict], float]] = None, mesh=None,
+        forward_flops: Optional[Callable[[dict], float]] = None,
+        flops_parts: Optional[Callable[[dict], list]] = None, mesh=None,
         rules: shd.Rules = shd.DEFAULT_RULES) -> FitResult:
     """Trains ``model`` (a module or a constructor) for ``cfg.train.steps`` steps, resuming from
     the newest good checkpoint in the run's checkpoint dir if there is one.
 
-    ``forward_flops(global batch shapes) -> FLOPs`` enables MFU; ``eval_data()`` returns a fresh
-    eval iterator each time the eval hook runs (every ``train.eval_every`` steps).
+    ``forward_flops(global batch shapes) -> FLOPs`` enables MFU (training FLOPs: 3x); with
+    ``flops_parts(shapes) -> [flops.FlopsPart]`` instead, MFU counts the backward pass that the
+    trainable params need (``flops.train_flops_of``; less under LoRA or a frozen tower).
+    ``eval_data()`` returns a fresh eval iterator each time the eval hook runs (every
+    ``train.eval_every`` steps).
     """
     tc = cfg.train
     primary = jax.process_index() == 0
@@ -319,7 +323,8 @@ def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], los
     step = int(state.step)
     last_saved = step if restored is not None else None
     thr = Throughput(_mesh_peak_flops(cfg, mesh))
-    cost = _step_cost(forward_flops, count_params(abstract.all_params()))
+    trained = frozenset(path_str(p) for p, _ in nnx.to_flat_state(abstract.params))
+    cost = _step_cost(forward_flops, count_params(abstract.all_params()), flops_parts, trained)
     pending: Optional[tuple[int, Any, tuple[int, float]]] = None
 
     unlogged: list = []          # the latest drained step's metrics, when log_every skipped them
@@ -410,10 +415,11 @@ def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], los
     return FitResult(state, history, eval_history, status, signum, ckpt.directory)
 
 
-def _step_cost(forward_flops, n_params: int):
+def _step_cost(forward_flops, n_params: int, flops_parts=None, trained: frozenset = frozenset()):
     """``batch -> (tokens, training FLOPs)`` from the global batch's shapes (buckets may change
-    them from step to step); without ``forward_flops`` the forward pass is ``2 * params * tokens``.
-    A multi-stream batch (``{stream: batch}``, views nested deeper) sums over its sub-batches."""
+    them from step to step): ``flops_parts`` with the ``trained`` param paths, else 3x
+    ``forward_flops``, else 3x ``2 * params * tokens``. A multi-stream batch (``{stream:
+    batch}``, views nested deeper) sums over its sub-batches."""
     def leaves(batch):
         if any(isinstance(v, dict) for v in batch.values()):
             for v in batch.values():
@@ -428,8 +434,11 @@ def _step_cost(forward_flops, n_params: int):
             shapes = {k: tuple(v.shape) for k, v in b.items()}
             t = int(np.prod(shapes["input_ids"])) if "input_ids" in shapes else next(iter(shapes.values()))[0]
             tokens += t
-            flops += forward_flops(shapes) if forward_flops else 2.0 * n_params * t
-        return tokens, train_flops(flops)
+            if flops_parts is not None:
+                flops += train_flops_of(flops_parts(shapes), trained.__contains__)
+            else:
+                flops += train_flops(forward_flops(shapes) if forward_flops else 2.0 * n_params * t)
+        return tokens, flops
     return cost
 
 

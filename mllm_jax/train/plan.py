@@ -188,7 +188,8 @@ def make_plan(cfg: ExperimentConfig, mesh_shape: Sequence[int], *, global_batch:
     accum = optim.grad_accum      # the step scans over micro-batches: one micro-batch's activations live
     v = cfg.model.vision
     spec = model_spec(cfg.model_name)
-    act = fwd = 0.0
+    act = flops = 0.0
+    trained = {path_str(p) for p, _ in nnx.to_flat_state(trainable)}
     tokens = 0
     for where, data in batches:
         B, T, images = global_batch or data.batch_size * (processes or 1), max(data.seq_buckets), data.max_images
@@ -199,14 +200,17 @@ def make_plan(cfg: ExperimentConfig, mesh_shape: Sequence[int], *, global_batch:
             raise ValueError(f"{where}global batch {B} is not divisible by train.optim.grad_accum={accum}")
         act += activation_bytes(cfg, mesh_dict, B // accum, T, images)
         shapes = {"input_ids": (B, T), "pixel_values": (B, images, v.image_size, v.image_size, v.num_channels)}
-        fwd += spec.forward_flops(cfg, shapes) if spec.forward_flops else 2.0 * sum(counts.values()) * B * T
+        if spec.flops_parts is not None:      # frozen params: the backward pass it does
+            flops += F.train_flops_of(spec.flops_parts(cfg, shapes), trained.__contains__)
+        else:
+            flops += F.train_flops(spec.forward_flops(cfg, shapes) if spec.forward_flops
+                                   else 2.0 * sum(counts.values()) * B * T)
         tokens += B * T
     bytes_ = {"params": _device_bytes((abstract.params, abstract.frozen)),
               "grads": _device_bytes(abstract.params),
               "opt_state": _device_bytes(abstract.opt_state),
               "activations (estimate)": act}
     bytes_["total"] = sum(bytes_.values())
-    flops = F.train_flops(fwd)
     n = mesh.size
     times = {a: flops / (n * F.ACCELERATORS[a][0] * mfu) for a in accelerators}
     fits = {a: bytes_["total"] <= F.ACCELERATORS[a][1] for a in accelerators}

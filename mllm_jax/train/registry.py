@@ -30,12 +30,15 @@ class ModelSpec:
 
     ``forward_flops(cfg, shapes)`` gets the global batch's array shapes (``{"input_ids": (B, T),
     "pixel_values": (B, M, H, W, C), ...}``) and returns forward FLOPs; ``None`` falls back to
-    ``2 * params * tokens``. ``param_table(cfg)`` lists the params without building the model
-    (used by ``plan`` when the model cannot be built here).
+    ``2 * params * tokens``. ``flops_parts(cfg, shapes)`` (optional) gives the same forward pass
+    as ``flops.FlopsPart`` s, so that a run with frozen params counts the backward pass it does
+    (``flops.train_flops_of``) instead of 2x forward. ``param_table(cfg)`` lists the params
+    without building the model (used by ``plan`` when the model cannot be built here).
     """
     build: Callable[[ExperimentConfig, nnx.Rngs], nnx.Module]
     forward_flops: Optional[Callable[[ExperimentConfig, dict], float]] = None
     param_table: Optional[Callable[[ExperimentConfig], list]] = None
+    flops_parts: Optional[Callable[[ExperimentConfig, dict], list]] = None
 
 
 # ---- the MLLM ----------------------------------------------------------------------------------
@@ -45,14 +48,18 @@ def _build_mllm(cfg: ExperimentConfig, rngs: nnx.Rngs) -> nnx.Module:
     return MLLM(cfg.model, rngs=rngs)      # attaches cfg.model.lora itself
 
 
-def _mllm_flops(cfg: ExperimentConfig, shapes: dict) -> float:
+def _mllm_parts(cfg: ExperimentConfig, shapes: dict) -> list:
     b, t = shapes["input_ids"][:2]
     images = b * shapes["pixel_values"][1] if "pixel_values" in shapes else 0
-    return F.mllm_forward_flops(cfg.model, b, t, images)
+    return F.mllm_flops_parts(cfg.model, b, t, images)
+
+
+def _mllm_flops(cfg: ExperimentConfig, shapes: dict) -> float:
+    return sum(p.forward for p in _mllm_parts(cfg, shapes))
 
 
 MLLM_SPEC = ModelSpec(build=_build_mllm, forward_flops=_mllm_flops,
-                      param_table=lambda cfg: F.mllm_params(cfg.model))
+                      param_table=lambda cfg: F.mllm_params(cfg.model), flops_parts=_mllm_parts)
 
 MODELS: dict[str, Any] = {"mllm": "mllm_jax.train.registry:MLLM_SPEC"}
 OBJECTIVES: dict[str, Any] = {
