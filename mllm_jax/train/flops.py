@@ -241,20 +241,20 @@ class FlopsPart(NamedTuple):
     rows: int
 
 
-def train_flops_of(parts: list[FlopsPart], trainable) -> float:
-    """Forward + backward FLOPs of one step when ``trainable(path)`` says which params are
-    trained: the forward pass; the input gradient of every part from the lowest one with a
-    trainable param (prefixes in ``params``, or a weight) up, ``forward + weightless``; and the
-    weight gradient ``2 * rows * size`` of each trainable weight. Everything trainable: ``3 *
+def train_flops_of(parts: list[FlopsPart], trained) -> float:
+    """Forward + backward FLOPs of one step when the params whose paths are in ``trained`` (a
+    set) are trained: the forward pass; the input gradient of every part from the lowest one with
+    a trained param (a path under its ``params`` prefixes) up, ``forward + weightless``; and the
+    weight gradient ``2 * rows * size`` of each trained weight. Everything trained: ``3 *
     forward`` (what ``train_flops`` counts)."""
+    trained = frozenset(trained)
     total = sum(p.forward for p in parts)
     flows = False
     for p in parts:
-        mine = [path for path, _ in p.weights] + list(p.params)
-        flows = flows or any(trainable(x) for x in mine)
+        flows = flows or any(path.startswith(p.params) for path in trained)
         if flows:
             total += p.forward + p.weightless
-        total += 2.0 * p.rows * sum(n for path, n in p.weights if trainable(path))
+        total += 2.0 * p.rows * sum(n for path, n in p.weights if path in trained)
     return total
 
 

@@ -435,7 +435,7 @@ def _step_cost(forward_flops, n_params: int, flops_parts=None, trained: frozense
             t = int(np.prod(shapes["input_ids"])) if "input_ids" in shapes else next(iter(shapes.values()))[0]
             tokens += t
             if flops_parts is not None:
-                flops += train_flops_of(flops_parts(shapes), trained.__contains__)
+                flops += train_flops_of(flops_parts(shapes), trained)
             else:
                 flops += train_flops(forward_flops(shapes) if forward_flops else 2.0 * n_params * t)
         return tokens, flops

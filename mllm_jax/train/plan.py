@@ -201,7 +201,7 @@ def make_plan(cfg: ExperimentConfig, mesh_shape: Sequence[int], *, global_batch:
         act += activation_bytes(cfg, mesh_dict, B // accum, T, images)
         shapes = {"input_ids": (B, T), "pixel_values": (B, images, v.image_size, v.image_size, v.num_channels)}
         if spec.flops_parts is not None:      # frozen params: the backward pass it does
-            flops += F.train_flops_of(spec.flops_parts(cfg, shapes), trained.__contains__)
+            flops += F.train_flops_of(spec.flops_parts(cfg, shapes), trained)
         else:
             flops += F.train_flops(spec.forward_flops(cfg, shapes) if spec.forward_flops
                                    else 2.0 * sum(counts.values()) * B * T)

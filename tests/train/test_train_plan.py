@@ -323,10 +323,22 @@ def test_train_flops_of_frozen_parts_agree_with_xla(trained):
     cost = jax.jit(jax.value_and_grad(loss)).lower(params, rest, ids, pix).compile().cost_analysis()
     xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
     parts = F.mllm_flops_parts(cfg, B, T, B * M)
-    ours = F.train_flops_of(parts, keep)
+    ours = F.train_flops_of(parts, {s.path for s in F.mllm_params(cfg) if keep(s.path)})
     fwd = sum(p.forward for p in parts)
     assert 0.95 < ours / xla < 1.05, (ours, xla, 3 * fwd)
     if trained == "all":
         assert ours == pytest.approx(3 * fwd, rel=2e-3)      # the patch embedding's CLS row aside
     else:
         assert 3 * fwd / xla > 1.25, (3 * fwd, xla)            # what the 3x count said
+
+
+def test_train_flops_of_by_hand():
+    """Two parts, bottom a (forward 10, 2 of it weightless, weight a.w of 3 on 1 row) and top b
+    (20, 4, b.w of 5 on 2 rows). A trained param without a weight (a soft prompt, a norm) still
+    makes the gradient flow back through its part and those above it."""
+    parts = [F.FlopsPart(("a.",), 10.0, 2.0, (("a.w", 3),), 1), F.FlopsPart(("b.",), 20.0, 4.0, (("b.w", 5),), 2)]
+    assert F.train_flops_of(parts, set()) == 30
+    assert F.train_flops_of(parts, {"b.prompt"}) == 30 + 24
+    assert F.train_flops_of(parts, {"b.w"}) == 30 + 24 + 2 * 2 * 5
+    assert F.train_flops_of(parts, {"a.norm"}) == 30 + 12 + 24
+    assert F.train_flops_of(parts, {"a.w", "b.w"}) == 30 + 12 + 24 + 2 * 3 + 2 * 2 * 5
