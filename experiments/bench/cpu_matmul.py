@@ -5,8 +5,8 @@
 
 ``y[M, N] = x[M, K] @ W[K, N]`` for the weight shapes of the decode benchmark's models (the
 4x512 Llama's MLP, SmolLM2-135M's MLP and a 6144-wide slice of its tied embedding) and M from 1
-to 128 rows (M = decode batch; the generate loop uses the kernel up to
-``cpu_matmul.MAX_ROWS``). Weights are cold, as in a decode step: each timed call multiplies
+to 128 rows (M = decode batch; the generate loop uses the kernel for
+``cpu_matmul.row_range()`` rows: 1-128 on AVX-512, 2-8 on AVX2). Weights are cold, as in a decode step: each timed call multiplies
 ``copies`` different matrices (more bytes than the L3 cache) and the time per matrix is
 reported; best of 5 calls. Each thread count runs in its own process pinned to that many cores
 (with 1 thread also XLA's single-threaded Eigen dots), as in decode.py. GB/s = weight bytes /
@@ -91,7 +91,7 @@ def write(results: dict, out: Path) -> None:
         lines += [f"| {c['name']} | {c['xla_us']} | {c['kernel_us']} | {c['speedup']} | {c['xla_gb_s']} | "
                   f"{c['kernel_gb_s']} | {c['kernel_gflop_s']} |" for c in results["cases"]]
     lines += ["", f"- {allocator_line()}",
-              f"- generate uses the kernel for calls of at most MAX_ROWS = {results['max_rows']} rows.",
+              f"- generate uses the kernel ({results['isa']}) for calls of {results['rows'][0]} to {results['rows'][1]} rows.",
               "- speedup = XLA time / kernel time; weights cold (more matrices per call than fit in L3)."]
     (out / "cpu_matmul.md").write_text("\n".join(lines) + "\n")
 
@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     rows = [1, 8, 64] if args.quick else [1, 2, 4, 8, 16, 32, 64, 128]
     from mllm_jax.kernels import cpu_matmul
     results = dict(cases=[], machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                   f"{platform.platform()}", allocator=allocator(), max_rows=cpu_matmul.MAX_ROWS)
+                   f"{platform.platform()}", allocator=allocator(),
+                   isa=cpu_matmul.isa(), rows=list(cpu_matmul.row_range()))
     for t in threads:
         res = _run(t, rows, 96 if args.quick else 192)
         if "unavailable" in res:

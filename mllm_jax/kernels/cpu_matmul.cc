@@ -19,9 +19,11 @@
 // finds nothing to do and cannot deadlock the call; the shared state is reference-counted so
 // it outlives such a task.
 //
-// Built by mllm_jax/kernels/cpu_matmul.py with -O3 -march=native. Without AVX-512 the
-// library reports itself unavailable (mllm_jax_cpu_matmul_isa() == 0) and callers keep
-// XLA's dot.
+// Built by mllm_jax/kernels/cpu_matmul.py with -O3 -march=native. With AVX-512 a register
+// block is up to 8 rows x 3 zmm; on AVX2 + FMA CPUs (16 ymm registers) up to 2 rows x 6 ymm,
+// so a larger M passes over the panel M / 2 times (after the first pass from L2 while
+// K x 192 bytes fit there). With neither, the library reports itself unavailable
+// (mllm_jax_cpu_matmul_isa() == 0) and callers keep XLA's dot.
 
 #include <algorithm>
 #include <atomic>
@@ -32,6 +34,14 @@
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__AVX512F__)
+#define MLLM_JAX_ISA 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define MLLM_JAX_ISA 2
+#else
+#define MLLM_JAX_ISA 0
+#endif
+
+#if MLLM_JAX_ISA
 #include <immintrin.h>
 #endif
 
@@ -39,10 +49,10 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kPanel = 48;  // columns per packed panel: 3 zmm registers
-constexpr int64_t kRows = 8;    // rows of x per register block: 8 x 3 accumulators
+constexpr int64_t kPanel = 48;  // columns per packed panel: 3 zmm / 6 ymm registers
 
-#if defined(__AVX512F__)
+#if MLLM_JAX_ISA == 1
+constexpr int64_t kRows = 8;    // rows of x per register block: 8 x 3 accumulators
 
 // y[0:MB, 0:ncols] = x[0:MB, :] @ panel, panel = [K, 48] contiguous.
 template <int MB>
@@ -79,11 +89,56 @@ inline void PanelBlock(const float* x, int64_t K, const float* panel, float* y,
   }
 }
 
+#elif MLLM_JAX_ISA == 2
+constexpr int64_t kRows = 2;    // rows of x per register block: 2 x 6 accumulators (of 16 ymm)
+
+// y[0:MB, 0:ncols] = x[0:MB, :] @ panel, panel = [K, 48] contiguous (AVX2 + FMA).
+template <int MB>
+inline void PanelBlock(const float* x, int64_t K, const float* panel, float* y,
+                       int64_t ldy, int64_t ncols) {
+  __m256 acc[MB][6];
+  for (int m = 0; m < MB; ++m) {
+    for (int j = 0; j < 6; ++j) acc[m][j] = _mm256_setzero_ps();
+  }
+  const float* w = panel;
+  for (int64_t k = 0; k < K; ++k, w += kPanel) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + 1024), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + 1024 + 16), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + 1024 + 32), _MM_HINT_T0);
+    __m256 b[MB];
+    for (int m = 0; m < MB; ++m) b[m] = _mm256_broadcast_ss(x + m * K + k);
+    for (int j = 0; j < 6; ++j) {
+      const __m256 wj = _mm256_loadu_ps(w + 8 * j);
+      for (int m = 0; m < MB; ++m) acc[m][j] = _mm256_fmadd_ps(b[m], wj, acc[m][j]);
+    }
+  }
+  if (ncols == kPanel) {
+    for (int m = 0; m < MB; ++m) {
+      for (int j = 0; j < 6; ++j) _mm256_storeu_ps(y + m * ldy + 8 * j, acc[m][j]);
+    }
+  } else {
+    alignas(32) float row[kPanel];
+    for (int m = 0; m < MB; ++m) {
+      for (int j = 0; j < 6; ++j) _mm256_store_ps(row + 8 * j, acc[m][j]);
+      std::copy(row, row + ncols, y + m * ldy);
+    }
+  }
+}
+#endif
+
+#if MLLM_JAX_ISA
 void PanelRows(const float* x, int64_t M, int64_t K, const float* panel, float* y,
                int64_t N, int64_t ncols) {
   for (int64_t m0 = 0; m0 < M; m0 += kRows) {
     const float* xm = x + m0 * K;
     float* ym = y + m0 * N;
+#if MLLM_JAX_ISA == 2
+    if (M - m0 == 1) {
+      PanelBlock<1>(xm, K, panel, ym, N, ncols);
+    } else {
+      PanelBlock<2>(xm, K, panel, ym, N, ncols);
+    }
+#else
     switch (std::min(kRows, M - m0)) {
       case 1: PanelBlock<1>(xm, K, panel, ym, N, ncols); break;
       case 2: PanelBlock<2>(xm, K, panel, ym, N, ncols); break;
@@ -94,6 +149,7 @@ void PanelRows(const float* x, int64_t M, int64_t K, const float* panel, float* 
       case 7: PanelBlock<7>(xm, K, panel, ym, N, ncols); break;
       default: PanelBlock<8>(xm, K, panel, ym, N, ncols); break;
     }
+#endif
   }
 }
 
@@ -122,11 +178,11 @@ struct Job {
   }
 };
 
-#endif  // __AVX512F__
+#endif  // MLLM_JAX_ISA
 
 ffi::Error SmallMMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> wp, ffi::ResultBuffer<ffi::F32> y) {
-#if defined(__AVX512F__)
+#if MLLM_JAX_ISA
   const auto xd = x.dimensions();
   const auto wd = wp.dimensions();
   const auto yd = y->dimensions();
@@ -175,7 +231,7 @@ ffi::Error SmallMMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 #else
   return ffi::Error(ffi::ErrorCode::kUnimplemented,
-                    "mllm_jax_cpu_small_m_matmul was built without AVX-512");
+                    "mllm_jax_cpu_small_m_matmul was built without AVX-512 or AVX2 + FMA");
 #endif
 }
 
@@ -188,11 +244,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MllmJaxCpuSmallMMatmul, SmallMMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-// 1 when the kernel was compiled for AVX-512 (the only path implemented), else 0.
-extern "C" int mllm_jax_cpu_matmul_isa() {
-#if defined(__AVX512F__)
-  return 1;
-#else
-  return 0;
-#endif
-}
+// 1 when the kernel was compiled for AVX-512, 2 for AVX2 + FMA, else 0 (no path).
+extern "C" int mllm_jax_cpu_matmul_isa() { return MLLM_JAX_ISA; }

@@ -17,9 +17,10 @@ decode loop's ``Dense``/``Embed.attend`` use them when the step has at most ``MA
 The library is compiled on first use (``g++``/``c++``/``$CXX``, ``-O3 -march=native``, against
 ``jax.ffi.include_dir()``) into ``$MLLM_JAX_KERNEL_CACHE`` (default
 ``~/.cache/mllm_jax/kernels``), keyed by the source, the compiler, jaxlib and the CPU's flags,
-written atomically. Only an AVX-512 path is implemented: elsewhere, with no compiler, or with
-``MLLM_JAX_CPU_KERNELS=0``, ``available()`` is False, ``unavailable_reason()`` says why, and
-callers keep XLA's dot. The call has no batching, differentiation or sharding rule: it is for
+written atomically. x86-64 paths: AVX-512 (8-row register blocks) and AVX2 + FMA (2-row
+blocks; ``isa()`` says which was built). Elsewhere (no AVX2, not x86-64), with no compiler, or
+with ``MLLM_JAX_CPU_KERNELS=0``, ``available()`` is False, ``unavailable_reason()`` says why,
+and callers keep XLA's dot. The call has no batching, differentiation or sharding rule: it is for
 single-device, inference-time use (``generate`` checks this).
 """
 from __future__ import annotations
@@ -43,7 +44,11 @@ import jaxlib
 log = logging.getLogger(__name__)
 
 PANEL = 48          # columns per packed panel (kernel constant kPanel)
-MAX_ROWS = 128      # measured faster than XLA's dot up to here (experiments/bench/cpu_matmul.py)
+MAX_ROWS = 128      # AVX-512: measured faster than XLA's dot up to here (experiments/bench/cpu_matmul.py)
+# rows (the product of x's leading dims) for which each path beat XLA's dot there: AVX-512 from
+# 1 to 128; AVX2 from 2 to 8 (1.2-2.3x; at 1 row XLA's matrix-vector product is as fast or
+# faster, from 16 rows on XLA's GEMM)
+ROWS = {"avx512": (1, MAX_ROWS), "avx2": (2, 8)}
 TARGET = "mllm_jax_cpu_small_m_matmul"
 _SRC = Path(__file__).with_name("cpu_matmul.cc")
 _LIB = "libmllm_jax_cpu_matmul.so"
@@ -82,9 +87,10 @@ def _flags() -> list[str]:
 def build(force: bool = False) -> Path:
     """Compiles the library (if not cached) and returns its path; raises ``KernelUnavailable``."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        raise KernelUnavailable(f"only an x86-64 AVX-512 kernel is implemented (this is {platform.machine()})")
-    if "avx512f" not in _cpu_flags():
-        raise KernelUnavailable("this CPU has no AVX-512 (avx512f), the only path implemented")
+        raise KernelUnavailable(f"only x86-64 kernels (AVX-512, AVX2) are implemented (this is {platform.machine()})")
+    flags = set(_cpu_flags().split())
+    if "avx512f" not in flags and not {"avx2", "fma"} <= flags:
+        raise KernelUnavailable("this CPU has neither AVX-512 (avx512f) nor AVX2 + FMA, the paths implemented")
     cxx = _compiler()
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
@@ -125,10 +131,22 @@ def _load() -> str | None:
         return str(e)
     except OSError as e:
         return f"loading the kernel library failed: {e}"
-    if not hasattr(lib, "mllm_jax_cpu_matmul_isa") or lib.mllm_jax_cpu_matmul_isa() != 1:
-        return "the kernel library was built without AVX-512"
+    code = lib.mllm_jax_cpu_matmul_isa() if hasattr(lib, "mllm_jax_cpu_matmul_isa") else 0
+    if code not in ISAS:
+        return "the kernel library was built without AVX-512 or AVX2 + FMA"
+    _ISA[0] = ISAS[code]
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MllmJaxCpuSmallMMatmul), platform="cpu")
     return None
+
+
+ISAS = {1: "avx512", 2: "avx2"}
+_ISA: list = [None]
+
+
+def isa() -> str | None:
+    """The instruction set the loaded kernel was built for ("avx512" or "avx2"), None if it is
+    unavailable."""
+    return _ISA[0] if unavailable_reason() is None else None
 
 
 def unavailable_reason() -> str | None:
@@ -150,12 +168,19 @@ def _log_once(reason: str) -> None:
     log.info("CPU small-batch matmul kernel not used: %s", reason)
 
 
+def row_range() -> tuple[int, int]:
+    """``(min, max)`` rows the loaded kernel is used for (``ROWS`` of its ``isa()``)."""
+    return ROWS.get(isa(), (1, MAX_ROWS))
+
+
 def applies(x: jax.Array) -> bool:
-    """Whether a ``[..., K]`` float32 input is small enough for the kernel (static shapes)."""
+    """Whether a ``[..., K]`` float32 input has a number of rows the kernel is faster at than
+    XLA's dot (``row_range()``; static shapes)."""
     rows = 1
     for d in x.shape[:-1]:
         rows *= d
-    return x.dtype == jnp.float32 and 0 < rows <= MAX_ROWS
+    lo, hi = row_range()
+    return x.dtype == jnp.float32 and lo <= rows <= hi
 
 
 def pack(w: jax.Array) -> jax.Array:
@@ -187,7 +212,7 @@ def matmul(x: jax.Array, wp: jax.Array, n: int) -> jax.Array:
     return y.reshape(*lead, n)
 
 
-__all__ = ["PANEL", "MAX_ROWS", "KernelUnavailable", "available", "unavailable_reason", "applies",
+__all__ = ["PANEL", "MAX_ROWS", "KernelUnavailable", "available", "unavailable_reason", "isa", "ROWS", "row_range", "applies",
            "build", "cache_dir", "pack", "pack_transposed", "matmul"]
 
 
@@ -196,7 +221,7 @@ def _main() -> int:
     Exit status 0 either way (the kernel is optional)."""
     reason = unavailable_reason()
     if reason is None:
-        print(f"mllm_jax CPU matmul kernel: ready (built under {cache_dir()})")
+        print(f"mllm_jax CPU matmul kernel: ready, {isa()} (built under {cache_dir()})")
     else:
         print(f"mllm_jax CPU matmul kernel: not used ({reason}); generate keeps XLA's dot")
     return 0

@@ -129,7 +129,7 @@ class Dense(nnx.Module):
     ``self.lora`` is ``None`` until ``mllm_jax.models.lora.apply_lora`` attaches one.
     ``self.packed`` is ``None`` except inside ``generate``, which sets it to the kernel packed
     for the CPU small-batch matmul (``mllm_jax.kernels.cpu_matmul``) on the model it merges
-    in its jitted loop; calls with at most ``cpu_matmul.MAX_ROWS`` float32 rows then use it.
+    in its jitted loop; calls with a number of float32 rows in ``cpu_matmul.row_range()`` then use it.
     """
 
     def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str],

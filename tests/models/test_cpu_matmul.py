@@ -58,9 +58,12 @@ def test_wrong_packed_shape_is_a_clear_error():
 
 
 def test_applies_only_to_small_float32_inputs():
+    lo, hi = cpu_matmul.row_range()
+    assert (lo, hi) == cpu_matmul.ROWS[cpu_matmul.isa()] and lo <= 2 and 8 <= hi
     assert cpu_matmul.applies(jnp.ones((8, 1, 16), jnp.float32))
-    assert cpu_matmul.applies(jnp.ones((cpu_matmul.MAX_ROWS, 16), jnp.float32))
-    assert not cpu_matmul.applies(jnp.ones((cpu_matmul.MAX_ROWS + 1, 16), jnp.float32))
+    assert cpu_matmul.applies(jnp.ones((hi, 16), jnp.float32))
+    assert not cpu_matmul.applies(jnp.ones((hi + 1, 16), jnp.float32))
+    assert cpu_matmul.applies(jnp.ones((1, 16), jnp.float32)) == (lo == 1)
     assert not cpu_matmul.applies(jnp.ones((8, 16), jnp.bfloat16))
 
 
@@ -114,11 +117,13 @@ def test_generate_uses_the_kernel_and_gives_transformers_tokens(models):
     mask[2, :3] = 0                                   # a left-padded row
     ids[2, :3] = 0
     # every Dense of the decoder (q, k, v, o, gate, up, down; lm_head or the tied embedding) is
-    # called through the kernel in the prefill and again in the loop body
+    # called through the kernel in the loop body (b rows), and in the prefill (b * t rows) where
+    # the kernel's row range takes them (AVX-512: up to 128; AVX2: up to 8)
     n_dense = sum(isinstance(m, generate_mod.Dense) for _, m in nnx.iter_modules(model))
     tied = hf.config.tie_word_embeddings
     per_pass = n_dense + int(tied)
-    assert _custom_calls(model, ids, mask, True) >= 2 * per_pass
+    lo, hi = cpu_matmul.row_range()
+    assert _custom_calls(model, ids, mask, True) >= per_pass * (2 if lo <= b * t <= hi else 1)
     assert _custom_calls(model, ids, mask, False) == 0
     with_k = generate_mod.generate(model, ids, attention_mask=mask, max_new_tokens=n, stop_tokens=())
     without = generate_mod.generate(model, ids, attention_mask=mask, max_new_tokens=n, stop_tokens=(),
@@ -164,3 +169,10 @@ def test_packed_weights_are_reused_and_follow_weight_updates(models):
     import gc
     gc.collect()
     assert generate_mod._PACKS._packs is None
+
+
+def test_the_widest_path_this_cpu_has_is_built():
+    """AVX-512 where the CPU has it, else the AVX2 + FMA path (2-row register blocks): the
+    library was AVX-512 only, and AVX2 CPUs kept XLA's dot."""
+    flags = set(cpu_matmul._cpu_flags().split())
+    assert cpu_matmul.isa() == ("avx512" if "avx512f" in flags else "avx2")
