@@ -419,7 +419,21 @@ def _step_cost(forward_flops, n_params: int, flops_parts=None, trained: frozense
     """``batch -> (tokens, training FLOPs)`` from the global batch's shapes (buckets may change
     them from step to step): ``flops_parts`` with the ``trained`` param paths, else 3x
     ``forward_flops``, else 3x ``2 * params * tokens``. A multi-stream batch (``{stream:
-    batch}``, views nested deeper) sums over its sub-batches."""
+    batch}``, views nested deeper) sums over its sub-batches. Counted once per distinct shapes
+    (a few buckets), not every step: the FLOPs functions walk the model's param table."""
+    counted: dict = {}
+
+    def one(shapes: dict) -> tuple[int, float]:
+        key = tuple(sorted(shapes.items()))
+        if key not in counted:
+            t = int(np.prod(shapes["input_ids"])) if "input_ids" in shapes else next(iter(shapes.values()))[0]
+            if flops_parts is not None:
+                f = train_flops_of(flops_parts(shapes), trained)
+            else:
+                f = train_flops(forward_flops(shapes) if forward_flops else 2.0 * n_params * t)
+            counted[key] = (t, f)
+        return counted[key]
+
     def leaves(batch):
         if any(isinstance(v, dict) for v in batch.values()):
             for v in batch.values():
@@ -431,13 +445,8 @@ def _step_cost(forward_flops, n_params: int, flops_parts=None, trained: frozense
     def cost(batch):
         tokens, flops = 0, 0.0
         for b in leaves(batch):
-            shapes = {k: tuple(v.shape) for k, v in b.items()}
-            t = int(np.prod(shapes["input_ids"])) if "input_ids" in shapes else next(iter(shapes.values()))[0]
-            tokens += t
-            if flops_parts is not None:
-                flops += train_flops_of(flops_parts(shapes), trained)
-            else:
-                flops += train_flops(forward_flops(shapes) if forward_flops else 2.0 * n_params * t)
+            t, f = one({k: tuple(v.shape) for k, v in b.items()})
+            tokens, flops = tokens + t, flops + f
         return tokens, flops
     return cost
 
