@@ -41,6 +41,8 @@ CLIP_DEFAULTS = {"size": {"shortest_edge": 224}, "resample": 3, "do_center_crop"
                  "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD}
 SIGLIP_DEFAULTS = {"size": {"height": 224, "width": 224}, "resample": 3, "do_center_crop": False, "crop_size": None,
                    "image_mean": IMAGENET_STANDARD, "image_std": IMAGENET_STANDARD}
+# a ViT variant's image processor in transformers: (its class defaults, its class name)
+PROCESSORS = {"clip": (CLIP_DEFAULTS, "CLIPImageProcessor"), "siglip": (SIGLIP_DEFAULTS, "SiglipImageProcessor")}
 _FILTERS = {code: name for name, code in RESAMPLE_CODES.items()}
 _PIL_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from mllm_jax.config import VisionConfig
 from mllm_jax.convert.families._common import clip_encoder_layer, layer_norm, linear
-from mllm_jax.convert.families._preprocess import CLIP_DEFAULTS, SIGLIP_DEFAULTS, vision_from_hf, vision_to_hf
+from mllm_jax.convert.families._preprocess import PROCESSORS, vision_from_hf, vision_to_hf
 from mllm_jax.convert.hf import Entry, Family
 
 
@@ -70,8 +70,7 @@ def make_family(variant: str) -> Family:
     def config_to_hf(cfg: VisionConfig) -> dict:
         return {**cfg.to_hf(), "architectures": [arch]}
 
-    defaults, processor = (CLIP_DEFAULTS, "CLIPImageProcessor") if variant == "clip" else \
-        (SIGLIP_DEFAULTS, "SiglipImageProcessor")
+    defaults, processor = PROCESSORS[variant]
     pre = dict(preprocessor_from_hf=lambda cfg, pp, source: vision_from_hf(cfg, pp, source, resizable_table=False,
                                                                          defaults=defaults),
                preprocessor_to_hf=lambda cfg: vision_to_hf(cfg, processor))

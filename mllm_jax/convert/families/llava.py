@@ -22,7 +22,7 @@ from flax import nnx
 from mllm_jax.config import ConfigError, MLLMConfig
 from mllm_jax.convert.families import _vit, llama
 from mllm_jax.convert.families._common import linear
-from mllm_jax.convert.families._preprocess import CLIP_DEFAULTS, SIGLIP_DEFAULTS, vision_from_hf, vision_to_hf
+from mllm_jax.convert.families._preprocess import PROCESSORS, vision_from_hf, vision_to_hf
 from mllm_jax.convert.hf import Entry, Family, register
 
 _RENAMES = (("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),
@@ -68,13 +68,12 @@ def _config_to_hf(cfg: MLLMConfig) -> dict:
 
 
 def _preprocessor_from_hf(cfg: MLLMConfig, pp: dict, source: str) -> MLLMConfig:
-    defaults = CLIP_DEFAULTS if cfg.vision.variant == "clip" else SIGLIP_DEFAULTS
     return dataclasses.replace(cfg, vision=vision_from_hf(cfg.vision, pp, source, resizable_table=False,
-                                                          defaults=defaults))
+                                                          defaults=PROCESSORS[cfg.vision.variant][0]))
 
 
 def _preprocessor_to_hf(cfg: MLLMConfig) -> dict:
-    return vision_to_hf(cfg.vision, "CLIPImageProcessor" if cfg.vision.variant == "clip" else "SiglipImageProcessor")
+    return vision_to_hf(cfg.vision, PROCESSORS[cfg.vision.variant][1])
 
 
 FAMILY = register(Family(
