@@ -56,6 +56,7 @@ def test_gak_tiny_sigma_does_not_underflow():
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5)
 
 
+@pytest.mark.slow  # ~33 s cold; the sweep's exactness is in the default suite (test_gak_auto_is_exact_...)
 def test_gak_gradient_over_long_sequences_matches_the_log_sweep():
     """The linear-space backward pass renormalises its running path sums: N(0,1) data in 16-d
     (log k ~ -16 per cell), 64 x 57 cells, float64 -> the log-space method's gradient (the sums

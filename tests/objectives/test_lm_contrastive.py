@@ -83,8 +83,8 @@ def test_chunked_equals_dense_with_gradients(kind):
 
     (vd, gd), (vc, gc) = f(None), f(8)
     np.testing.assert_allclose(float(vc), float(vd), rtol=1e-5)
-    for x, y in zip(gc, gd):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+    for x, y in zip(gc, gd):     # the bias / scale gradients are float32 sums of 32 x 32 terms (~20)
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-6)
     with pytest.raises(ValueError, match="not a multiple of chunk 5"):
         contrastive_loss(a, b, kind=kind, log_scale=ls, bias=bias, chunk=5)
 
