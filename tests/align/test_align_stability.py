@@ -24,8 +24,9 @@ def test_softdtw_float32_tiny_gamma_length_1024():
 def test_log_gak_length_1024_against_tslearn_log_space():
     """tslearn's linear recursion overflows past ~400 steps and falls back to log space; ours
     (rescaled linear sweep, float32, no fallback) must agree with that. Slow (13 s warm, more in
-    a fresh venv where tslearn's numba kernels compile); the default suite's long-sequence checks
-    are the 64 x 57 and 150 x 150 gradient test below."""
+    a fresh venv where tslearn's numba kernels compile); the default suite's long-sequence check
+    is the 128 x 128 gradient of test_gak_auto_is_exact_where_the_linear_sweep_loses_mass_silently
+    (the 64 x 57 and 150 x 150 gradient test below is slow too)."""
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(1, 1024, 2)), rng.normal(size=(1, 1000, 2))
     be = instantiate_backend("numpy")
@@ -56,7 +57,7 @@ def test_gak_tiny_sigma_does_not_underflow():
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5)
 
 
-@pytest.mark.slow  # ~33 s cold; the sweep's exactness is in the default suite (test_gak_auto_is_exact_...)
+@pytest.mark.slow  # ~33 s cold; a 128 x 128 GAK gradient stays in the default suite (test_gak_auto_is_exact_...)
 def test_gak_gradient_over_long_sequences_matches_the_log_sweep():
     """The linear-space backward pass renormalises its running path sums: N(0,1) data in 16-d
     (log k ~ -16 per cell), 64 x 57 cells, float64 -> the log-space method's gradient (the sums

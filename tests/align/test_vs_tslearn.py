@@ -167,8 +167,8 @@ def test_gak_float32_values_and_log_for_long_sequences():
     assert np.all(np.isfinite(np.asarray(lv))) and rel(lv, ref) < 1e-5
 
 
-# gak: ~50 s of a cold default run on 2 cores; its custom derivative is checked against autodiff
-# of the forward sweep in the default suite (test_align_properties)
+# gak: ~50 s of a cold default run on 2 cores (make test-slow runs it); GAK's gradient stays in the
+# default suite against a float64 reference (test_align_stability: test_gak_auto_is_exact_...)
 @pytest.mark.parametrize("family", ["softdtw", pytest.param("gak", marks=pytest.mark.slow)])
 def test_check_grads_both_modes(family):
     """``jax.test_util.check_grads`` (order 1, forward and reverse mode) on all variants."""
