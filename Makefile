@@ -9,8 +9,10 @@ TEST_STAMP    := $(VENV)/.test-installed
 ASSETS ?= assets
 # pytest-xdist workers for `make test` (whole test files per worker). In a fresh clone most of the
 # suite's time is XLA compiling, mostly on one core: two workers keep both of a 2-core
-# machine busy (a fresh clone on this 2-core CI machine: 571 tests in 437 s; in one process 473 tests
-# took 561-689 s the day before). TEST_WORKERS=0: one process.
+# machine busy (a fresh clone on a 2-core Zen 4 VM: 571 tests in 437 s; in one process 473 tests
+# took 561-689 s the day before; on a slower 2-core AVX2 EPYC 605 tests in 544 s, with XLA's backend
+# level 0 for the tests (tests/conftest.py; 886 s without), 3 workers no faster there).
+# TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 # XLA:CPU allocates each call's temporaries afresh; with this glibc (>= 2.35) tunable the large
 # ones fault in as 2 MB transparent huge pages instead of 4 KB pages (BUILD.md, "CPU performance").
