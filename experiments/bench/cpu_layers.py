@@ -39,7 +39,6 @@ SHAPES = {  # name: (batch, tokens, hidden, mlp, heads, kv heads, head dim)
 
 
 def run(names) -> list[dict]:
-    import jax
     import jax.numpy as jnp
     import numpy as np
 

@@ -123,7 +123,6 @@ def _timed(step, steps: int, warmup: int) -> list[float]:
 
 def worker_ours(case: dict, steps: int) -> dict:
     import jax
-    import numpy as np
     from flax import nnx
 
     from mllm_jax import sharding as shd
@@ -282,7 +281,6 @@ def main(argv=None) -> int:
         return 0
     warn_if_unset()
 
-    from mllm_jax.config import DecoderConfig
     from mllm_jax.train import flops as F
 
     steps = args.steps or (5 if args.quick else 10)

@@ -1,6 +1,5 @@
 """The MLLM against transformers' LlavaForConditionalGeneration (two images in one sequence,
 padding), image-slot errors, soft prompts, pooling, conversion round trip and generation."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

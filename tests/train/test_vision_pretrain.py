@@ -1,13 +1,11 @@
 """Stage 0 (mllm_jax/train/vision_pretrain.py): the tower learns scene-graph labels from pixels,
 and the written checkpoint is the whole MLLM: that tower, everything else as a fresh init."""
-import dataclasses
-
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from mllm_jax.config import ExperimentConfig, apply_updates, load_config
+from mllm_jax.config import ExperimentConfig, load_config
 from mllm_jax.convert.hf import flat_params
 from mllm_jax.data.pipeline import ImageSpec
 from mllm_jax.data.synthetic import SceneWorld
