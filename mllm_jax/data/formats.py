@@ -167,7 +167,8 @@ class LlavaSource:
         segs, k = [], 0
         for t, turn in enumerate(r["conversations"]):
             field = f"conversations[{t}]"
-            if not isinstance(turn, dict) or turn.get("from") not in ROLE_MAP or not isinstance(turn.get("value"), str):
+            if (not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or turn["from"] not in ROLE_MAP
+                    or not isinstance(turn.get("value"), str)):     # (a list/dict 'from' is unhashable)
                 raise DataError("bad_record", rid, field, f"expected {{'from': one of {sorted(ROLE_MAP)}, 'value': str}}")
             role = ROLE_MAP[turn["from"]]
             parts = turn["value"].split(IMAGE_TOKEN)

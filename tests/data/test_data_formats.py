@@ -178,3 +178,21 @@ def test_utf8_byte_order_mark_is_not_data(tmp_path):
     turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
     (tmp_path / "l.json").write_text(bom + json.dumps([{"id": "c", "conversations": turns}]), encoding="utf-8")
     assert formats.LlavaSource(tmp_path / "l.json")[0].targets == ["yo"]
+
+
+def test_llava_turn_with_a_non_string_speaker_is_a_data_error(tmp_path):
+    """A turn whose 'from' is a list or an object (a malformed export) raised TypeError
+    (unhashable type) from the role lookup, which stopped the pipeline instead of being skipped
+    and counted as a bad record."""
+    import json
+    f = tmp_path / "l.json"
+    f.write_text(json.dumps([{"id": "a", "conversations": [{"from": ["human"], "value": "hi"},
+                                                           {"from": "gpt", "value": "yo"}]},
+                             {"id": "b", "conversations": [{"from": "human", "value": "hi"},
+                                                           {"from": {"role": "gpt"}, "value": "yo"}]}]))
+    src = formats.LlavaSource(f)
+    for i, t in enumerate((0, 1)):
+        with pytest.raises(DataError) as e:
+            src[i]
+        assert e.value.reason == "bad_record" and f"l.json[{i}]" in str(e.value) and f"conversations[{t}]" in str(e.value)
+
