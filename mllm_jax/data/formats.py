@@ -214,8 +214,9 @@ class InterleavedSource:
         segs, k = [], 0
         for j, t in enumerate(texts):
             if t is None:
-                if not isinstance(paths[k], str):
-                    raise DataError("bad_record", rec, f"images[{k}]", f"expected a path string, got {paths[k]!r}")
+                if not isinstance(paths[k], str):    # named by its index in 'images' (aligned: j, compact: k)
+                    raise DataError("bad_record", rec, f"images[{j if aligned else k}]",
+                                    f"expected a path string, got {paths[k]!r}")
                 segs.append(image_segment(_resolve(paths[k], self.root)))
                 k += 1
             elif isinstance(t, str):

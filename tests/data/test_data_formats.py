@@ -196,3 +196,14 @@ def test_llava_turn_with_a_non_string_speaker_is_a_data_error(tmp_path):
             src[i]
         assert e.value.reason == "bad_record" and f"l.json[{i}]" in str(e.value) and f"conversations[{t}]" in str(e.value)
 
+
+def test_interleaved_bad_image_entry_names_its_position_in_images(tmp_path):
+    """In the OBELICS-aligned layout the error named the k-th image (images[0]) instead of the
+    entry's own index in 'images' (images[1] here)."""
+    import json
+    (tmp_path / "d.jsonl").write_text(json.dumps({"id": "x", "texts": ["hi", None], "images": [None, 5]}) + "\n")
+    with pytest.raises(DataError, match=r"images\[1\]: expected a path string, got 5"):
+        formats.InterleavedSource(tmp_path / "d.jsonl")[0]
+    (tmp_path / "c.jsonl").write_text(json.dumps({"id": "y", "texts": [None, "hi", None], "images": ["a.png", 5]}) + "\n")
+    with pytest.raises(DataError, match=r"images\[1\]: expected a path string, got 5"):
+        formats.InterleavedSource(tmp_path / "c.jsonl")[0]           # compact layout: already right
