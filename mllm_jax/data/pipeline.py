@@ -254,8 +254,8 @@ class _UnbatchIterator(grain.DatasetIterator):
 class DataIterator:
     """Epochs over a per-epoch grain pipeline, with skip accounting and exact resume.
 
-    ``get_state()`` -> ``{"epoch", "grain", "kept", "dropped", "skipped", "batches", "workers",
-    "signature"}`` (JSON); ``set_state`` rebuilds that epoch's pipeline and moves grain's iterator
+    ``get_state()`` -> ``{"epoch", "grain", "kept", "dropped", "skipped", "batches", "messages",
+    "workers", "signature"}`` (JSON); ``set_state`` rebuilds that epoch's pipeline and moves grain's iterator
     to the saved point. ``signature`` (``make_iterator``: the number of records, batch size, seed,
     shuffle, drop_remainder) says what the position is a position in: a state saved under another
     one is refused, since it would resume at a point of another order.
@@ -353,7 +353,7 @@ class DataIterator:
         grain_state = self._it.get_state() if self._it is not None else self._pending_state
         return {"epoch": self.epoch, "grain": grain_state, "kept": self.kept, "dropped": self.dropped,
                 "skipped": [int(x) for x in self.skipped], "batches": self._batches_this_epoch,
-                "workers": self.workers, "signature": self.signature}
+                "messages": list(self._messages), "workers": self.workers, "signature": self.signature}
 
     def set_state(self, state: dict) -> None:
         was = state.get("signature")
@@ -374,6 +374,7 @@ class DataIterator:
         self.epoch, self.kept, self.dropped = int(state["epoch"]), int(state["kept"]), int(state.get("dropped", 0))
         self.skipped = np.asarray(state["skipped"], np.int64)
         self._batches_this_epoch = int(state.get("batches", 0))
+        self._messages = [str(m) for m in state.get("messages", [])]    # the skips' examples (summary, errors)
         self._pending_state = state["grain"]
 
     def close(self):

@@ -415,3 +415,20 @@ def test_mixture_end_leaves_no_drawn_batch_unused(tok):
     resumed = mix(2)
     resumed.set_state(saved)
     assert [digest(next(resumed)["long"]) for _ in range(2)] == want[2:]  # without the rewind: batches 3, 4
+
+
+def test_resume_keeps_the_skip_examples_of_the_epoch(tok):
+    """The state held the skip counts but not the messages of the records skipped so far: after a
+    resume the epoch's summary (and the 'skipped records, e.g. ...' warning, the first messages of
+    a TooManySkipsError) had counts but no record names for the skips before the checkpoint."""
+    src = [Sample("bad0", (text_segment("  "),))] + [Sample(f"ok{i}", (text_segment("a red circle"),)) for i in range(7)]
+    x = it(tok, src, shuffle=False, num_epochs=1, max_skip_fraction=0.5)
+    next(x)                                          # the first batch: bad0 skipped, ok0..ok3 kept
+    state = json.loads(json.dumps(x.get_state()))
+    list(x)
+    resumed = it(tok, src, shuffle=False, num_epochs=1, max_skip_fraction=0.5)
+    resumed.set_state(state)
+    list(resumed)
+    (want,), (got,) = x.summaries, resumed.summaries
+    assert "bad0" in " ".join(want["examples"])
+    assert got == want
