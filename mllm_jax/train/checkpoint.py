@@ -281,6 +281,9 @@ class Checkpointer:
             self._check_fits(step, self._saved_leaves(step, targets), {k: _leaves(t) for k, t in targets.items()})
             if with_data:
                 self._check_process_count(step)
+                data_dir = self.step_dir(step) / "data"
+                if not data_dir.is_dir():   # Orbax: a bare KeyError naming no step
+                    raise _BrokenStep(FileNotFoundError(f"{data_dir}: no data-iterator state in this step"))
             items = {k: ocp.args.StandardRestore(t) for k, t in targets.items()}
             if with_data:
                 items["data"] = DataStateRestore()

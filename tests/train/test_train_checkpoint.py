@@ -197,3 +197,16 @@ def test_read_only_restore_does_not_warn_that_it_is_read_only(two_steps, caplog)
     assert step == 2
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
                 and ("read only" in r.getMessage() or "read_only" in r.getMessage())]
+
+
+def test_step_whose_data_state_is_missing_falls_back(two_steps, tmp_path):
+    """Step 2's data/ directory is gone (a partial copy): the step is reported by name and step 1
+    is restored, as for a missing data file. Orbax raised a bare KeyError ('Item "data" was not
+    found') that named no step, and fit could not resume."""
+    src, _, abstract = two_steps
+    d = shutil.copytree(src, tmp_path / "ck")
+    shutil.rmtree(d / "2" / "data")
+    with pytest.warns(RuntimeWarning, match=f"checkpoint {d / '2'} could not be restored.*data"):
+        state, data, step = Checkpointer(d).restore(abstract)
+    assert step == 1 and int(state.step) == 1 and data["index"] == 1
+    assert (d / "2.corrupt").is_dir() and not (d / "2").exists()
