@@ -431,9 +431,24 @@ class Checkpointer:
 
 
 def find_checkpoint_dir(path: str | os.PathLike) -> Path:
-    """A run dir (holding ``checkpoints/``) or a checkpoint dir -> the checkpoint dir."""
+    """A run dir (holding ``checkpoints/``, or whose ``config.yaml`` names another
+    ``train.checkpoint.dir``, where ``fit`` wrote them) or a checkpoint dir -> the checkpoint dir."""
     p = Path(path)
-    return p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    if (p / "checkpoints").is_dir():
+        return p / "checkpoints"
+    return Path(named) if (named := _configured_checkpoint_dir(p / "config.yaml")) else p
+
+
+def _configured_checkpoint_dir(config_yaml: Path) -> Optional[str]:
+    """``train.checkpoint.dir`` of a run's resolved ``config.yaml`` (None if unset or unreadable)."""
+    if not config_yaml.is_file():
+        return None
+    import yaml
+    try:
+        cfg = yaml.safe_load(config_yaml.read_text())
+        return cfg["train"]["checkpoint"]["dir"] or None
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
 
 
 __all__ = ["Checkpointer", "NoValidCheckpointError", "CheckpointMismatchError", "DataStateMismatchError",

@@ -55,3 +55,21 @@ def test_eval_restores_the_newest_checkpoint_onto_this_machines_mesh(tmp_path, c
     assert main(["eval", "--config", str(path), "--steps", "2", "mesh.fsdp=-1"]) == 0  # 8 devices
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["step"] == 2 and np.isfinite(out["eval/loss"]) and out["eval/loss"] == out["eval/loss/ntp"]
+
+
+def test_eval_and_restore_run_find_checkpoints_in_train_checkpoint_dir(tmp_path, capsys):
+    """A run whose checkpoints live in ``train.checkpoint.dir`` (not ``<run_dir>/checkpoints``):
+    ``eval`` of its config and ``restore_run`` of its run dir (``convert --from-run``, the demo)
+    restore its newest step. They looked in the run dir itself: "no checkpoint in <run_dir>"."""
+    from mllm_jax.train.experiment import restore_run
+    from tests.toy import one_device_mesh
+    cfg = tiny_experiment(**{"train.run_dir": str(tmp_path / "r"), "train.steps": 2,
+                             "train.checkpoint.dir": str(tmp_path / "elsewhere")})
+    fit_toy(cfg)
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    state, step = restore_run(str(tmp_path / "r"), mesh=one_device_mesh())  # its config.yaml names the dir
+    assert step == 2 and int(state.step) == 2
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert main(["eval", "--config", str(path), "--steps", "1", "mesh.fsdp=-1"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
