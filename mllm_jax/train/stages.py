@@ -18,7 +18,9 @@ has: InfMLLM's stage 1 puts a new pool-adapter between the ViT and LLM of a conv
 that part (a converted CLIP tower, a converted LLM), checked the same way: stage 1 from a ViT
 and an LLM saved separately. Only the first stage loads them; later ones start from the last
 (a chained stage clears the ``init_parts`` of the base config and of the command line, and
-refuses one its own updates set: it would be ignored).
+refuses one its own updates set: it would be ignored). ``train.init_fresh`` of the base config or
+the command line is likewise the first stage's: a chained stage keeps only one its own updates set
+(the params it names were trained by the previous stage).
 
 InfMLLM's three stages (METHODS.md §3) — ViT ``vision.*``, pool-adapter ``projector.*``,
 LLM ``decoder.*``:
@@ -87,15 +89,15 @@ def infmllm_stages(*, steps: Sequence[int] = (1000, 2000, 2000), lr: Sequence[fl
     return tuple(out)
 
 
-def _sets_init_parts(updates: dict) -> bool:
+def _sets_init_parts(updates: dict, field: str = "init_parts") -> bool:
     """Whether ``updates`` (``{"a.b": value}``, as ``apply_updates`` takes them) set
-    ``train.init_parts``: by that key, in a mapping for ``train``, or with a whole ``train``."""
+    ``train.<field>``: by that key, in a mapping for ``train``, or with a whole ``train``."""
     for key, value in updates.items():
         key = key.strip()
-        if key == "train.init_parts":
+        if key == f"train.{field}":
             return True
         if key == "train" and (dataclasses.is_dataclass(value) or
-                               isinstance(value, dict) and "init_parts" in {str(k) for k in value}):
+                               isinstance(value, dict) and field in {str(k) for k in value}):
             return True
     return False
 
@@ -123,9 +125,11 @@ def stage_config(base: ExperimentConfig, stage: StageConfig, previous_run_dir: O
                 f"params: only the first stage of a recipe, or a stage with init_from_previous: false, loads "
                 f"train.init_parts (a chained stage clears the base config's). Set it on the first stage or the "
                 f"base config, or set init_from_previous: false on stage {stage.name!r}")
+    # likewise train.init_fresh, unless the stage sets its own: the previous stage trained them
+    fresh = () if chained and not _sets_init_parts(stage.updates, "init_fresh") else cfg.train.init_fresh
     train = dataclasses.replace(cfg.train, run_dir=str(Path(base.train.run_dir) / stage.name),
                                 init_from=previous_run_dir if chained else cfg.train.init_from,
-                                init_parts={} if chained else cfg.train.init_parts,
+                                init_parts={} if chained else cfg.train.init_parts, init_fresh=fresh,
                                 checkpoint=dataclasses.replace(cfg.train.checkpoint, dir=None))
     return dataclasses.replace(cfg, name=f"{base.name}/{stage.name}", train=train)
 

@@ -445,3 +445,21 @@ def test_init_parts_names_parts_and_demo_arms_do_not_reload_them():
     base = apply_updates(ExperimentConfig(), {"train.init_parts": {"vision": "ckpt/clip"}})
     arm = arm_config(base, "sugar", Path("out"), "minilm")
     assert arm.train.init_from == str(Path("out") / "demo" / "pretrain") and arm.train.init_parts == {}
+
+
+def test_a_chained_stage_does_not_inherit_init_fresh():
+    """``train.init_fresh`` of the base config or of the command line (applied to every stage) is
+    the first stage's, as ``init_parts``: a chained stage starts from the previous stage, which
+    trained those params. It kept them fresh, silently discarding what the first stage trained
+    (a recipe started with ``train.init_from=ckpt/llava train.init_fresh=['^projector\\.']``
+    re-initialised stage 1's adapter in stages 2 and 3). A stage that sets its own keeps it."""
+    fresh = [r"^projector\."]
+    recipe = dataclasses.replace(
+        apply_updates(ExperimentConfig(), {"train.init_fresh": fresh}),
+        stages=(StageConfig("one", init_from_previous=False), StageConfig("two"),
+                StageConfig("three", {"train.init_fresh": [r"^embed_head\."]})))
+    got = [c.train.init_fresh for _, c in stage_configs(recipe)]
+    assert got == [tuple(fresh), (), (r"^embed_head\.",)]
+    wide = {"train.init_fresh": fresh}
+    got = [c.train.init_fresh for _, c in stage_configs(recipe, overrides=wide)]
+    assert got[:2] == [tuple(fresh), ()]
