@@ -255,6 +255,12 @@ class Checkpointer:
         metrics = {k: float(v) for k, v in (metrics or {}).items()} or None
         if self.cfg.keep_best > 0 and metrics is not None and self.cfg.best_metric not in metrics:
             metrics = None
+        if self.cfg.keep_best > 0 and metrics is not None and not np.isfinite(metrics[self.cfg.best_metric]):
+            # a NaN would be ranked by sorted(), whose comparisons with NaN are all false: the
+            # true best step could be deleted. Such a step is kept as one without metrics
+            log.warning("step %d: %s=%s is not finite; the step is not a candidate for the best %d",
+                        step, self.cfg.best_metric, metrics[self.cfg.best_metric], self.cfg.keep_best)
+            metrics = None
         self._mgr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
         return step
 

@@ -210,3 +210,19 @@ def test_step_whose_data_state_is_missing_falls_back(two_steps, tmp_path):
         state, data, step = Checkpointer(d).restore(abstract)
     assert step == 1 and int(state.step) == 1 and data["index"] == 1
     assert (d / "2.corrupt").is_dir() and not (d / "2").exists()
+
+
+def test_best_checkpoint_ignores_a_non_finite_metric(two_steps, tmp_path):
+    """keep_best=1 by eval/loss (min), keep_last=1: steps with eval/loss 0.5, nan, 1.0, then one
+    without an eval. The best (0.5) is kept. A NaN metric was ranked by Python's sort, whose
+    comparisons with NaN are all false: step 10 (loss 1.0) was kept as 'best', 0.5 deleted."""
+    import jax.numpy as jnp
+
+    from mllm_jax.config import CheckpointConfig
+    src, _, abstract = two_steps
+    state, _, _ = Checkpointer(src, read_only=True).restore(abstract, with_data=False)
+    ck = Checkpointer(tmp_path / "ck", CheckpointConfig(keep_last=1, keep_best=1, async_save=False))
+    for step, loss in ((5, 0.5), (7, float("nan")), (10, 1.0), (11, None)):
+        ck.save(state.replace(step=jnp.int32(step)), metrics=None if loss is None else {"eval/loss": loss})
+    ck.close()
+    assert Checkpointer(tmp_path / "ck", read_only=True).all_steps() == [5, 11]
