@@ -89,17 +89,20 @@ def apply_lora(model: nnx.Module, cfg: LoRAConfig, rngs: nnx.Rngs) -> list[str]:
 
 
 def merge_lora(model: nnx.Module, *, remove: bool = False) -> int:
-    """Folds each adapter into its kernel. With ``remove`` the adapters are dropped (export)."""
+    """Folds each adapter into its kernel. With ``remove`` the adapters are dropped (export),
+    also those an earlier ``merge_lora`` already folded in (their kernels are left as they are).
+    Returns the number of adapters merged by this call."""
     n = 0
     for _, dense in iter_dense(model):
         lora = dense.lora
-        if lora is None or lora.merged:
+        if lora is None:
             continue
-        dense.kernel[...] = dense.kernel[...] + lora.delta()
-        lora.merged = True
+        if not lora.merged:
+            dense.kernel[...] = dense.kernel[...] + lora.delta()
+            lora.merged = True
+            n += 1
         if remove:
             dense.lora = None
-        n += 1
     return n
 
 

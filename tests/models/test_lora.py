@@ -71,6 +71,21 @@ def test_merge_remove_drops_adapters():
     assert m.attn.v_proj.lora is None and not jax.tree.leaves(nnx.state(m, LoRAParam))
 
 
+def test_remove_after_a_plain_merge_drops_the_adapters_without_merging_twice():
+    """merge_lora(m) then merge_lora(m, remove=True) (what save_pretrained's error tells a user
+    with merged adapters to call): the adapters go, and the kernel keeps one copy of the update."""
+    m = _Tiny(nnx.Rngs(0))
+    apply_lora(m, LoRAConfig(rank=2, target=r"v_proj$"), nnx.Rngs(1))
+    m.attn.v_proj.lora.b[...] = jax.random.normal(jax.random.key(5), m.attn.v_proj.lora.b.shape) * 0.1
+    y = m(_x())
+    merge_lora(m)
+    merged = np.asarray(m.attn.v_proj.kernel[...])
+    merge_lora(m, remove=True)
+    assert m.attn.v_proj.lora is None and not jax.tree.leaves(nnx.state(m, LoRAParam))
+    np.testing.assert_array_equal(np.asarray(m.attn.v_proj.kernel[...]), merged)
+    np.testing.assert_allclose(np.asarray(m(_x())), np.asarray(y), atol=1e-5)
+
+
 def test_lora_dropout_only_in_training():
     d = Dense(8, 8, axes=("embed", "mlp"), rngs=nnx.Rngs(0))
     class Wrap(nnx.Module):
