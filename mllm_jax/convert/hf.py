@@ -201,8 +201,13 @@ def load_tensors_into(abstract_model: nnx.Module, family: Family, cfg, tensors: 
             missing.append(f"{e.hf} (for {e.ours}, shape {tuple(ours[e.ours].shape)})")
             continue
         used.add(e.hf)
-        x = e.load(np.asarray(tensors[by_hf[e.hf]]))
         want = tuple(ours[e.ours].shape)
+        try:
+            x = e.load(np.asarray(tensors[by_hf[e.hf]]))
+        except (ValueError, IndexError) as err:   # e.g. a 1-D tensor where a transpose needs 2 axes
+            misshaped.append(f"{e.hf}: shape {tuple(tensors[by_hf[e.hf]].shape)} cannot be laid out as "
+                             f"{e.ours} ({want}): {err}")
+            continue
         if tuple(x.shape) != want:
             misshaped.append(f"{e.hf}: shape {tuple(tensors[by_hf[e.hf]].shape)} -> {tuple(x.shape)} "
                              f"but {e.ours} needs {want}")

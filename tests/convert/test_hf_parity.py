@@ -120,6 +120,20 @@ def test_misshaped_tensor_is_named(llama_dir, tmp_path):
         load_pretrained(bad)
 
 
+def test_a_tensor_with_the_wrong_rank_is_reported_as_mis_shaped(llama_dir, tmp_path):
+    """A 1-D linear weight (the transpose has no second axis) or a 3-D one: reported in the
+    CheckpointMismatchError with the others, not a bare numpy AxisError naming nothing."""
+    def edit(t):
+        t["model.layers.0.mlp.up_proj.weight"] = t["model.layers.0.mlp.up_proj.weight"][0]
+        t["model.layers.1.self_attn.q_proj.weight"] = t["model.layers.1.self_attn.q_proj.weight"][None]
+        t.pop("model.layers.1.self_attn.k_proj.weight")
+    bad = _rewrite(llama_dir, tmp_path / "bad", edit)
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)1 missing.*2 mis-shaped.*"
+                       r"mis-shaped: +model\.layers\.0\.mlp\.up_proj\.weight: shape \(32,\).*"
+                       r"mis-shaped: +model\.layers\.1\.self_attn\.q_proj\.weight: shape \(1, 32, 32\)"):
+        load_pretrained(bad)
+
+
 def test_unexpected_tensor_is_named(llama_dir, tmp_path):
     def edit(t):
         t["model.layers.0.self_attn.q_norm.weight"] = np.ones(8, np.float32)
