@@ -131,11 +131,23 @@ def family_of_model(model: nnx.Module) -> Family:
 
 # ---- safetensors IO ----------------------------------------------------------------------------
 
+def read_json(file: Path) -> dict:
+    """A JSON file of a checkpoint folder; unparseable JSON is a ``ConfigError`` naming the file."""
+    from mllm_jax.config import ConfigError
+    try:
+        return json.loads(Path(file).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+
+
 def read_safetensors_dir(path: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' (tensor name -> file) object")
+        files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
@@ -270,7 +282,7 @@ def load_pretrained(path: str | Path, *, gguf_file: Optional[str] = None, mesh=N
         cfg_file = path / "config.json"
         if not cfg_file.exists():
             raise FileNotFoundError(f"{cfg_file}: not found (expected a Hugging Face model directory)")
-        hf_cfg = json.loads(cfg_file.read_text())
+        hf_cfg = read_json(cfg_file)
         tensors = read_safetensors_dir(path)
         source = str(path)
     from mllm_jax.config import ConfigError
@@ -282,9 +294,12 @@ def load_pretrained(path: str | Path, *, gguf_file: Optional[str] = None, mesh=N
         cfg = family.config_from_hf(hf_cfg, set(tensors))
     except ConfigError as e:   # name the file: the message names the field
         raise ConfigError(f"{path / 'config.json' if gguf_file is None else source}: {e}") from None
+    except KeyError as e:      # a key the config cannot do without (e.g. a LLaVA's vision_config)
+        raise ConfigError(f"{path / 'config.json' if gguf_file is None else source}: required key {e} "
+                          "is missing") from None
     pre = path / "preprocessor_config.json"
     if gguf_file is None and family.preprocessor_from_hf is not None and pre.exists():
-        cfg = family.preprocessor_from_hf(cfg, json.loads(pre.read_text()), str(pre))
+        cfg = family.preprocessor_from_hf(cfg, read_json(pre), str(pre))
     if config_overrides:
         cfg = dataclasses.replace(cfg, **config_overrides)
     model = build_abstract(family, cfg)
@@ -336,6 +351,6 @@ def read_gguf(file: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 __all__ = [
     "CheckpointMismatchError", "Entry", "Family", "register", "find_family", "load_pretrained",
-    "save_pretrained", "export_tensors", "read_safetensors_dir", "write_safetensors",
+    "save_pretrained", "export_tensors", "read_json", "read_safetensors_dir", "write_safetensors",
     "flat_params", "load_tensors_into", "build_abstract", "read_gguf", "TRANSFORMS",
 ]

@@ -134,6 +134,22 @@ def test_a_tensor_with_the_wrong_rank_is_reported_as_mis_shaped(llama_dir, tmp_p
         load_pretrained(bad)
 
 
+def test_a_broken_config_json_is_named(llama_dir, tmp_path):
+    """Unparseable JSON, or a key the config cannot do without: the error names the file (was a
+    bare JSONDecodeError / KeyError naming nothing)."""
+    from mllm_jax.config import ConfigError
+    bad = _rewrite(llama_dir, tmp_path / "bad", lambda t: None)
+    text = (bad / "config.json").read_text()
+    (bad / "config.json").write_text(text[:len(text) // 2])
+    with pytest.raises(ConfigError, match=r"bad/config\.json: not valid JSON"):
+        load_pretrained(bad)
+    cfg = json.loads(text)
+    cfg["model_type"], cfg["architectures"] = "llava", ["LlavaForConditionalGeneration"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"bad/config\.json: required key '(vision|text)_config' is missing"):
+        load_pretrained(bad)
+
+
 def test_unexpected_tensor_is_named(llama_dir, tmp_path):
     def edit(t):
         t["model.layers.0.self_attn.q_norm.weight"] = np.ones(8, np.float32)
