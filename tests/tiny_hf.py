@@ -16,6 +16,8 @@ CASES = {
         original_max_position_embeddings=16, rope_theta=500.0))),
     "linear_rope": ("llama", dict(rope_parameters=dict(rope_type="linear", factor=3.0, rope_theta=100.0))),
     "qwen2": ("qwen2", dict(num_key_value_heads=1)),
+    # transformers' name for the tanh GELU that the vision / BERT configs already accepted
+    "llama_gelu_new": ("llama", dict(hidden_act="gelu_new")),
 }
 
 

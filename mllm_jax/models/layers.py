@@ -66,6 +66,10 @@ ACTIVATIONS: dict[str, Callable] = {
     "swish": jax.nn.silu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    # transformers' other names for the tanh approximation (a decoder config keeps its HF name,
+    # so that save_pretrained writes back what was read)
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
     "quick_gelu": quick_gelu,
     "relu": jax.nn.relu,
     "tanh": jnp.tanh,
