@@ -168,9 +168,10 @@ class MLLM(nnx.Module):
         runs ``mllm_jax.generate.generate`` on the decoder from those embeddings. ``kwargs`` are
         ``generate``'s (``max_new_tokens``, ``do_sample``, ``top_p``, ``stop_tokens``, ...)."""
         from mllm_jax.generate import generate
-        if pixel_values is not None:
-            if image_mask is None:
-                image_mask = np.ones(pixel_values.shape[:2], bool)
+        if pixel_values is not None and image_mask is None:
+            image_mask = np.ones(pixel_values.shape[:2], bool)
+        if _is_concrete(input_ids) and (image_mask is None or _is_concrete(image_mask)):
+            # as the forward pass: image slots without images (pixel_values None) are refused too
             check_image_slots(input_ids, image_mask, self.config.tokens_per_image, self.config.image_token_id)
         graphdef, state = nnx.split(self)
         embeds = _embed_inputs_jit(graphdef, state, jnp.asarray(input_ids, jnp.int32), pixel_values, image_mask)

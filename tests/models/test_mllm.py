@@ -97,6 +97,14 @@ def test_image_slot_errors(pair):
              image_mask=jnp.asarray(image_mask))
 
 
+def test_generate_without_images_for_a_prompt_with_image_slots_is_refused(pair):
+    """As the forward pass does: the slots would otherwise be decoded from token 0's embedding."""
+    _, ours, _ = pair
+    ids, mask, _, _ = _batch()
+    with pytest.raises(ImageSlotError, match="sample 0: 2 <image> slots but only 0 images given"):
+        ours.generate(ids, attention_mask=mask, max_new_tokens=2, stop_tokens=())
+
+
 def test_save_load_roundtrip_and_transformers_reads_ours(pair, tmp_path):
     hf, ours, src = pair
     save_pretrained(ours, tmp_path / "out")
