@@ -310,7 +310,8 @@ def fit(cfg: ExperimentConfig, model: nnx.Module | Callable[[], nnx.Module], los
                                      f"{[p for _, p in loads]} (a typo?)")
     del model
 
-    writer = MetricsWriter(run_dir, enabled=primary, tensorboard=tc.tensorboard)
+    writer = MetricsWriter(run_dir, enabled=primary, tensorboard=tc.tensorboard,
+                           resume_step=start if restored is not None else None)
     progress = Progress(tc.steps, int(state.step), enabled=primary and tc.progress)
     options = step_compiler_options(abstract, tc.xla_options)
     if primary:

@@ -14,10 +14,34 @@ from typing import Optional
 import numpy as np
 
 
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keeps the records of ``path`` up to ``last_step`` (and none that do not parse: a line a
+    kill cut short), rewritten atomically."""
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            keep = int(json.loads(line)["step"]) <= last_step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(x + "\n" for x in kept))
+        tmp.replace(path)
+
+
 class MetricsWriter:
     """``write(step, {"loss": .., "loss/ntp": .., ...})`` -> JSONL + TensorBoard scalars."""
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
+                 resume_step: Optional[int] = None):
+        """``resume_step``: the step a resumed run restored. The steps after it, logged by the run
+        that was stopped or killed and now trained again, are dropped from ``metrics.jsonl`` (with
+        a line cut short by a kill), and TensorBoard is told to purge them (tensorboardX's
+        ``purge_step``), so each step is logged once, by the run the checkpoints hold."""
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
@@ -26,10 +50,13 @@ class MetricsWriter:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            _truncate_jsonl(self.path, resume_step)
         self._jsonl = self.path.open("a", buffering=1)  # line-buffered: a killed run keeps its lines
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(logdir=str(run_dir / "tensorboard"), flush_secs=30)
+            self._tb = SummaryWriter(logdir=str(run_dir / "tensorboard"), flush_secs=30,
+                                     purge_step=None if resume_step is None else resume_step + 1)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

@@ -98,6 +98,9 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, cache_env):
     assert not bad, f"killed at step >= {kill_at} (last checkpoint {killed_at}); params differ: {bad}"
     ref_losses, resumed_losses = _losses(tmp_path / "ref"), _losses(victim_run)
     assert all(resumed_losses[s] == ref_losses[s] for s in range(killed_at + 1, steps + 1))
+    # each step logged once: the killed run's steps after its last checkpoint were dropped on resume
+    logged = [json.loads(x)["step"] for x in (victim_run / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, steps + 1)), logged
 
 
 def test_sigterm_leaves_a_restorable_checkpoint_at_the_current_step(tmp_path, cache_env):
