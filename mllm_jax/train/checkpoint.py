@@ -254,6 +254,10 @@ class Checkpointer:
             items["config"] = ocp.args.JsonSave(config)
         metrics = {k: float(v) for k, v in (metrics or {}).items()} or None
         if self.cfg.keep_best > 0 and metrics is not None and self.cfg.best_metric not in metrics:
+            # an eval ran but did not report the metric (a misspelt name): no step could ever rank
+            log.warning("step %d: train.checkpoint.best_metric=%r is not among this step's eval metrics %s; "
+                        "the step is not a candidate for the best %d", step, self.cfg.best_metric,
+                        sorted(metrics), self.cfg.keep_best)
             metrics = None
         if self.cfg.keep_best > 0 and metrics is not None and not np.isfinite(metrics[self.cfg.best_metric]):
             # a NaN would be ranked by sorted(), whose comparisons with NaN are all false: the

@@ -226,3 +226,17 @@ def test_best_checkpoint_ignores_a_non_finite_metric(two_steps, tmp_path):
         ck.save(state.replace(step=jnp.int32(step)), metrics=None if loss is None else {"eval/loss": loss})
     ck.close()
     assert Checkpointer(tmp_path / "ck", read_only=True).all_steps() == [5, 11]
+
+
+def test_a_best_metric_no_eval_reports_is_named(two_steps, tmp_path, caplog):
+    """keep_best with a best_metric the evals do not report (a typo) ranks nothing: warned, by name."""
+    import jax.numpy as jnp
+
+    from mllm_jax.config import CheckpointConfig
+    src, _, abstract = two_steps
+    state, _, _ = Checkpointer(src, read_only=True).restore(abstract, with_data=False)
+    ck = Checkpointer(tmp_path / "ck", CheckpointConfig(keep_best=1, best_metric="eval/los", async_save=False))
+    with caplog.at_level("WARNING", logger="mllm_jax.train.checkpoint"):
+        ck.save(state.replace(step=jnp.int32(3)), metrics={"eval/loss": 0.5})
+    ck.close()
+    assert "best_metric='eval/los' is not among this step's eval metrics ['eval/loss']" in caplog.text
