@@ -196,6 +196,8 @@ class SceneWorld:
         cfg = self.cfg
         n = int(num_objects or rng.integers(cfg.min_objects, cfg.max_objects + 1))
         if split == "test_comp":
+            if not self.held_out:
+                raise ValueError("split 'test_comp' shows held-out kinds, but scene.held_out is empty")
             first = int(rng.choice(np.asarray(self.held_out)))
             rest = _weighted_sample(rng, np.delete(self._logp, first), n - 1)
             kinds = [first] + [int(k if k < first else k + 1) for k in rest]

@@ -252,9 +252,10 @@ class SceneSource:
 
 
 def scene_corpus(cfg: SceneConfig, num_samples: int = 4000) -> list[str]:
-    """Texts of every task on the train and test_comp splits (for training a tokenizer)."""
+    """Texts of every task on the train and test_comp splits (for training a tokenizer; a world
+    without held-out kinds has no test_comp split, and train then names every kind)."""
     texts = []
-    for split in ("train", "test_comp"):
+    for split in ("train", "test_comp") if cfg.held_out else ("train",):
         src = SceneSource(cfg, split, {t: 1 for t in TASKS if t != "vladva"}, size=num_samples, render=False)
         for i in range(num_samples // 2):
             texts += [s.text for s in src[i].segments if s.kind == "text"]

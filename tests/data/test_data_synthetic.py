@@ -332,3 +332,13 @@ def test_discriminative_captions_are_true_partial_graphs(world):
         if seg.scene.relations:
             assert ST.describe(seg.scene) == seg.text and len(scene.objects) >= 2
     assert styles == {True, False}                # both styles occur
+
+
+def test_a_world_without_held_out_kinds_has_a_corpus_and_a_clear_test_comp_error():
+    """``scene.held_out=()`` (no compositional split) is a valid world: the tokenizer corpus
+    (which reads ``test_comp`` for the held-out kinds) crashed in numpy ("a cannot be empty")."""
+    cfg = SceneConfig(held_out=())
+    texts = SS.scene_corpus(cfg, 20)
+    assert texts and all(isinstance(t, str) for t in texts)
+    with pytest.raises(ValueError, match="held_out"):
+        SceneWorld(cfg).scene("test_comp", 0)
