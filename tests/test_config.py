@@ -233,3 +233,29 @@ def test_a_dotted_override_below_an_unset_optional_config_says_so():
         apply_overrides(ExperimentConfig(), ["eval_data.split=val"])
     cfg = apply_overrides(ExperimentConfig(), ["eval_data={split: val}", "eval_data.batch_size=2"])
     assert (cfg.eval_data.split, cfg.eval_data.batch_size) == ("val", 2)
+
+
+@pytest.mark.parametrize("overrides, lr, layers", [
+    (["train.optim.lr=0.1", "train.optim={lr: 0.2}", "train.optim.lr=0.3"], 0.3, 2),
+    (["model.decoder={num_layers: 3}", "model.decoder.num_layers=4", "model.decoder={num_layers: 8}"], 1e-3, 8),
+    (["train.optim={lr: 0.2, warmup_steps: 5}", "train.optim={lr: 0.3}"], 0.3, 2),
+])
+def test_a_repeated_override_key_wins_where_it_stands(overrides, lr, layers):
+    """parse_overrides kept a repeated key at its first position (a dict): an override given
+    again after a mapping that set the same field lost to that mapping, silently."""
+    from mllm_jax.config import parse_overrides
+    cfg = apply_overrides(ExperimentConfig(), overrides)
+    assert cfg.train.optim.lr == lr and cfg.model.decoder.num_layers == layers
+    if len(set(o.split("=")[0] for o in overrides)) > 1:  # the dict keeps one mapping per key
+        assert apply_updates(ExperimentConfig(), parse_overrides(overrides)) == cfg
+    if "warmup_steps: 5" in overrides[0]:
+        assert cfg.train.optim.warmup_steps == 5
+
+
+@pytest.mark.parametrize("override", ["train.optim.trainable=[a, b", "name=a: b: c", "name=@x"])
+def test_an_override_that_is_not_yaml_names_the_key(override):
+    """A malformed value (an unclosed list) raised yaml's ScannerError: a traceback on the
+    command line, naming no override."""
+    with pytest.raises(ConfigError, match=r"override .*invalid YAML value"):
+        apply_overrides(ExperimentConfig(), [override])
+

@@ -161,18 +161,36 @@ def apply_overrides(cfg, overrides: list[str] | tuple[str, ...]):
     All overrides are applied before the config is validated, so coupled fields can change
     together in any order (``model.decoder.num_heads=4 model.decoder.num_kv_heads=4``).
     A mapping given to a sub-config (``train.optim={lr: 0.001, warmup_steps: 10}``) merges into
-    it field by field, as the dotted keys would; see ``apply_updates``."""
-    return apply_updates(cfg, parse_overrides(overrides))
+    it field by field, as the dotted keys would; see ``apply_updates``. They apply in the order
+    given, so a key given again wins over what came before it."""
+    return apply_updates(cfg, *({key: value} for key, value in _parse_items(overrides)))
 
 
-def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
-    """``["a.b=1", "c=[x, y]"]`` -> ``{"a.b": 1, "c": ["x", "y"]}`` (values parsed as YAML)."""
-    updates = {}
+def _parse_items(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
+    """``["a.b=1", "c=[x, y]"]`` -> ``[("a.b", 1), ("c", ["x", "y"])]`` (values parsed as YAML)."""
+    items = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, raw = item.split("=", 1)
-        updates[key.strip()] = load_yaml(raw) if raw != "" else ""
+        try:
+            value = load_yaml(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key.strip()}: invalid YAML value {raw!r} (quote the value, e.g. "
+                              f"{key.strip()}='\"...\"', for a literal string): {e}") from None
+        items.append((key.strip(), value))
+    return items
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
+    """``["a.b=1", "c=[x, y]"]`` -> ``{"a.b": 1, "c": ["x", "y"]}`` (values parsed as YAML).
+
+    A key given twice keeps its last value, at its last position (so that it applies after the
+    keys given before it, ``train.optim={lr: 0.2} train.optim.lr=0.3`` setting 0.3)."""
+    updates = {}
+    for key, value in _parse_items(overrides):
+        updates.pop(key, None)
+        updates[key] = value
     return updates
 
 
