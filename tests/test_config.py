@@ -259,3 +259,14 @@ def test_an_override_that_is_not_yaml_names_the_key(override):
     with pytest.raises(ConfigError, match=r"override .*invalid YAML value"):
         apply_overrides(ExperimentConfig(), [override])
 
+
+@pytest.mark.parametrize("text", ["tiny\n", "- train\n", "3\n"])
+def test_a_config_file_that_is_not_a_mapping_says_so(text, tmp_path):
+    """A file holding a scalar or a list was iterated as if it were a mapping: 'tiny' failed
+    with "t: unknown key for ExperimentConfig"."""
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=r"c\.yaml: expected a mapping of ExperimentConfig fields"):
+        load_config(p, ExperimentConfig)
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path, ExperimentConfig)

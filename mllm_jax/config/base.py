@@ -121,6 +121,8 @@ def check_local_path(field: str, value: Optional[str]) -> None:
 
 def from_dict(cls, d: dict, path: str = ""):
     """Builds dataclass ``cls`` from a nested dict; unknown keys are an error naming the path."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path + ': ' if path else ''}expected a mapping of {cls.__name__} fields, got {d!r}")
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in d if k not in names]
@@ -236,6 +238,8 @@ def load_config(path: str | Path, cls, overrides=()):
         raw = load_yaml(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from e
     try:
