@@ -73,3 +73,15 @@ def test_eval_and_restore_run_find_checkpoints_in_train_checkpoint_dir(tmp_path,
     path.write_text(yaml.safe_dump(to_dict(cfg)))
     assert main(["eval", "--config", str(path), "--steps", "1", "mesh.fsdp=-1"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
+
+
+def test_overrides_may_stand_between_options(tmp_path, capsys):
+    """argparse takes only the first run of positionals: ``plan --config c.yaml train.steps=3
+    --devices 1 data.batch_size=4`` failed with "unrecognized arguments: data.batch_size=4"."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(to_dict(tiny_experiment(**{"train.run_dir": str(tmp_path / "run")}))))
+    seq = tiny_experiment().data.seq_buckets[-1]
+    assert main(["plan", "--config", str(cfg), "data.batch_size=2", "--devices", "1", "data.batch_size=3"]) == 0
+    assert f"tokens per step {3 * seq:,}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):      # an unknown option is still refused
+        main(["plan", "--config", str(cfg), "--devics", "1"])
