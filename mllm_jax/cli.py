@@ -77,7 +77,7 @@ def cmd_eval(args) -> int:
     from mllm_jax.train.experiment import evaluate_checkpoint
     if args.steps is not None and args.steps < 1:
         raise SystemExit(f"eval --steps {args.steps}: must be >= 1 (default: train.eval_steps)")
-    print(json.dumps(evaluate_checkpoint(_load(args), args.checkpoint, steps=args.steps)))
+    print(json.dumps(evaluate_checkpoint(_load(args), args.checkpoint, steps=args.steps, overrides=args.overrides)))
     return 0
 
 

@@ -5,7 +5,7 @@ trains. What the CLI's ``train`` and ``eval`` call, and what scripts call in-pro
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 from flax import nnx
@@ -73,11 +73,13 @@ def restore_run(checkpoint: str, cfg: Optional[ExperimentConfig] = None, *, mesh
 
 
 def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: Optional[str] = None, *,
-                        steps: Optional[int] = None) -> dict[str, float]:
+                        steps: Optional[int] = None, overrides: Sequence[str] = ()) -> dict[str, float]:
     """Eval losses of the newest good checkpoint in ``checkpoint`` (default: the run's own).
 
     A recipe's config (``stages``) describes several models, not the one a stage trained: the
-    stage's run holds its resolved ``config.yaml``, which is used then (with ``cfg``'s mesh)."""
+    stage's run holds its resolved ``config.yaml``, which is used then (with ``cfg``'s mesh and
+    the command line's ``overrides``, e.g. ``eval_data=...``: ``cfg`` has them applied already,
+    the stage's config gets them here)."""
     if steps is not None and steps < 1:
         raise ValueError(f"eval steps: {steps}; must be >= 1 (default: train.eval_steps)")
     if cfg.stages:
@@ -90,7 +92,8 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: Optional[str] = None,
         if not (run / "config.yaml").exists():
             raise FileNotFoundError(f"{run}/config.yaml not found: --checkpoint must name one stage's run "
                                     f"(one of {[str(Path(cfg.train.run_dir) / s.name) for s in cfg.stages]})")
-        cfg = dataclasses.replace(load_config(run / "config.yaml", ExperimentConfig), mesh=cfg.mesh)
+        cfg = dataclasses.replace(load_config(run / "config.yaml", ExperimentConfig, overrides=overrides),
+                                  mesh=cfg.mesh)
     cfg = cfg.resolved()
     mesh = shd.make_mesh(*cfg.mesh.shape)
     state, step = restore_run(checkpoint or cfg.train.run_dir, cfg, mesh=mesh)

@@ -225,6 +225,10 @@ def test_eval_of_one_stage_of_a_recipe(tmp_path):
     here = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, fsdp=-1))    # this machine's 8 devices
     out = evaluate_checkpoint(here, str(tmp_path / "b"), steps=1)
     assert out["step"] == 2 and np.isfinite(out["eval/loss"])
+    # the command line's overrides reach the stage's config (they were dropped without a word)
+    from mllm_jax.config import ConfigError
+    with pytest.raises(ConfigError, match="eval_stepz"):
+        evaluate_checkpoint(here, str(tmp_path / "b"), steps=1, overrides=["train.eval_stepz=1"])
     with pytest.raises(FileNotFoundError, match="one stage's run"):
         evaluate_checkpoint(here, str(tmp_path), steps=1)
 
