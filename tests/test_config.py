@@ -170,6 +170,22 @@ def test_a_saved_string_that_looks_like_an_exponent_float_loads_back_as_the_stri
     assert back.name == "1e3" and back.data_options == {"v": "2E-4", "x": 1e-3}
 
 
+def test_integers_read_as_yaml_1_2_reads_them(tmp_path):
+    """YAML 1.1 (PyYAML) read ``train.steps=010`` as octal 8 and ``1:30`` as the base-60 integer
+    90, without a word; ``-.5e-4`` stayed a string. Now as YAML 1.2: 10, the string "1:30", a
+    float; and saved strings that look like numbers load back as the strings."""
+    assert yaml.safe_load("[010, 1:30, -.5e-4]") == [8, 90, "-.5e-4"]  # what this guards against
+    cfg = apply_overrides(ExperimentConfig(), ["train.steps=010", "data_options={a: 1:30, b: -.5e-4, c: 10_000, "
+                                               "d: 0x10, e: -07}"])
+    assert cfg.train.steps == 10
+    assert cfg.data_options == {"a": "1:30", "b": -5e-5, "c": 10000, "d": 16, "e": -7}
+    with pytest.raises(ConfigError, match="train.steps"):
+        apply_overrides(ExperimentConfig(), ["train.steps=1:30"])
+    saved = dataclasses.replace(ExperimentConfig(), data_options={"s": "010", "t": "1:30", "u": ".5e3"})
+    save_config(saved, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml", ExperimentConfig).data_options == {"s": "010", "t": "1:30", "u": ".5e3"}
+
+
 @pytest.mark.parametrize("layer", [-5, 4])
 def test_vision_feature_layer_out_of_range_is_refused(layer):
     """A 3-layer tower has hidden states 0..3 (or -1..-4): another index failed only when the

@@ -19,9 +19,11 @@ import yaml
 
 
 class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that also reads ``1e-3`` as a float, as YAML 1.2 and JSON do (PyYAML
-    follows YAML 1.1, where a float needs a dot: ``1.0e-3``; ``1e-3`` would be the string
-    "1e-3", and inside a free-form mapping such as ``objective.options`` nothing converts it)."""
+    """``yaml.SafeLoader`` that reads numbers as YAML 1.2 and JSON do: ``1e-3`` and ``-.5e-4`` are
+    floats (PyYAML follows YAML 1.1, where a float needs a digit before the dot and a signed
+    exponent, so these were strings, and inside a free-form mapping such as
+    ``objective.options`` nothing converts them), ``010`` is ten (YAML 1.1: octal 8) and ``1:30``
+    a string (YAML 1.1: the base-60 integer 90)."""
 
 
 class _Dumper(yaml.SafeDumper):
@@ -29,10 +31,27 @@ class _Dumper(yaml.SafeDumper):
     that a saved config loads back with the same values."""
 
 
-_FLOAT_E = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_FLOAT_E = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
 for _cls in (_Loader, _Dumper):
-    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_E, list("-+0123456789"))
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_E, list("-+.0123456789"))
 del _cls
+
+
+def _construct_int(loader, node):
+    """A plain scalar YAML 1.1 resolves as an integer, read as YAML 1.2 reads it: decimal digits
+    in base 10 (``010`` is 10), ``0x`` / ``0b`` prefixed; base-60 (``1:30``) stays a
+    string. ``_`` separators are allowed (``10_000``)."""
+    text = loader.construct_scalar(node)
+    if ":" in text:
+        return text
+    v = text.replace("_", "")
+    sign = -1 if v.startswith("-") else 1
+    v = v.lstrip("+-")
+    base = {"0x": 16, "0o": 8, "0b": 2}.get(v[:2].lower(), 10)
+    return sign * int(v[2:] if base != 10 else v, base)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 def load_yaml(text: str):
