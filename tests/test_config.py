@@ -276,7 +276,7 @@ def test_an_override_that_is_not_yaml_names_the_key(override):
         apply_overrides(ExperimentConfig(), [override])
 
 
-@pytest.mark.parametrize("text", ["tiny\n", "- train\n", "3\n"])
+@pytest.mark.parametrize("text", ["tiny\n", "- train\n", "3\n", "0\n", "false\n"])
 def test_a_config_file_that_is_not_a_mapping_says_so(text, tmp_path):
     """A file holding a scalar or a list was iterated as if it were a mapping: 'tiny' failed
     with "t: unknown key for ExperimentConfig"."""
@@ -286,3 +286,5 @@ def test_a_config_file_that_is_not_a_mapping_says_so(text, tmp_path):
         load_config(p, ExperimentConfig)
     with pytest.raises(ConfigError, match="is a directory"):
         load_config(tmp_path, ExperimentConfig)
+    (tmp_path / "empty.yaml").write_text("# nothing\n")
+    assert load_config(tmp_path / "empty.yaml", ExperimentConfig) == ExperimentConfig()   # an empty file: defaults

@@ -254,7 +254,8 @@ def load_config(path: str | Path, cls, overrides=()):
     """Reads a YAML file into ``cls`` and applies overrides; errors name the file."""
     path = Path(path)
     try:
-        raw = load_yaml(path.read_text()) or {}
+        raw = load_yaml(path.read_text())
+        raw = {} if raw is None else raw     # an empty file: the defaults (but not a file holding 0)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except IsADirectoryError:
