@@ -302,7 +302,10 @@ def load_pretrained(path: str | Path, *, gguf_file: Optional[str] = None, mesh=N
         cfg = family.preprocessor_from_hf(cfg, read_json(pre), str(pre))
     if config_overrides:
         cfg = dataclasses.replace(cfg, **config_overrides)
-    model = build_abstract(family, cfg)
+    try:
+        model = build_abstract(family, cfg)
+    except ValueError as e:    # a value the config passed but the model cannot build (an unknown hidden_act)
+        raise ConfigError(f"{path / 'config.json' if gguf_file is None else source}: {e}") from None
     return load_tensors_into(model, family, cfg, tensors, source=source, mesh=mesh, rules=rules)
 
 

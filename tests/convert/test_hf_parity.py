@@ -148,6 +148,11 @@ def test_a_broken_config_json_is_named(llama_dir, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match=r"bad/config\.json: required key '(vision|text)_config' is missing"):
         load_pretrained(bad)
+    cfg = json.loads(text)
+    cfg["hidden_act"] = "relu2"     # an activation we do not have: refused when the model is built
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"bad/config\.json: activation 'relu2' is not supported"):
+        load_pretrained(bad)
 
 
 def test_unexpected_tensor_is_named(llama_dir, tmp_path):
