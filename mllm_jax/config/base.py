@@ -47,7 +47,7 @@ def _construct_int(loader, node):
     v = text.replace("_", "")
     sign = -1 if v.startswith("-") else 1
     v = v.lstrip("+-")
-    base = {"0x": 16, "0o": 8, "0b": 2}.get(v[:2].lower(), 10)
+    base = {"0x": 16, "0b": 2}.get(v[:2].lower(), 10)
     return sign * int(v[2:] if base != 10 else v, base)
 
 

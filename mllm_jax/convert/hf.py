@@ -286,6 +286,7 @@ def load_pretrained(path: str | Path, *, gguf_file: Optional[str] = None, mesh=N
         tensors = read_safetensors_dir(path)
         source = str(path)
     from mllm_jax.config import ConfigError
+    named = path / "config.json" if gguf_file is None else source   # what config errors name
     try:
         family = find_family(hf_cfg)
     except ValueError as e:
@@ -293,9 +294,9 @@ def load_pretrained(path: str | Path, *, gguf_file: Optional[str] = None, mesh=N
     try:
         cfg = family.config_from_hf(hf_cfg, set(tensors))
     except ConfigError as e:   # name the file: the message names the field
-        raise ConfigError(f"{path / 'config.json' if gguf_file is None else source}: {e}") from None
+        raise ConfigError(f"{named}: {e}") from None
     except KeyError as e:      # a key the config cannot do without (e.g. a LLaVA's vision_config)
-        raise ConfigError(f"{path / 'config.json' if gguf_file is None else source}: required key {e} "
+        raise ConfigError(f"{named}: required key {e} "
                           "is missing") from None
     pre = path / "preprocessor_config.json"
     if gguf_file is None and family.preprocessor_from_hf is not None and pre.exists():
@@ -305,7 +306,7 @@ def load_pretrained(path: str | Path, *, gguf_file: Optional[str] = None, mesh=N
     try:
         model = build_abstract(family, cfg)
     except ValueError as e:    # a value the config passed but the model cannot build (an unknown hidden_act)
-        raise ConfigError(f"{path / 'config.json' if gguf_file is None else source}: {e}") from None
+        raise ConfigError(f"{named}: {e}") from None
     return load_tensors_into(model, family, cfg, tensors, source=source, mesh=mesh, rules=rules)
 
 
