@@ -89,7 +89,7 @@ def infmllm_stages(*, steps: Sequence[int] = (1000, 2000, 2000), lr: Sequence[fl
     return tuple(out)
 
 
-def _sets_init_parts(updates: dict, field: str = "init_parts") -> bool:
+def _sets_train_field(updates: dict, field: str) -> bool:
     """Whether ``updates`` (``{"a.b": value}``, as ``apply_updates`` takes them) set
     ``train.<field>``: by that key, in a mapping for ``train``, or with a whole ``train``."""
     for key, value in updates.items():
@@ -118,7 +118,8 @@ def stage_config(base: ExperimentConfig, stage: StageConfig, previous_run_dir: O
     # a stage that starts from the previous one takes all its params from there (train.init_parts,
     # the pretrained parts the first stage started from, would undo what that stage trained)
     if chained and cfg.train.init_parts:
-        if _sets_init_parts(stage.updates) and not (overrides and _sets_init_parts(overrides)):
+        if _sets_train_field(stage.updates, "init_parts") and not (
+                overrides and _sets_train_field(overrides, "init_parts")):
             raise ConfigError(
                 f"stage {stage.name!r}: train.init_parts={dict(cfg.train.init_parts)} is set by its updates, "
                 f"but the stage starts from the previous stage's run ({previous_run_dir}), which holds all its "
@@ -126,7 +127,7 @@ def stage_config(base: ExperimentConfig, stage: StageConfig, previous_run_dir: O
                 f"train.init_parts (a chained stage clears the base config's). Set it on the first stage or the "
                 f"base config, or set init_from_previous: false on stage {stage.name!r}")
     # likewise train.init_fresh, unless the stage sets its own: the previous stage trained them
-    fresh = () if chained and not _sets_init_parts(stage.updates, "init_fresh") else cfg.train.init_fresh
+    fresh = () if chained and not _sets_train_field(stage.updates, "init_fresh") else cfg.train.init_fresh
     train = dataclasses.replace(cfg.train, run_dir=str(Path(base.train.run_dir) / stage.name),
                                 init_from=previous_run_dir if chained else cfg.train.init_from,
                                 init_parts={} if chained else cfg.train.init_parts, init_fresh=fresh,
