@@ -12,7 +12,7 @@ ASSETS ?= assets
 # machine busy (a fresh clone on a 2-core Zen 4 VM: 571 tests in 437 s; in one process 473 tests
 # took 561-689 s the day before; on a slower 2-core AVX2 EPYC 605 tests in 544 s, with XLA's backend
 # level 0 for the tests (tests/conftest.py; 886 s without), 3 workers no faster there; on a 2-core
-# AMX Xeon 632 tests in 286 s, the whole fresh-clone make test with the venv build in 362 s).
+# AMX Xeon 635 tests in 287 s, the whole fresh-clone make test with the venv build in 365 s).
 # TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 # XLA:CPU allocates each call's temporaries afresh; with this glibc (>= 2.35) tunable the large
