@@ -253,18 +253,20 @@ class Checkpointer:
         if config is not None:
             items["config"] = ocp.args.JsonSave(config)
         metrics = {k: float(v) for k, v in (metrics or {}).items()} or None
-        if self.cfg.keep_best > 0 and metrics is not None and self.cfg.best_metric not in metrics:
-            # an eval ran but did not report the metric (a misspelt name): no step could ever rank
-            log.warning("step %d: train.checkpoint.best_metric=%r is not among this step's eval metrics %s; "
-                        "the step is not a candidate for the best %d", step, self.cfg.best_metric,
-                        sorted(metrics), self.cfg.keep_best)
-            metrics = None
-        if self.cfg.keep_best > 0 and metrics is not None and not np.isfinite(metrics[self.cfg.best_metric]):
-            # a NaN would be ranked by sorted(), whose comparisons with NaN are all false: the
-            # true best step could be deleted. Such a step is kept as one without metrics
-            log.warning("step %d: %s=%s is not finite; the step is not a candidate for the best %d",
-                        step, self.cfg.best_metric, metrics[self.cfg.best_metric], self.cfg.keep_best)
-            metrics = None
+        if self.cfg.keep_best > 0 and metrics is not None:
+            # a step that cannot be ranked is saved as one without metrics
+            if self.cfg.best_metric not in metrics:
+                # an eval ran but did not report the metric (a misspelt name): no step could ever rank
+                log.warning("step %d: train.checkpoint.best_metric=%r is not among this step's eval metrics %s; "
+                            "the step is not a candidate for the best %d", step, self.cfg.best_metric,
+                            sorted(metrics), self.cfg.keep_best)
+                metrics = None
+            elif not np.isfinite(metrics[self.cfg.best_metric]):
+                # a NaN would be ranked by sorted(), whose comparisons with NaN are all false: the
+                # true best step could be deleted
+                log.warning("step %d: %s=%s is not finite; the step is not a candidate for the best %d",
+                            step, self.cfg.best_metric, metrics[self.cfg.best_metric], self.cfg.keep_best)
+                metrics = None
         self._mgr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
         return step
 
@@ -454,8 +456,10 @@ def _configured_checkpoint_dir(config_yaml: Path) -> Optional[str]:
     if not config_yaml.is_file():
         return None
     import yaml
+
+    from mllm_jax.config.base import load_yaml     # as load_config reads it
     try:
-        cfg = yaml.safe_load(config_yaml.read_text())
+        cfg = load_yaml(config_yaml.read_text())
         return cfg["train"]["checkpoint"]["dir"] or None
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         return None
