@@ -243,14 +243,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if args.command in ("generate", "demo"):
-        args.rest = unknown + args.rest
+        args.rest, unknown = unknown + args.rest, []
     elif unknown and hasattr(args, "overrides"):
         # argparse takes only the first run of key=value positionals; those after an option come
         # back unknown, in order (they apply after the first run, as typed)
         late = [u for u in unknown if "=" in u and not u.startswith("-")]
         args.overrides = list(args.overrides) + late
         unknown = [u for u in unknown if u not in late]
-    if unknown and args.command not in ("generate", "demo"):
+    if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
